@@ -1,0 +1,473 @@
+"""MusicFM 25 Hz in pure torch: log-mel front end, conv subsampling, rotary Conformer.
+
+Written from ``shared/musicfm-spec.md``. Shapes use B = batch, N = samples at 24 kHz,
+M = mel bins, F = mel frames (N // hop), T = tokens at 25 Hz, D = encoder width, H = heads.
+
+Numerics (CPU fp32) follow the official operation order so the hidden states match the
+official implementation; attention goes through ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MusicFMConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- mel front end
+
+
+def hann_window(n_fft: int) -> Tensor:
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
+
+
+def htk_mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> Tensor:
+    """(n_fft // 2 + 1, n_mels) HTK triangles without normalisation, computed in float32.
+
+    The released checkpoints carry this buffer; this is only used for freshly built models.
+    """
+    n_freqs = n_fft // 2 + 1
+    f_max = float(sample_rate // 2)
+    bins = torch.linspace(0.0, f_max, n_freqs)  # (n_freqs,)
+    mel_min = 2595.0 * math.log10(1.0 + 0.0 / 700.0)
+    mel_max = 2595.0 * math.log10(1.0 + f_max / 700.0)
+    m_pts = torch.linspace(mel_min, mel_max, n_mels + 2)
+    f_pts = 700.0 * (10 ** (m_pts / 2595.0) - 1.0)  # (n_mels + 2,)
+    f_diff = f_pts[1:] - f_pts[:-1]  # (n_mels + 1,)
+    slopes = f_pts.unsqueeze(0) - bins.unsqueeze(1)  # (n_freqs, n_mels + 2)
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return torch.clamp(torch.minimum(down, up), min=0.0)
+
+
+class LogMel(nn.Module):
+    """Power mel spectrogram in dB, last frame dropped, normalised by two scalars. Always float32."""
+
+    def __init__(self, cfg: MusicFMConfig, mean: float = 0.0, std: float = 1.0) -> None:
+        super().__init__()
+        self.n_fft = cfg.n_fft
+        self.hop_length = cfg.hop_length
+        self.register_buffer("window", torch.empty(cfg.n_fft))  # (n_fft,)
+        self.register_buffer("fb", torch.empty(cfg.n_fft // 2 + 1, cfg.n_mels))  # (n_fft/2+1, M)
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def reset_buffers(self, cfg: MusicFMConfig) -> None:
+        with torch.no_grad():
+            self.window.copy_(hann_window(cfg.n_fft))
+            self.fb.copy_(htk_mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate))
+
+    def db(self, wav: Tensor) -> Tensor:
+        """(B, N) -> (B, M, N // hop) mel power in dB, before normalisation."""
+        with _autocast_off(wav.device):
+            x = wav.float()
+            z = torch.stft(
+                x, n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.n_fft,
+                window=self.window.float(), center=True, pad_mode="reflect", normalized=False,
+                onesided=True, return_complex=True,
+            )  # (B, n_fft/2+1, N // hop + 1)
+            power = z.abs().pow(2.0)
+            mel = torch.matmul(power.transpose(-1, -2), self.fb.float()).transpose(-1, -2)  # (B, M, F+1)
+            db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
+            return db[..., :-1]  # (B, M, F)
+
+    def forward(self, wav: Tensor) -> Tensor:
+        return (self.db(wav) - self.mean) / self.std
+
+
+@contextlib.contextmanager
+def _autocast_off(device: torch.device) -> Iterator[None]:
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+# --------------------------------------------------------------------------- conv subsampling
+
+
+class FrozenBatchNorm(nn.Module):
+    """Inference BatchNorm over dim 1 from running statistics (no counters, no training mode)."""
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.register_buffer("running_mean", torch.empty(channels))
+        self.register_buffer("running_var", torch.empty(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class ResBlock2d(nn.Module):
+    """conv1(s2)-bn1-relu-conv2-bn2 plus shortcut conv3(s2)-bn3, then ReLU. Halves freq and time."""
+
+    def __init__(self, c_in: int, c_out: int, eps: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.bn1 = FrozenBatchNorm(c_out, eps)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1)
+        self.bn2 = FrozenBatchNorm(c_out, eps)
+        self.conv3 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.bn3 = FrozenBatchNorm(c_out, eps)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, M, F) -> (B, C_out, ceil(M/2), ceil(F/2))
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(self.bn3(self.conv3(x)) + y)
+
+
+class ConvFrontEnd(nn.Module):
+    def __init__(self, cfg: MusicFMConfig) -> None:
+        super().__init__()
+        self.block0 = ResBlock2d(1, cfg.conv_dim, cfg.batch_norm_eps)
+        self.block1 = ResBlock2d(cfg.conv_dim, cfg.conv_dim, cfg.batch_norm_eps)
+        self.proj = nn.Linear(cfg.conv_dim * cfg.mel_bins_after_conv, cfg.encoder_dim)
+
+    def forward(self, mel: Tensor) -> Tensor:  # (B, M, F) -> (B, T, D)
+        x = self.block1(self.block0(mel.unsqueeze(1)))  # (B, C, M/4, T)
+        b, c, f, t = x.shape
+        x = x.permute(0, 3, 1, 2).reshape(b, t, c * f)  # channel-major flatten: index = c * f_bins + f
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------- conformer
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: MusicFMConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.encoder_dim, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.encoder_dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.encoder_dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D), half-step residual
+        return 0.5 * self.fc2(F.silu(self.fc1(self.norm(x)))) + x
+
+
+class RotarySelfAttention(nn.Module):
+    """MHSA with rotary embeddings applied to the attention INPUT before the q/k projections.
+
+    v is projected from the un-rotated input. No mask, bidirectional.
+    """
+
+    def __init__(self, cfg: MusicFMConfig) -> None:
+        super().__init__()
+        d = cfg.encoder_dim
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B, T, D); cos/sin (T, hd)
+        b, t, d = x.shape
+        h, hd = self.num_heads, self.head_dim
+        y = self.norm(x)
+        yh = y.view(b, t, h, hd)  # (B, T, H, hd)
+        cos = cos.to(yh.dtype)[None, :, None, :]
+        sin = sin.to(yh.dtype)[None, :, None, :]
+        y1, y2 = yh[..., : hd // 2], yh[..., hd // 2 :]
+        y_rot = (yh * cos + torch.cat((-y2, y1), dim=-1) * sin).view(b, t, d)
+        q = self.q(y_rot).view(b, t, h, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(y_rot).view(b, t, h, hd).transpose(1, 2)
+        v = self.v(y).view(b, t, h, hd).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
+        return self.out(a.transpose(1, 2).reshape(b, t, d)) + x
+
+
+class ConvModule(nn.Module):
+    def __init__(self, cfg: MusicFMConfig) -> None:
+        super().__init__()
+        d = cfg.encoder_dim
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.pw1 = nn.Conv1d(d, 2 * d, 1, bias=False)
+        self.dw = nn.Conv1d(d, d, cfg.conv_kernel, padding=cfg.conv_kernel // 2, groups=d, bias=False)
+        self.bn = FrozenBatchNorm(d, cfg.batch_norm_eps)
+        self.pw2 = nn.Conv1d(d, d, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
+        y = self.norm(x).transpose(1, 2)  # (B, D, T)
+        y = F.glu(self.pw1(y), dim=1)  # (B, 2D, T) -> (B, D, T)
+        y = self.pw2(F.silu(self.bn(self.dw(y))))
+        return y.transpose(1, 2) + x
+
+
+class ConformerLayer(nn.Module):
+    """Macaron layer: half FFN, rotary MHSA, conv module, half FFN, LayerNorm."""
+
+    def __init__(self, cfg: MusicFMConfig) -> None:
+        super().__init__()
+        self.ffn1 = FeedForward(cfg)
+        self.attn = RotarySelfAttention(cfg)
+        self.conv = ConvModule(cfg)
+        self.ffn2 = FeedForward(cfg)
+        self.final_norm = nn.LayerNorm(cfg.encoder_dim, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = self.ffn1(x)
+        x = self.attn(x, cos, sin)
+        x = self.conv(x)
+        x = self.ffn2(x)
+        return self.final_norm(x)
+
+
+class Conformer(nn.Module):
+    def __init__(self, cfg: MusicFMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2))  # (hd/2,)
+        self.layers = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.encoder_depth))
+        self.norm = nn.LayerNorm(cfg.encoder_dim, eps=cfg.layer_norm_eps)
+        self._rotary_cache: dict[tuple[int, torch.device, int], tuple[Tensor, Tensor]] = {}
+
+    def reset_buffers(self) -> None:
+        hd = self.cfg.head_dim
+        exponents = torch.arange(0, hd, 2, dtype=torch.int64).float() / hd
+        with torch.no_grad():
+            self.inv_freq.copy_(1.0 / (self.cfg.rotary_base**exponents))
+        self._rotary_cache.clear()
+
+    def rotary(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin tables (T, hd) in float32, cached by (length, device, buffer version)."""
+        key = (t, device, self.inv_freq._version)
+        hit = self._rotary_cache.get(key)
+        if hit is None:
+            inv = self.inv_freq.float()
+            angle = torch.outer(torch.arange(t, device=device, dtype=inv.dtype), inv)  # (T, hd/2)
+            emb = torch.cat((angle, angle), dim=-1)  # (T, hd)
+            hit = (emb.cos(), emb.sin())
+            if len(self._rotary_cache) > 16:
+                self._rotary_cache.clear()
+            self._rotary_cache[key] = hit
+        return hit
+
+    def forward(self, x: Tensor, wanted: Sequence[int]) -> dict[int, Tensor]:
+        """x (B, T, D) from the front end; returns {index: hidden state} for the wanted indices.
+
+        Index 0 is the input, i in 1..L-1 the output of layer i, L the final LayerNorm of layer L's
+        output. Layers past the deepest wanted index are not run.
+        """
+        depth = len(self.layers)
+        deepest = max(wanted)
+        out: dict[int, Tensor] = {}
+        if 0 in wanted:
+            out[0] = x
+        if deepest == 0:
+            return out
+        cos, sin = self.rotary(x.shape[1], x.device)
+        for i, layer in enumerate(self.layers[:deepest], start=1):
+            x = layer(x, cos, sin)
+            if i == depth:
+                x = self.norm(x)
+            if i in wanted:
+                out[i] = x
+        return out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class MusicFM25Hz(nn.Module):
+    """MusicFM 25 Hz encoder for embedding extraction (no quantizer, no prediction head).
+
+    Build one with :meth:`from_checkpoint` or :meth:`from_pretrained`; ``MusicFM25Hz(cfg)``
+    gives a deterministic random-weight model (seeded privately; the global RNG is untouched).
+    """
+
+    def __init__(
+        self,
+        config: MusicFMConfig | None = None,
+        mel_mean: float = 0.0,
+        mel_std: float = 1.0,
+        *,
+        init: str = "random",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if init not in ("random", "empty"):
+            raise ValueError(f"init must be 'random' or 'empty', got {init!r}")
+        if not (math.isfinite(mel_mean) and math.isfinite(mel_std) and mel_std > 0):
+            raise ValueError(f"mel stats must be finite with std > 0, got mean={mel_mean} std={mel_std}")
+        self.config = cfg = config or MusicFMConfig()
+        with torch.device("meta"):  # allocate nothing and draw no random numbers yet
+            self.mel_frontend = LogMel(cfg, mel_mean, mel_std)
+            self.frontend = ConvFrontEnd(cfg)
+            self.encoder = Conformer(cfg)
+        self.to_empty(device="cpu")
+        self.mel_frontend.reset_buffers(cfg)
+        self.encoder.reset_buffers()
+        self.provenance: dict[str, str] = {"source": "random" if init == "random" else "checkpoint"}
+        self._model_id: str | None = None
+        if init == "random":
+            self._init_random(seed)
+            self.provenance["seed"] = str(seed)
+        self.eval()
+
+    # ---- construction helpers
+
+    @torch.no_grad()
+    def _init_random(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # LayerNorm / BatchNorm gamma
+                p.fill_(1.0)
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+        for name, b in self.named_buffers():
+            if name.endswith("running_mean"):
+                b.zero_()
+            elif name.endswith("running_var"):
+                b.fill_(1.0)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | object,
+        stats: str | dict | None = None,
+        config: MusicFMConfig | str | None = None,
+        *,
+        map_location: str | torch.device = "cpu",
+    ) -> MusicFM25Hz:
+        """Load a released ``.pt`` (official key names) or a ``.safetensors`` written by
+        ``python -m musicfm.convert``. ``config=None`` infers the sizes from tensor shapes.
+        ``stats`` is the stats JSON (path or dict); optional for safetensors that carry it."""
+        from .checkpoint import load_model
+
+        return load_model(cls, checkpoint, stats, config, map_location=map_location)
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str = "msd", *, revision: str | None = None, cache_dir: str | None = None,
+        token: str | bool | None = None, local_files_only: bool | None = None,
+    ) -> MusicFM25Hz:
+        """Fetch (or reuse from the Hugging Face cache) ``pretrained_{name}.pt`` + ``{name}_stats.json``."""
+        from .hub import fetch_pretrained
+
+        ckpt, stats = fetch_pretrained(
+            name, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        return cls.from_checkpoint(ckpt, stats)
+
+    # ---- identity
+
+    @property
+    def mel_mean(self) -> float:
+        return self.mel_frontend.mean
+
+    @property
+    def mel_std(self) -> float:
+        return self.mel_frontend.std
+
+    @property
+    def is_random(self) -> bool:
+        return self.provenance.get("source") == "random"
+
+    @property
+    def model_id(self) -> str:
+        """Stable id: sha256 of config, mel stats and every weight (name, dtype, shape, bytes)."""
+        if self._model_id is None:
+            from .checkpoint import fingerprint
+
+            digest = fingerprint(self)
+            self._model_id = ("random-" if self.is_random else "musicfm-") + digest[:20]
+        return self._model_id
+
+    def _invalidate_id(self) -> None:
+        self._model_id = None
+
+    # ---- forward API
+
+    @property
+    def device(self) -> torch.device:
+        return self.mel_frontend.window.device
+
+    def _check_wav(self, wav: Tensor) -> Tensor:
+        if not isinstance(wav, Tensor):
+            wav = torch.as_tensor(wav)
+        if wav.ndim != 2:
+            raise ValueError(f"wav must be (B, N) mono audio at 24 kHz, got shape {tuple(wav.shape)}")
+        if not wav.is_floating_point():
+            raise ValueError(f"wav must be floating point in [-1, 1], got {wav.dtype}")
+        n = wav.shape[-1]
+        if n < self.config.min_samples:
+            raise ValueError(
+                f"input too short: {n} samples; MusicFM needs at least {self.config.min_samples} "
+                f"samples ({self.config.min_samples / self.config.sample_rate * 1000:.1f} ms at "
+                f"{self.config.sample_rate} Hz)"
+            )
+        return wav.to(self.device, non_blocking=True)
+
+    def mel(self, wav: Tensor) -> Tensor:
+        """Normalised log-mel (B, n_mels, N // hop_length), always float32."""
+        return self.mel_frontend(self._check_wav(wav))
+
+    def hidden_states(
+        self, wav: Tensor, layers: Sequence[int] | None = None, *, precision: str = "fp32"
+    ) -> list[Tensor]:
+        """Hidden states for ``wav`` (B, N) at 24 kHz: ``encoder_depth + 1`` tensors (B, T, D),
+        or only ``layers`` (in the order given). Layers past the deepest asked are not computed.
+
+        ``precision``: "fp32" (default, reference numerics), "bf16" (CPU or CUDA autocast) or
+        "fp16" (CUDA autocast). The mel and its normalisation are always float32. Outputs are
+        float32 tensors on the model's device.
+        """
+        depth = self.config.encoder_depth
+        wanted = list(range(depth + 1)) if layers is None else [int(i) for i in layers]
+        if not wanted:
+            raise ValueError("layers must name at least one hidden state")
+        bad = [i for i in wanted if not 0 <= i <= depth]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range 0..{depth}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        wav = self._check_wav(wav)
+        dev = wav.device
+        if precision == "fp16" and dev.type != "cuda":
+            raise ValueError("fp16 autocast is supported on CUDA only; use bf16 or fp32 on CPU")
+        mel = self.mel_frontend(wav)  # (B, M, F) float32
+        with self._precision_context(precision, dev):
+            x = self.frontend(mel)  # (B, T, D)
+            got = self.encoder(x, set(wanted))
+        return [got[i].float() for i in wanted]
+
+    @contextlib.contextmanager
+    def _precision_context(self, precision: str, dev: torch.device) -> Iterator[None]:
+        if precision == "fp32":
+            if dev.type == "cuda":  # reference numerics: no TF32 in convolutions or matmuls
+                prev = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = False
+                try:
+                    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _autocast_off(dev):
+                        yield
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = prev
+            else:
+                with _autocast_off(dev):
+                    yield
+        else:
+            with torch.autocast(dev.type, dtype=_AUTOCAST_DTYPES[precision]):
+                yield
+
+    def get_latent(self, wav: Tensor, layer_ix: int = 12, *, precision: str = "fp32") -> Tensor:
+        """``hidden_states[layer_ix]``, as the official ``get_latent``: (B, T, D)."""
+        return self.hidden_states(wav, [layer_ix], precision=precision)[0]
+
+    def forward(self, wav: Tensor) -> list[Tensor]:
+        return self.hidden_states(wav)

@@ -1,0 +1,1 @@
+"""Batch embedding pipeline: catalog -> decode/window (CPU) -> MusicFM (GPU) -> Lance store."""

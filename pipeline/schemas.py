@@ -1,0 +1,135 @@
+"""Arrow schemas of every table in the embedding store, declared once.
+
+Store layout under the store root (local path or ``s3://...``)::
+
+    tracks.lance   one row per track (unique track_id), one vector column per layer
+    windows.lance  one row per (track_id, window_ix)
+    frames.lance   one row per (track_id, frame_ix), only when frame output was asked for
+    errors.lance   one row per failed record (track_id, uri, stage, error_type, message)
+    runs.lance     one row per job run (arguments, counts, timings, status)
+
+Vector columns are named ``layer_{ix}`` and typed ``fixed_size_list<float32, D>``.
+Catalog metadata columns (title, artist, ...) are carried into ``tracks`` as nullable strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+
+TABLES = ("tracks", "windows", "frames", "errors", "runs")
+
+# Columns a catalog may not use for metadata (they are written by the pipeline).
+RESERVED_COLUMNS = frozenset(
+    {
+        "track_id", "uri", "content_version", "duration_s", "sample_rate_in", "channels_in",
+        "num_windows", "model_id", "settings_id", "run_id", "embedded_at", "window_ix",
+        "start_s", "end_s", "frame_ix", "time_s", "stage", "error_type", "message", "warnings",
+    }
+)
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+def layer_column(ix: int) -> str:
+    """Name of the vector column for hidden-state ``ix``."""
+    return f"layer_{int(ix)}"
+
+
+def parse_layer_column(name: str) -> int | None:
+    """Inverse of :func:`layer_column`; ``None`` for a non-vector column."""
+    if name.startswith("layer_") and name[6:].isdigit():
+        return int(name[6:])
+    return None
+
+
+def vector_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), int(dim))
+
+
+def _vector_fields(layers: Sequence[int], dim: int) -> list[pa.Field]:
+    return [pa.field(layer_column(ix), vector_type(dim), nullable=False) for ix in layers]
+
+
+def tracks_schema(layers: Sequence[int], dim: int, metadata: Iterable[str] = ()) -> pa.Schema:
+    meta = [pa.field(m, pa.string()) for m in metadata]
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("content_version", pa.string()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("sample_rate_in", pa.int32()),
+            pa.field("channels_in", pa.int32()),
+            pa.field("num_windows", pa.int32()),
+            *meta,
+            *_vector_fields(layers, dim),
+            pa.field("warnings", pa.string()),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("settings_id", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("embedded_at", TIMESTAMP),
+        ]
+    )
+
+
+def windows_schema(layers: Sequence[int], dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("window_ix", pa.int32(), nullable=False),
+            pa.field("start_s", pa.float64()),
+            pa.field("end_s", pa.float64()),
+            *_vector_fields(layers, dim),
+            pa.field("settings_id", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+        ]
+    )
+
+
+def frames_schema(layers: Sequence[int], dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("frame_ix", pa.int32(), nullable=False),
+            pa.field("time_s", pa.float64()),
+            *_vector_fields(layers, dim),
+            pa.field("settings_id", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+        ]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("track_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("recorded_at", TIMESTAMP),
+    ]
+)
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # "embed" | "refresh"
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "failed" | "partial"
+        pa.field("started_at", TIMESTAMP),
+        pa.field("finished_at", TIMESTAMP),
+        pa.field("args_json", pa.string()),  # arguments with secrets redacted
+        pa.field("model_id", pa.string()),
+        pa.field("settings_id", pa.string()),
+        pa.field("tracks_ok", pa.int64()),
+        pa.field("tracks_failed", pa.int64()),
+        pa.field("windows", pa.int64()),
+        pa.field("audio_hours", pa.float64()),
+        pa.field("wall_s", pa.float64()),
+        pa.field("x_realtime", pa.float64()),
+        pa.field("stage_times_json", pa.string()),
+        pa.field("report_json", pa.string()),  # free-form extra figures (plan counts, retries, versions)
+    ]
+)
