@@ -133,3 +133,42 @@ RUNS_SCHEMA = pa.schema(
         pa.field("report_json", pa.string()),  # free-form extra figures (plan counts, retries, versions)
     ]
 )
+
+
+# --------------------------------------------------------------------------- rows between stages
+# Internal: the rows flowing between Ray Data stages (not stored). kind = "window" | "error".
+
+TASK_BASE_FIELDS = (
+    pa.field("kind", pa.string()),
+    pa.field("track_id", pa.string()),
+    pa.field("uri", pa.string()),
+    pa.field("metadata_json", pa.string()),
+    pa.field("content_version", pa.string()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("sample_rate_in", pa.int32()),
+    pa.field("channels_in", pa.int32()),
+    pa.field("num_windows", pa.int32()),
+    pa.field("warnings", pa.string()),
+    pa.field("window_ix", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("own_start_s", pa.float64()),  # part of the window whose frames are kept (overlaps removed)
+    pa.field("own_end_s", pa.float64()),
+    pa.field("decode_s", pa.float64()),
+    pa.field("stage", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("message", pa.string()),
+)
+
+# Decode output: the window's mono float32 samples at 24 kHz as raw bytes.
+TASK_SCHEMA = pa.schema([*TASK_BASE_FIELDS, pa.field("audio", pa.large_binary())])
+
+
+def embedded_schema(layers: Sequence[int], dim: int, frames: bool = False) -> pa.Schema:
+    """Model-stage output: pooled vector per layer (mean over the window's tokens), token count."""
+    fields = [*TASK_BASE_FIELDS, pa.field("model_s", pa.float64()), pa.field("n_tokens", pa.int32())]
+    fields += [pa.field(layer_column(ix), vector_type(dim)) for ix in layers]
+    if frames:
+        fields.append(pa.field("frame_times", pa.list_(pa.float64())))
+        fields += [pa.field("frames_" + layer_column(ix), pa.list_(pa.float32())) for ix in layers]
+    return pa.schema(fields)
