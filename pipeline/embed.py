@@ -177,20 +177,25 @@ def _times_of(batch: pa.Table) -> pa.Table:
     return b.select(["track_id", "window_ix", "num_windows", "duration_s", "decode_s", "model_s"])
 
 
-def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
-    """Run the embed job end to end and return its report (also stored in ``runs``)."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learns about the model before the run (from one CPU load)."""
+
+    model_id: str
+    dim: int
+    depth: int
+    settings: EmbedSettings
+    settings_id: str
+    gpus: int
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def prepare_model(job: EmbedJob, stage_s: dict[str, float]) -> ModelInfo:
+    """Start/connect Ray, load the model once on the driver (CPU) for its id and sizes."""
     import ray
-
-    from pipeline.stages import DecodeStage, EmbedStage, ToFrames, ToTrack, ToWindows
-
-    t_start = time.perf_counter()
-    started_at = _now()
-    run_id = job.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
-    stage_s: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    rows, rejected, meta_cols = _catalog_rows(job)
-    stage_s["catalog"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     ensure_ray()
@@ -206,16 +211,119 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
     bad_layers = [i for i in job.layers if i > probe.config.encoder_depth]
     if bad_layers:
         raise ValueError(f"--layers {bad_layers} exceed the model depth {probe.config.encoder_depth}")
-    model_id, dim = probe.model_id, probe.config.encoder_dim
-    settings_id = settings.settings_id(model_id)
-    del probe
+    info = ModelInfo(model_id=probe.model_id, dim=probe.config.encoder_dim, depth=probe.config.encoder_depth,
+                     settings=settings, settings_id=settings.settings_id(probe.model_id), gpus=gpus)
     stage_s["model_load"] = time.perf_counter() - t0
-    store = Store(job.output, job.storage_options)
-    embedded_at = _now()
+    return info
 
+
+@dataclass
+class Embedded:
+    """Output of :func:`embed_rows`: good window rows (a Ray dataset), error rows, per-window timings."""
+
+    ok: Any
+    error_rows: list[dict[str, Any]]
+    times: pa.Table | None
+
+
+def embed_rows(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo, stage_s: dict[str, float]) -> Embedded:
+    """Decode (CPU actor pool) and embed (model actor pool) catalog rows; materialized once."""
+    import ray
+
+    from pipeline.stages import DecodeStage, EmbedStage
+
+    t0 = time.perf_counter()
+    model_args = dict(checkpoint=job.checkpoint, stats=job.stats, model_config=job.model_config,
+                      device="auto",  # CUDA when the actor has a GPU, else CPU
+                      storage_options=job.storage_options or None)
+    n_actors = job.gpu_actors or max(1, info.gpus)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * job.decode_cpus)))
+    decoded = ds.map_batches(
+        DecodeStage, fn_constructor_kwargs=dict(settings=info.settings, limits=job.limits,
+                                                storage_options=job.storage_options or None,
+                                                decode_timeout_s=job.decode_timeout_s),
+        batch_size=1, batch_format="pyarrow", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=job.decode_cpus),
+    )
+    embedded = decoded.map_batches(
+        EmbedStage, fn_constructor_kwargs=dict(model_args=model_args, settings=info.settings,
+                                               batch_size=job.batch_size, dim=info.dim),
+        batch_size=job.batch_size, batch_format="pyarrow",
+        num_gpus=1 if info.gpus > 0 else 0, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+    ).materialize()
+    stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
+    errs = embedded.map_batches(_errors_of, batch_format="pyarrow").take_all()
+    failed_in_model = {e["track_id"] for e in errs if e["stage"] == "model"}
+    ok = embedded.map_batches(_DropTracks(failed_in_model), batch_format="pyarrow")
+    refs = ok.map_batches(_times_of, batch_format="pyarrow").to_arrow_refs()
+    times = pa.concat_tables(ray.get(refs)) if refs else None
+    if times is not None and times.num_rows:
+        for col, key in (("decode_s", "decode_worker"), ("model_s", "model_worker")):
+            stage_s[key] = stage_s.get(key, 0.0) + float(pa.compute.sum(times[col]).as_py() or 0.0)
+    return Embedded(ok=ok, error_rows=errs, times=times)
+
+
+def table_datasets(emb: Embedded, job: EmbedJob, info: ModelInfo, meta_cols: Sequence[str], run_id: str,
+                   embedded_at: dt.datetime, n_tracks: int) -> dict[str, tuple[Any, pa.Schema]]:
+    """Ray datasets of the rows of each output table (windows, frames, tracks), with their schemas."""
+    from pipeline.stages import ToFrames, ToTrack, ToWindows
+
+    layers, dim, sid = info.settings.layers, info.dim, info.settings_id
+    tables = {"windows": (emb.ok.map_batches(ToWindows(layers, dim, sid, run_id), batch_format="pyarrow"),
+                          schemas.windows_schema(layers, dim))}
+    if info.settings.frames_hz:
+        tables["frames"] = (emb.ok.map_batches(ToFrames(layers, dim, info.settings.frames_hz, sid, run_id),
+                                               batch_format="pyarrow"),
+                            schemas.frames_schema(layers, dim))
+    tables["tracks"] = (
+        emb.ok.groupby("track_id", num_partitions=max(1, min(64, n_tracks // 2000 + 1))).map_groups(
+            ToTrack(layers, dim, meta_cols, info.model_id, sid, run_id, embedded_at).as_function(),
+            batch_format="pyarrow"),
+        schemas.tracks_schema(layers, dim, meta_cols),
+    )
+    return tables
+
+
+def write_fragments(store: Store, tables: dict[str, tuple[Any, pa.Schema]]) -> dict[str, tuple[pa.Schema, list]]:
+    """Write every table's data files in the workers; return (schema, fragments) per table (uncommitted)."""
+    out = {}
+    for name, (ds, schema) in tables.items():
+        writer = ds.map_batches(store.fragment_writer(name, schema), batch_size=None, batch_format="pyarrow")
+        out[name] = (schema, Store.collect_fragments(writer))
+    return out
+
+
+def finish_report(report: RunReport, error_rows: list[dict[str, Any]], max_error_rate: float) -> None:
+    report.tracks_failed = len({(e.get("track_id"), e.get("uri")) for e in error_rows})
+    for e in error_rows:
+        report.errors_by_type[e["error_type"]] = report.errors_by_type.get(e["error_type"], 0) + 1
+    report.status = "ok" if report.error_rate <= max_error_rate else "failed"
+    if report.status == "failed":
+        report.extra["reason"] = f"error rate {report.error_rate:.3f} > --max-error-rate {max_error_rate}"
+
+
+def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
+    """Run the embed job end to end and return its report (also stored in ``runs``).
+
+    The store's windows / frames / tracks tables are replaced as a whole (one Overwrite commit
+    each; earlier versions stay readable until cleanup). Use the refresh job for incremental updates.
+    """
+    import ray
+
+    t_start = time.perf_counter()
+    started_at = _now()
+    run_id = job.run_id or new_run_id()
+    stage_s: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    rows, rejected, meta_cols = _catalog_rows(job)
+    stage_s["catalog"] = time.perf_counter() - t0
+    info = prepare_model(job, stage_s)
+    store = Store(job.output, job.storage_options)
     report = RunReport(run_id=run_id, status="running", tracks_total=len(rows) + len(rejected),
-                       model_id=model_id, settings_id=settings_id)
-    report.extra["random_weights"] = model_id.startswith("random-")
+                       model_id=info.model_id, settings_id=info.settings_id)
+    report.extra["random_weights"] = info.model_id.startswith("random-")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
@@ -224,65 +332,29 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
         {"track_id": r.track_id, "uri": r.uri, "stage": "catalog", "error_type": r.error_type, "message": r.message}
         for r in rejected
     ]
-    t0 = time.perf_counter()
     if rows:
-        model_args = dict(checkpoint=job.checkpoint, stats=job.stats, model_config=job.model_config,
-                          device="auto",  # CUDA when the actor has a GPU, else CPU
-                          storage_options=job.storage_options or None)
-        n_actors = job.gpu_actors or max(1, gpus)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * job.decode_cpus)))
-        decoded = ds.map_batches(
-            DecodeStage, fn_constructor_kwargs=dict(settings=settings, limits=job.limits,
-                                                    storage_options=job.storage_options or None,
-                                                    decode_timeout_s=job.decode_timeout_s),
-            batch_size=1, batch_format="pyarrow", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=job.decode_cpus),
-        )
-        embedded = decoded.map_batches(
-            EmbedStage, fn_constructor_kwargs=dict(model_args=model_args, settings=settings,
-                                                   batch_size=job.batch_size, dim=dim),
-            batch_size=job.batch_size, batch_format="pyarrow",
-            num_gpus=1 if gpus > 0 else 0, num_cpus=1 if gpus > 0 else 1,
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
-        ).materialize()
-        stage_s["decode+model"] = time.perf_counter() - t0
-        errs = embedded.map_batches(_errors_of, batch_format="pyarrow").take_all()
-        error_rows += errs
-        failed_in_model = {e["track_id"] for e in errs if e["stage"] == "model"}
-        ok = embedded.map_batches(_DropTracks(failed_in_model), batch_format="pyarrow")
-        times = ok.map_batches(_times_of, batch_format="pyarrow").to_arrow_refs()
-        times_tbl = pa.concat_tables(ray.get(times)) if times else None
-        if times_tbl is not None and times_tbl.num_rows:
-            stage_s["decode_worker"] = float(pa.compute.sum(times_tbl["decode_s"]).as_py() or 0.0)
-            stage_s["model_worker"] = float(pa.compute.sum(times_tbl["model_s"]).as_py() or 0.0)
-
+        emb = embed_rows(rows, job, info, stage_s)
+        error_rows += emb.error_rows
         t0 = time.perf_counter()
-        tables = {
-            "windows": (ok.map_batches(ToWindows(job.layers, dim, settings_id, run_id), batch_format="pyarrow"),
-                        schemas.windows_schema(job.layers, dim)),
-        }
-        if job.frames_hz:
-            tables["frames"] = (ok.map_batches(ToFrames(job.layers, dim, job.frames_hz, settings_id, run_id),
-                                               batch_format="pyarrow"),
-                                schemas.frames_schema(job.layers, dim))
-        tables["tracks"] = (
-            ok.groupby("track_id", num_partitions=max(1, min(64, len(rows) // 2000 + 1))).map_groups(
-                ToTrack(job.layers, dim, meta_cols, model_id, settings_id, run_id, embedded_at).as_function(),
-                batch_format="pyarrow"),
-            schemas.tracks_schema(job.layers, dim, meta_cols),
-        )
-        counts = _write_tables(store, job, tables, run_id, report)
+        tables = table_datasets(emb, job, info, meta_cols, run_id, _now(), len(rows))
+        if job.format == "parquet":
+            for name, (ds, _schema) in tables.items():
+                ds = ds.materialize()
+                setattr(report, {"tracks": "tracks_ok", "windows": "windows", "frames": "frames"}[name], ds.count())
+                write_parquet_table(ds, job.output, name, job.storage_options, run_id)
+        else:
+            pending = write_fragments(store, tables)
+            for name in ("windows", "frames", "tracks"):  # dependency order: tracks last
+                if name in pending:
+                    schema, frags = pending[name]
+                    report.versions[name] = store.commit(name, schema, frags, mode="overwrite")
+            report.tracks_ok = sum(f.physical_rows for f in pending["tracks"][1])
+            report.windows = sum(f.physical_rows for f in pending["windows"][1])
+            report.frames = sum(f.physical_rows for f in pending.get("frames", (None, []))[1])
         stage_s["write"] = time.perf_counter() - t0
-        report.tracks_ok = counts.get("tracks", 0)
-        report.windows = counts.get("windows", 0)
-        report.frames = counts.get("frames", 0)
-        report.audio_s = _audio_seconds(store, job, run_id, times_tbl)
-    else:
-        stage_s["decode+model"] = 0.0
+        report.audio_s = _audio_seconds(emb.times)
 
-    report.tracks_failed = len({(e.get("track_id"), e.get("uri")) for e in error_rows})
-    for e in error_rows:
-        report.errors_by_type[e["error_type"]] = report.errors_by_type.get(e["error_type"], 0) + 1
+    finish_report(report, error_rows, job.max_error_rate)
     err_tbl = _error_table(error_rows, run_id)
     if job.format == "lance":
         report.versions["errors"] = store.write_small("errors", err_tbl)
@@ -290,37 +362,11 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
         write_parquet_small(err_tbl, job.output, "errors", job.storage_options)
     report.stage_s = stage_s
     report.wall_s = time.perf_counter() - t_start
-    report.status = "ok" if report.error_rate <= job.max_error_rate else "failed"
-    if report.error_rate > job.max_error_rate:
-        report.extra["reason"] = f"error rate {report.error_rate:.3f} > --max-error-rate {job.max_error_rate}"
-    _write_run_row(store, job, report, started_at)
+    write_run_row(store, job, report, started_at, kind="embed")
     return report
 
 
-def _write_tables(store: Store, job: EmbedJob, tables: dict[str, tuple[Any, pa.Schema]], run_id: str,
-                  report: RunReport) -> dict[str, int]:
-    """Write every table's data files, then commit windows, frames, tracks in that order."""
-    counts: dict[str, int] = {}
-    if job.format == "parquet":
-        for name, (ds, _schema) in tables.items():
-            ds = ds.materialize()
-            counts[name] = ds.count()
-            write_parquet_table(ds, job.output, name, job.storage_options, run_id)
-        return counts
-    pending = {}
-    for name, (ds, schema) in tables.items():
-        frags = Store.collect_fragments(ds.map_batches(store.fragment_writer(name, schema), batch_size=None,
-                                                       batch_format="pyarrow"))
-        pending[name] = (schema, frags)
-        counts[name] = sum(f.physical_rows for f in frags)
-    for name in ("windows", "frames", "tracks"):  # dependency order: tracks last
-        if name in pending:
-            schema, frags = pending[name]
-            report.versions[name] = store.commit(name, schema, frags, mode="overwrite")
-    return counts
-
-
-def _audio_seconds(store: Store, job: EmbedJob, run_id: str, times_tbl: pa.Table | None) -> float:
+def _audio_seconds(times_tbl: pa.Table | None) -> float:
     """Audio duration of the tracks embedded in this run (window rows carry each track's duration)."""
     if times_tbl is None or times_tbl.num_rows == 0:
         return 0.0
@@ -328,9 +374,9 @@ def _audio_seconds(store: Store, job: EmbedJob, run_id: str, times_tbl: pa.Table
     return float(pa.compute.sum(firsts["duration_s"]).as_py() or 0.0)
 
 
-def _write_run_row(store: Store, job: EmbedJob, report: RunReport, started_at: dt.datetime) -> None:
+def write_run_row(store: Store, job: EmbedJob, report: RunReport, started_at: dt.datetime, kind: str) -> None:
     row = {
-        "run_id": report.run_id, "kind": "embed", "status": report.status, "started_at": started_at,
+        "run_id": report.run_id, "kind": kind, "status": report.status, "started_at": started_at,
         "finished_at": _now(), "args_json": json.dumps(job.public_args(), default=str),
         "model_id": report.model_id, "settings_id": report.settings_id,
         "tracks_ok": report.tracks_ok, "tracks_failed": report.tracks_failed, "windows": report.windows,
