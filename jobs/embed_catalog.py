@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Embed a music catalog with MusicFM into a Lance (or Parquet) store.
 
-    python jobs/embed_catalog.py --catalog s3://bucket/catalog.csv --output s3://bucket/store
-    ray job submit --working-dir . -- python jobs/embed_catalog.py --catalog ... --output ...
-    python jobs/embed_catalog.py --demo          # offline demo: synthetic audio, random weights
+python jobs/embed_catalog.py --catalog s3://bucket/catalog.csv --output s3://bucket/store
+ray job submit --working-dir . -- python jobs/embed_catalog.py --catalog ... --output ...
+python jobs/embed_catalog.py --demo          # offline demo: synthetic audio, random weights
 """
 
 from __future__ import annotations
@@ -18,12 +18,20 @@ from pipeline.cli import OneLineParser, add_model_args, add_run_args, add_window
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="embed_catalog", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--catalog", help="CSV / Parquet / JSON-lines file with a `uri` column, or a directory/prefix "
-                                     "of audio files (local, s3://, gs://)")
+    p = OneLineParser(
+        prog="embed_catalog", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--catalog",
+        help="CSV / Parquet / JSON-lines file with a `uri` column, or a directory/prefix "
+        "of audio files (local, s3://, gs://)",
+    )
     p.add_argument("--output", help="store root (local path or s3://...)")
-    p.add_argument("--demo", action="store_true",
-                   help="offline demo: generate a small catalog and a random-weight model, embed into ./demo_store")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="offline demo: generate a small catalog and a random-weight model, embed into ./demo_store",
+    )
     p.add_argument("--demo-dir", default="demo_store", help="where --demo writes (default ./demo_store)")
     p.add_argument("--build-index", action="store_true", help="build ANN indexes after embedding")
     add_model_args(p)

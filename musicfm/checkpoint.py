@@ -126,9 +126,13 @@ def read_torch_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu
             f"Detail: {first}"
         ) from None
     except Exception as e:  # corrupt zip, truncated file, garbage bytes: all one clear error
-        raise CheckpointError(f"{os.fspath(path)}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{os.fspath(path)}: not a readable torch checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(obj, Mapping) or "state_dict" not in obj or not isinstance(obj["state_dict"], Mapping):
-        raise CheckpointError(f"{os.fspath(path)}: expected a dict with a 'state_dict' entry (MusicFM release format)")
+        raise CheckpointError(
+            f"{os.fspath(path)}: expected a dict with a 'state_dict' entry (MusicFM release format)"
+        )
     raw = obj["state_dict"]
     bad_prefix = [k for k in raw if not str(k).startswith(PREFIX)]
     if bad_prefix:
@@ -140,14 +144,19 @@ def read_torch_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu
     for k, v in raw.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{os.fspath(path)}: entry {k!r} is {type(v).__name__}, not a tensor")
-        out[k[len(PREFIX):]] = v
+        out[k[len(PREFIX) :]] = v
     return out
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> MusicFMConfig:
     """Sizes from tensor shapes of an official state dict (keys without ``model.``)."""
-    needed = ("conv.conv.0.conv1.weight", "conv.linear.weight", "conformer.embed_positions.inv_freq",
-              "preprocessor_melspec_2048.mel_stft.mel_scale.fb", "preprocessor_melspec_2048.mel_stft.spectrogram.window")
+    needed = (
+        "conv.conv.0.conv1.weight",
+        "conv.linear.weight",
+        "conformer.embed_positions.inv_freq",
+        "preprocessor_melspec_2048.mel_stft.mel_scale.fb",
+        "preprocessor_melspec_2048.mel_stft.spectrogram.window",
+    )
     missing = [k for k in needed if k not in sd]
     if missing:
         raise CheckpointError(f"cannot infer the model size: missing keys {', '.join(missing)}")
@@ -239,8 +248,11 @@ def _load_native_strict(model: MusicFM25Hz, sd: Mapping[str, torch.Tensor]) -> N
     target = model.state_dict()
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-             for k in target if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)]
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
@@ -265,7 +277,9 @@ def _copy_into(model: MusicFM25Hz, sd: Mapping[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- entry points
 
 
-def _as_config(config: MusicFMConfig | str | os.PathLike[str] | Mapping[str, Any] | None) -> MusicFMConfig | None:
+def _as_config(
+    config: MusicFMConfig | str | os.PathLike[str] | Mapping[str, Any] | None,
+) -> MusicFMConfig | None:
     if config is None or isinstance(config, MusicFMConfig):
         return config
     if isinstance(config, Mapping):
@@ -283,6 +297,7 @@ def load_model(
 ) -> MusicFM25Hz:
     """Implementation of :meth:`MusicFM25Hz.from_checkpoint`."""
     cfg = _as_config(config)
+    meta: dict[str, str] = {}
     path = os.fspath(checkpoint)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -292,7 +307,9 @@ def load_model(
         if cfg is not None and cfg != file_cfg:
             raise CheckpointError(f"{path}: the given config differs from the one stored in the file")
         cfg = file_cfg
-        mean, std = read_stats(stats, cfg) if stats is not None else (float(meta["mel_mean"]), float(meta["mel_std"]))
+        mean, std = (
+            read_stats(stats, cfg) if stats is not None else (float(meta["mel_mean"]), float(meta["mel_std"]))
+        )
         model = cls(cfg, mean, std, init="empty")
         _load_native_strict(model, sd)
     else:
@@ -303,7 +320,9 @@ def load_model(
         mean, std = read_stats(stats, cfg)
         model = cls(cfg, mean, std, init="empty")
         _copy_into(model, map_official_state_dict(sd, model))
-    model.provenance = {"source": "checkpoint", "file": os.path.basename(path)}
+    random_weights = path.endswith(".safetensors") and meta.get("source") == "random"
+    model.provenance = {"source": "random" if random_weights else "checkpoint", "file": os.path.basename(path)}
+    model._invalidate_id()
     return model.to(map_location) if str(map_location) != "cpu" else model
 
 
@@ -318,6 +337,7 @@ def save_safetensors(model: MusicFM25Hz, path: str | os.PathLike[str]) -> None:
         "mel_mean": repr(model.mel_mean),
         "mel_std": repr(model.mel_std),
         "model_id": model.model_id,
+        "source": "random" if model.is_random else "checkpoint",  # random weights stay labelled as such
     }
     save_file(tensors, os.fspath(path), metadata=meta)
 

@@ -41,8 +41,18 @@ class MusicFMConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        positive = ("encoder_dim", "encoder_depth", "conv_dim", "num_heads", "ffn_dim", "n_mels",
-                    "n_fft", "hop_length", "sample_rate", "conv_kernel")
+        positive = (
+            "encoder_dim",
+            "encoder_depth",
+            "conv_dim",
+            "num_heads",
+            "ffn_dim",
+            "n_mels",
+            "n_fft",
+            "hop_length",
+            "sample_rate",
+            "conv_kernel",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -101,7 +111,9 @@ class MusicFMConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MusicFMConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ValueError(
+                f"unknown MusicFMConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         kwargs = dict(data)
         if "stats_keys" in kwargs:
             kwargs["stats_keys"] = tuple(kwargs["stats_keys"])

@@ -1,6 +1,6 @@
 """Convert a released MusicFM ``.pt`` checkpoint to safetensors (stats and config carried along).
 
-    python -m musicfm.convert pretrained_msd.pt OUT.safetensors --stats msd_stats.json [--config cfg.json]
+python -m musicfm.convert pretrained_msd.pt OUT.safetensors --stats msd_stats.json [--config cfg.json]
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from .model import MusicFM25Hz
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m musicfm.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m musicfm.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("input", help="released .pt checkpoint (or a .safetensors to re-save)")
     ap.add_argument("output", help="output .safetensors path")
     ap.add_argument("--stats", help="stats JSON (msd_stats.json / fma_stats.json); required for .pt input")

@@ -70,7 +70,9 @@ def fetch_pretrained(
                 f"(offline mode or no connection). Download it once while online, or pass a local path."
             ) from None
         except Exception as e:  # hub HTTP errors: 401/404/revision not found, connection errors
-            raise HubError(f"cannot fetch {repo_id}/{filename}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise HubError(
+                f"cannot fetch {repo_id}/{filename}: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
     stats_path, ckpt_path = paths
     want = _expected_sha256(name, ckpt_name)
     if want:

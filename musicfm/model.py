@@ -71,9 +71,16 @@ class LogMel(nn.Module):
         with _autocast_off(wav.device):
             x = wav.float()
             z = torch.stft(
-                x, n_fft=self.n_fft, hop_length=self.hop_length, win_length=self.n_fft,
-                window=self.window.float(), center=True, pad_mode="reflect", normalized=False,
-                onesided=True, return_complex=True,
+                x,
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.n_fft,
+                window=self.window.float(),
+                center=True,
+                pad_mode="reflect",
+                normalized=False,
+                onesided=True,
+                return_complex=True,
             )  # (B, n_fft/2+1, N // hop + 1)
             power = z.abs().pow(2.0)
             mel = torch.matmul(power.transpose(-1, -2), self.fb.float()).transpose(-1, -2)  # (B, M, F+1)
@@ -108,7 +115,9 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.empty(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class ResBlock2d(nn.Module):
@@ -354,8 +363,13 @@ class MusicFM25Hz(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name: str = "msd", *, revision: str | None = None, cache_dir: str | None = None,
-        token: str | bool | None = None, local_files_only: bool | None = None,
+        cls,
+        name: str = "msd",
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
     ) -> MusicFM25Hz:
         """Fetch (or reuse from the Hugging Face cache) ``pretrained_{name}.pt`` + ``{name}_stats.json``."""
         from .hub import fetch_pretrained

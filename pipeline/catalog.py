@@ -701,7 +701,9 @@ def _iter_csv(
         invalid.append(row)
         return "skip"
 
-    block = max(1 << 20, 4 * max_row_chars + 1024)
+    # pyarrow reads ahead a fixed number of blocks (~35 measured), so the block size bounds memory;
+    # a block must hold the longest accepted row (max_row_chars characters, <= 4 bytes each)
+    block = max(64 * 1024, 4 * max_row_chars + 4096)
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid)
     # Column names from the header line, read through its own handle: a pyarrow streaming reader
     # reads ahead in a background thread, so two readers must never share one file object.
@@ -752,7 +754,10 @@ def _csv_rows(reader: Any, invalid: list[Any], out_names: list[str], where: str)
         except StopIteration:
             batch = None
         except pa.ArrowInvalid as e:
-            raise CatalogError(f"{where}: CSV parse error after row {ix}: {e}") from None
+            msg = str(e)
+            if "straddle" in msg:
+                msg = "a row is longer than the read block; raise max_row_chars"
+            raise CatalogError(f"{where}: CSV parse error after row {ix}: {msg}") from None
         for bad in invalid:
             line = f" line {bad.number}" if getattr(bad, "number", None) else ""
             yield (
@@ -780,7 +785,7 @@ def _iter_parquet(fs: fsspec.AbstractFileSystem, path: str, where: str) -> Itera
 
     with fs.open(path, "rb") as f:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)  # pre_buffer would read every row group at once
         except (pa.ArrowInvalid, OSError) as e:
             raise CatalogError(f"{where}: not a readable Parquet file: {e}") from None
         names = list(pf.schema_arrow.names)
@@ -1015,6 +1020,8 @@ def iter_catalog(
         raise ValueError(f"limit must be >= 0, got {limit}")
     if limit == 0:
         return
+    if isinstance(catalog_uri, os.PathLike):
+        catalog_uri = os.fspath(catalog_uri)
     where = redact(str(catalog_uri))
     if not isinstance(catalog_uri, str) or not catalog_uri.strip():
         raise CatalogError("empty catalog uri")

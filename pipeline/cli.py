@@ -76,22 +76,34 @@ def _prefixes(text: str) -> tuple[str, ...]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", default="msd",
-                   help="msd | fma (released weights, cached by huggingface_hub), a .pt/.safetensors path or "
-                        "s3:// URI, or random[:SEED] (random weights, for demos/tests) (default: msd)")
+    g.add_argument(
+        "--checkpoint",
+        default="msd",
+        help="msd | fma (released weights, cached by huggingface_hub), a .pt/.safetensors path or "
+        "s3:// URI, or random[:SEED] (random weights, for demos/tests) (default: msd)",
+    )
     g.add_argument("--stats", help="stats JSON for a .pt checkpoint (e.g. msd_stats.json)")
     g.add_argument("--model-config", help="MusicFMConfig JSON for non-default sizes")
-    g.add_argument("--layers", type=_layers, default=(7, 12), help="hidden states to store, e.g. 7,12 (default)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 when the cluster has GPUs, fp32 otherwise (default: auto)")
+    g.add_argument(
+        "--layers", type=_layers, default=(7, 12), help="hidden states to store, e.g. 7,12 (default)"
+    )
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 when the cluster has GPUs, fp32 otherwise (default: auto)",
+    )
 
 
 def add_window_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("windows")
     g.add_argument("--window-s", type=_positive_float, help="window length in seconds (default 30)")
     g.add_argument("--hop-s", type=_positive_float, help="hop between windows in seconds (default: = window)")
-    g.add_argument("--profile", choices=sorted(PROFILES),
-                   help="task preset from the MusicFM paper: sets window length and frame rate")
+    g.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help="task preset from the MusicFM paper: sets window length and frame rate",
+    )
     g.add_argument("--frames-hz", type=_positive_float, help="also store frame-level vectors at this rate")
 
 
@@ -99,21 +111,45 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="windows per model call (default 8)")
     g.add_argument("--gpu-actors", type=_positive_int, help="model actors (default: one per GPU, or 1)")
-    g.add_argument("--decode-cpus", type=_positive_int, default=2, help="decode actors, one CPU each (default 2)")
-    g.add_argument("--format", choices=["lance", "parquet"], default="lance", help="store format (default lance)")
+    g.add_argument(
+        "--decode-cpus", type=_positive_int, default=2, help="decode actors, one CPU each (default 2)"
+    )
+    g.add_argument(
+        "--format", choices=["lance", "parquet"], default="lance", help="store format (default lance)"
+    )
     g.add_argument("--limit", type=_positive_int, help="only the first N catalog rows")
-    g.add_argument("--storage-options", type=_json_object, default={},
-                   help='JSON of s3fs-style options, e.g. {"endpoint_url": "...", "region": "..."}; '
-                        "credentials are best left to the AWS environment")
-    g.add_argument("--allowed-prefixes", type=_prefixes, default=(),
-                   help="comma-separated URI prefixes audio may be read from (default: the catalog's location)")
-    g.add_argument("--max-file-mb", type=_positive_float, default=2048.0, help="largest audio file (default 2048)")
-    g.add_argument("--max-duration-s", type=_positive_float, default=4 * 3600.0,
-                   help="longest audio accepted (default 14400)")
-    g.add_argument("--max-channels", type=_positive_int, default=32, help="most channels accepted (default 32)")
+    g.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default={},
+        help='JSON of s3fs-style options, e.g. {"endpoint_url": "...", "region": "..."}; '
+        "credentials are best left to the AWS environment",
+    )
+    g.add_argument(
+        "--allowed-prefixes",
+        type=_prefixes,
+        default=(),
+        help="comma-separated URI prefixes audio may be read from (default: the catalog's location)",
+    )
+    g.add_argument(
+        "--max-file-mb", type=_positive_float, default=2048.0, help="largest audio file (default 2048)"
+    )
+    g.add_argument(
+        "--max-duration-s",
+        type=_positive_float,
+        default=4 * 3600.0,
+        help="longest audio accepted (default 14400)",
+    )
+    g.add_argument(
+        "--max-channels", type=_positive_int, default=32, help="most channels accepted (default 32)"
+    )
     g.add_argument("--decode-timeout-s", type=_positive_float, default=600.0, help="per-file decode budget")
-    g.add_argument("--max-error-rate", type=_rate, default=1.0,
-                   help="exit non-zero when failed/total tracks exceeds this (default 1.0: never)")
+    g.add_argument(
+        "--max-error-rate",
+        type=_rate,
+        default=1.0,
+        help="exit non-zero when failed/total tracks exceeds this (default 1.0: never)",
+    )
     g.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--debug", action="store_true", help="print tracebacks on failure")
@@ -131,8 +167,9 @@ def window_settings(args: argparse.Namespace) -> tuple[float, float, float | Non
     return window_s, hop_s, frames_hz
 
 
-def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None) -> int:
+def run_main(
+    main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> int:
     """Parse, run, and turn any failure into one line on stderr (traceback only with --debug)."""
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_format", "text"))
@@ -155,15 +192,21 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         from pipeline.errors import redact
 
-        payload = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                   "event": redact(record.getMessage())}
+        payload = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": redact(record.getMessage()),
+        }
         payload.update(getattr(record, "fields", {}) or {})
         return json.dumps(payload, default=str)
 
 
 def setup_logging(fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(
+        _JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(message)s")
+    )
     root = logging.getLogger("musicfm")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

@@ -56,7 +56,11 @@ class EmbedJob:
     def __post_init__(self) -> None:
         if self.format not in ("lance", "parquet"):
             raise ValueError(f"--format must be lance or parquet, got {self.format!r}")
-        if self.batch_size < 1 or self.decode_cpus < 1 or (self.gpu_actors is not None and self.gpu_actors < 1):
+        if (
+            self.batch_size < 1
+            or self.decode_cpus < 1
+            or (self.gpu_actors is not None and self.gpu_actors < 1)
+        ):
             raise ValueError("--batch-size, --decode-cpus and --gpu-actors must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be >= 1")
@@ -107,7 +111,9 @@ class RunReport:
             f"  model    {self.model_id}",
         ]
         if self.errors_by_type:
-            lines.append("  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_type.items())))
+            lines.append(
+                "  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_type.items()))
+            )
         return "\n".join(lines)
 
 
@@ -122,7 +128,11 @@ def ensure_ray(num_gpus_hint: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("LANCE_LOG", "error")  # workers inherit it; Lance warns on every new table
-    kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict[str, Any] = {
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
@@ -130,8 +140,11 @@ def ensure_ray(num_gpus_hint: int | None = None) -> None:
 
 
 def _catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow], list[str]]:
-    policy = UriPolicy.for_catalog(job.catalog, job.allowed_prefixes) if not job.allowed_prefixes else \
-        UriPolicy(allowed_prefixes=tuple(job.allowed_prefixes))
+    policy = (
+        UriPolicy.for_catalog(job.catalog, job.allowed_prefixes)
+        if not job.allowed_prefixes
+        else UriPolicy(allowed_prefixes=tuple(job.allowed_prefixes))
+    )
     entries, rejected = read_catalog(job.catalog, job.storage_options or None, limit=job.limit, policy=policy)
     meta_cols: list[str] = []
     for e in entries:
@@ -145,9 +158,18 @@ def _catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow
 def _error_table(rows: Sequence[dict[str, Any]], run_id: str) -> pa.Table:
     now = _now()
     return pa.Table.from_pylist(
-        [{"track_id": r.get("track_id"), "uri": r.get("uri"), "stage": r.get("stage") or "unknown",
-          "error_type": r.get("error_type") or "Error", "message": r.get("message") or "",
-          "run_id": run_id, "recorded_at": now} for r in rows],
+        [
+            {
+                "track_id": r.get("track_id"),
+                "uri": r.get("uri"),
+                "stage": r.get("stage") or "unknown",
+                "error_type": r.get("error_type") or "Error",
+                "message": r.get("message") or "",
+                "run_id": run_id,
+                "recorded_at": now,
+            }
+            for r in rows
+        ],
         schema=schemas.ERRORS_SCHEMA,
     )
 
@@ -159,8 +181,10 @@ class _DropTracks:
         self.track_ids = pa.array(sorted(track_ids), pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keep = pa.compute.and_(pa.compute.equal(batch["kind"], "window"),
-                               pa.compute.invert(pa.compute.is_in(batch["track_id"], value_set=self.track_ids)))
+        keep = pa.compute.and_(
+            pa.compute.equal(batch["kind"], "window"),
+            pa.compute.invert(pa.compute.is_in(batch["track_id"], value_set=self.track_ids)),
+        )
         return batch.filter(keep)
 
 
@@ -202,19 +226,39 @@ def prepare_model(job: EmbedJob, stage_s: dict[str, float]) -> ModelInfo:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     stage_s["ray_init"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    probe = load_model(job.checkpoint, job.stats, job.model_config, device="cpu",
-                       storage_options=job.storage_options or None)
+    info = probe_model(job, gpus)
+    stage_s["model_load"] = time.perf_counter() - t0
+    return info
+
+
+def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
+    """Load the model once in this process (CPU) for its id, sizes and settings fingerprint.
+
+    ``gpus`` is the cluster's GPU count (it resolves ``--precision auto``); needs no Ray.
+    """
+    probe = load_model(
+        job.checkpoint, job.stats, job.model_config, device="cpu", storage_options=job.storage_options or None
+    )
     # "auto" precision follows the cluster: bf16 when it has GPUs, fp32 otherwise.
     precision = resolve_precision(job.precision, "cuda" if gpus > 0 else "cpu")
-    settings = EmbedSettings(layers=job.layers, window_s=job.window_s, hop_s=job.hop_s,
-                             frames_hz=job.frames_hz, precision=precision)
+    settings = EmbedSettings(
+        layers=job.layers,
+        window_s=job.window_s,
+        hop_s=job.hop_s,
+        frames_hz=job.frames_hz,
+        precision=precision,
+    )
     bad_layers = [i for i in job.layers if i > probe.config.encoder_depth]
     if bad_layers:
         raise ValueError(f"--layers {bad_layers} exceed the model depth {probe.config.encoder_depth}")
-    info = ModelInfo(model_id=probe.model_id, dim=probe.config.encoder_dim, depth=probe.config.encoder_depth,
-                     settings=settings, settings_id=settings.settings_id(probe.model_id), gpus=gpus)
-    stage_s["model_load"] = time.perf_counter() - t0
-    return info
+    return ModelInfo(
+        model_id=probe.model_id,
+        dim=probe.config.encoder_dim,
+        depth=probe.config.encoder_depth,
+        settings=settings,
+        settings_id=settings.settings_id(probe.model_id),
+        gpus=gpus,
+    )
 
 
 @dataclass
@@ -226,30 +270,46 @@ class Embedded:
     times: pa.Table | None
 
 
-def embed_rows(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo, stage_s: dict[str, float]) -> Embedded:
+def embed_rows(
+    rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo, stage_s: dict[str, float]
+) -> Embedded:
     """Decode (CPU actor pool) and embed (model actor pool) catalog rows; materialized once."""
     import ray
 
     from pipeline.stages import DecodeStage, EmbedStage
 
     t0 = time.perf_counter()
-    model_args = dict(checkpoint=job.checkpoint, stats=job.stats, model_config=job.model_config,
-                      device="auto",  # CUDA when the actor has a GPU, else CPU
-                      storage_options=job.storage_options or None)
+    model_args = dict(
+        checkpoint=job.checkpoint,
+        stats=job.stats,
+        model_config=job.model_config,
+        device="auto",  # CUDA when the actor has a GPU, else CPU
+        storage_options=job.storage_options or None,
+    )
     n_actors = job.gpu_actors or max(1, info.gpus)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * job.decode_cpus)))
     decoded = ds.map_batches(
-        DecodeStage, fn_constructor_kwargs=dict(settings=info.settings, limits=job.limits,
-                                                storage_options=job.storage_options or None,
-                                                decode_timeout_s=job.decode_timeout_s),
-        batch_size=1, batch_format="pyarrow", num_cpus=1,
+        DecodeStage,
+        fn_constructor_kwargs=dict(
+            settings=info.settings,
+            limits=job.limits,
+            storage_options=job.storage_options or None,
+            decode_timeout_s=job.decode_timeout_s,
+        ),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=job.decode_cpus),
     )
     embedded = decoded.map_batches(
-        EmbedStage, fn_constructor_kwargs=dict(model_args=model_args, settings=info.settings,
-                                               batch_size=job.batch_size, dim=info.dim),
-        batch_size=job.batch_size, batch_format="pyarrow",
-        num_gpus=1 if info.gpus > 0 else 0, num_cpus=1,
+        EmbedStage,
+        fn_constructor_kwargs=dict(
+            model_args=model_args, settings=info.settings, batch_size=job.batch_size, dim=info.dim
+        ),
+        batch_size=job.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if info.gpus > 0 else 0,
+        num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=n_actors),
     ).materialize()
     stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
@@ -257,35 +317,53 @@ def embed_rows(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo, stage
     failed_in_model = {e["track_id"] for e in errs if e["stage"] == "model"}
     ok = embedded.map_batches(_DropTracks(failed_in_model), batch_format="pyarrow")
     refs = ok.map_batches(_times_of, batch_format="pyarrow").to_arrow_refs()
-    times = pa.concat_tables(ray.get(refs)) if refs else None
+    parts = [t for t in ray.get(refs) if t.num_rows]  # empty blocks may carry no schema
+    times = pa.concat_tables(parts) if parts else None
     if times is not None and times.num_rows:
         for col, key in (("decode_s", "decode_worker"), ("model_s", "model_worker")):
             stage_s[key] = stage_s.get(key, 0.0) + float(pa.compute.sum(times[col]).as_py() or 0.0)
     return Embedded(ok=ok, error_rows=errs, times=times)
 
 
-def table_datasets(emb: Embedded, job: EmbedJob, info: ModelInfo, meta_cols: Sequence[str], run_id: str,
-                   embedded_at: dt.datetime, n_tracks: int) -> dict[str, tuple[Any, pa.Schema]]:
+def table_datasets(
+    emb: Embedded,
+    job: EmbedJob,
+    info: ModelInfo,
+    meta_cols: Sequence[str],
+    run_id: str,
+    embedded_at: dt.datetime,
+    n_tracks: int,
+) -> dict[str, tuple[Any, pa.Schema]]:
     """Ray datasets of the rows of each output table (windows, frames, tracks), with their schemas."""
     from pipeline.stages import ToFrames, ToTrack, ToWindows
 
     layers, dim, sid = info.settings.layers, info.dim, info.settings_id
-    tables = {"windows": (emb.ok.map_batches(ToWindows(layers, dim, sid, run_id), batch_format="pyarrow"),
-                          schemas.windows_schema(layers, dim))}
+    tables = {
+        "windows": (
+            emb.ok.map_batches(ToWindows(layers, dim, sid, run_id), batch_format="pyarrow"),
+            schemas.windows_schema(layers, dim),
+        )
+    }
     if info.settings.frames_hz:
-        tables["frames"] = (emb.ok.map_batches(ToFrames(layers, dim, info.settings.frames_hz, sid, run_id),
-                                               batch_format="pyarrow"),
-                            schemas.frames_schema(layers, dim))
+        tables["frames"] = (
+            emb.ok.map_batches(
+                ToFrames(layers, dim, info.settings.frames_hz, sid, run_id), batch_format="pyarrow"
+            ),
+            schemas.frames_schema(layers, dim),
+        )
     tables["tracks"] = (
         emb.ok.groupby("track_id", num_partitions=max(1, min(64, n_tracks // 2000 + 1))).map_groups(
             ToTrack(layers, dim, meta_cols, info.model_id, sid, run_id, embedded_at).as_function(),
-            batch_format="pyarrow"),
+            batch_format="pyarrow",
+        ),
         schemas.tracks_schema(layers, dim, meta_cols),
     )
     return tables
 
 
-def write_fragments(store: Store, tables: dict[str, tuple[Any, pa.Schema]]) -> dict[str, tuple[pa.Schema, list]]:
+def write_fragments(
+    store: Store, tables: dict[str, tuple[Any, pa.Schema]]
+) -> dict[str, tuple[pa.Schema, list]]:
     """Write every table's data files in the workers; return (schema, fragments) per table (uncommitted)."""
     out = {}
     for name, (ds, schema) in tables.items():
@@ -321,15 +399,26 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
     stage_s["catalog"] = time.perf_counter() - t0
     info = prepare_model(job, stage_s)
     store = Store(job.output, job.storage_options)
-    report = RunReport(run_id=run_id, status="running", tracks_total=len(rows) + len(rejected),
-                       model_id=info.model_id, settings_id=info.settings_id)
+    report = RunReport(
+        run_id=run_id,
+        status="running",
+        tracks_total=len(rows) + len(rejected),
+        model_id=info.model_id,
+        settings_id=info.settings_id,
+    )
     report.extra["random_weights"] = info.model_id.startswith("random-")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
 
     error_rows: list[dict[str, Any]] = [
-        {"track_id": r.track_id, "uri": r.uri, "stage": "catalog", "error_type": r.error_type, "message": r.message}
+        {
+            "track_id": r.track_id,
+            "uri": r.uri,
+            "stage": "catalog",
+            "error_type": r.error_type,
+            "message": r.message,
+        }
         for r in rejected
     ]
     if rows:
@@ -340,7 +429,11 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
         if job.format == "parquet":
             for name, (ds, _schema) in tables.items():
                 ds = ds.materialize()
-                setattr(report, {"tracks": "tracks_ok", "windows": "windows", "frames": "frames"}[name], ds.count())
+                setattr(
+                    report,
+                    {"tracks": "tracks_ok", "windows": "windows", "frames": "frames"}[name],
+                    ds.count(),
+                )
                 write_parquet_table(ds, job.output, name, job.storage_options, run_id)
         else:
             pending = write_fragments(store, tables)
@@ -376,14 +469,30 @@ def _audio_seconds(times_tbl: pa.Table | None) -> float:
 
 def write_run_row(store: Store, job: EmbedJob, report: RunReport, started_at: dt.datetime, kind: str) -> None:
     row = {
-        "run_id": report.run_id, "kind": kind, "status": report.status, "started_at": started_at,
-        "finished_at": _now(), "args_json": json.dumps(job.public_args(), default=str),
-        "model_id": report.model_id, "settings_id": report.settings_id,
-        "tracks_ok": report.tracks_ok, "tracks_failed": report.tracks_failed, "windows": report.windows,
-        "audio_hours": report.audio_s / 3600, "wall_s": report.wall_s, "x_realtime": report.x_realtime,
+        "run_id": report.run_id,
+        "kind": kind,
+        "status": report.status,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "args_json": json.dumps(job.public_args(), default=str),
+        "model_id": report.model_id,
+        "settings_id": report.settings_id,
+        "tracks_ok": report.tracks_ok,
+        "tracks_failed": report.tracks_failed,
+        "windows": report.windows,
+        "audio_hours": report.audio_s / 3600,
+        "wall_s": report.wall_s,
+        "x_realtime": report.x_realtime,
         "stage_times_json": json.dumps(report.stage_s),
-        "report_json": json.dumps({"versions": report.versions, "errors_by_type": report.errors_by_type,
-                                   "frames": report.frames, **report.extra}, default=str),
+        "report_json": json.dumps(
+            {
+                "versions": report.versions,
+                "errors_by_type": report.errors_by_type,
+                "frames": report.frames,
+                **report.extra,
+            },
+            default=str,
+        ),
     }
     tbl = pa.Table.from_pylist([row], schema=schemas.RUNS_SCHEMA)
     if job.format == "lance":
@@ -398,12 +507,28 @@ def job_from_args(args: Any) -> EmbedJob:
 
     window_s, hop_s, frames_hz = window_settings(args)
     return EmbedJob(
-        catalog=args.catalog, output=args.output, checkpoint=args.checkpoint, stats=args.stats,
-        model_config=args.model_config, layers=tuple(args.layers), window_s=window_s, hop_s=hop_s,
-        frames_hz=frames_hz, precision=args.precision, batch_size=args.batch_size, gpu_actors=args.gpu_actors,
-        decode_cpus=args.decode_cpus, format=args.format, limit=args.limit,
-        storage_options=dict(args.storage_options or {}), allowed_prefixes=tuple(args.allowed_prefixes),
-        limits=AudioLimits(max_bytes=int(args.max_file_mb * 1024 * 1024), max_duration_s=args.max_duration_s,
-                           max_channels=args.max_channels),
-        decode_timeout_s=args.decode_timeout_s, max_error_rate=args.max_error_rate,
+        catalog=args.catalog,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        stats=args.stats,
+        model_config=args.model_config,
+        layers=tuple(args.layers),
+        window_s=window_s,
+        hop_s=hop_s,
+        frames_hz=frames_hz,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        gpu_actors=args.gpu_actors,
+        decode_cpus=args.decode_cpus,
+        format=args.format,
+        limit=args.limit,
+        storage_options=dict(args.storage_options or {}),
+        allowed_prefixes=tuple(args.allowed_prefixes),
+        limits=AudioLimits(
+            max_bytes=int(args.max_file_mb * 1024 * 1024),
+            max_duration_s=args.max_duration_s,
+            max_channels=args.max_channels,
+        ),
+        decode_timeout_s=args.decode_timeout_s,
+        max_error_rate=args.max_error_rate,
     )

@@ -54,8 +54,14 @@ class EmbedSettings:
     def settings_id(self, model_id: str) -> str:
         """Fingerprint of everything that determines the stored vectors."""
         payload = json.dumps(
-            {"model_id": model_id, "layers": list(self.layers), "window_s": self.window_s,
-             "hop_s": self.hop_s, "frames_hz": self.frames_hz, "precision": self.precision},
+            {
+                "model_id": model_id,
+                "layers": list(self.layers),
+                "window_s": self.window_s,
+                "hop_s": self.hop_s,
+                "frames_hz": self.frames_hz,
+                "precision": self.precision,
+            },
             sort_keys=True,
         )
         return "s-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -130,8 +136,9 @@ def load_model(
         if stats:
             from musicfm.checkpoint import read_stats
 
-            mean, std = read_stats(_local_copy(stats, storage_options) if _is_remote(stats) else stats,
-                                   cfg or MusicFMConfig())
+            mean, std = read_stats(
+                _local_copy(stats, storage_options) if _is_remote(stats) else stats, cfg or MusicFMConfig()
+            )
         model = MusicFM25Hz(cfg, mean, std, seed=seed)
     else:
         ckpt = _local_copy(checkpoint, storage_options) if _is_remote(checkpoint) else checkpoint
@@ -188,8 +195,9 @@ class WindowEmbedder:
                 chunk = idx[s : s + self.max_batch]
                 x = np.stack([np.asarray(audio[i], dtype=np.float32) for i in chunk])  # (B, N)
                 t0 = time.perf_counter()
-                hs = self.model.hidden_states(self._to_device(x), self.settings.layers,
-                                              precision=self.settings.precision)  # L x (B, T, D)
+                hs = self.model.hidden_states(
+                    self._to_device(x), self.settings.layers, precision=self.settings.precision
+                )  # L x (B, T, D)
                 means = [h.mean(dim=1).cpu().numpy() for h in hs]  # L x (B, D)
                 frames = None
                 if self.settings.frames_hz:
@@ -202,7 +210,9 @@ class WindowEmbedder:
                     out[i] = WindowResult(
                         means={lay: means[k][b] for k, lay in enumerate(self.settings.layers)},
                         n_tokens=n_tok,
-                        frames=None if frames is None else {lay: frames[k][b] for k, lay in enumerate(self.settings.layers)},
+                        frames=None
+                        if frames is None
+                        else {lay: frames[k][b] for k, lay in enumerate(self.settings.layers)},
                         frame_times=None if frames is None else times,
                     )
         return out  # type: ignore[return-value]
@@ -245,7 +255,9 @@ def embed_samples(embedder: WindowEmbedder, samples: np.ndarray) -> TrackEmbeddi
     wins = plan_windows(int(samples.shape[0]), spec)
     results = embedder.embed([samples[w.start : w.end] for w in wins])
     layers = embedder.settings.layers
-    track = {lay: track_mean([r.means[lay] for r in results], [r.n_tokens for r in results]) for lay in layers}
+    track = {
+        lay: track_mean([r.means[lay] for r in results], [r.n_tokens for r in results]) for lay in layers
+    }
     return TrackEmbedding(
         track=track,
         windows=[(w.start / sr, w.end / sr, r.means) for w, r in zip(wins, results, strict=True)],
@@ -269,8 +281,12 @@ def embed_uri(
     if "://" in uri and not uri.startswith("file://"):
         data, _ = fetch_bytes(uri, storage_options)
     else:
-        data = uri[len("file://"):] if uri.startswith("file://") else uri
+        data = uri[len("file://") :] if uri.startswith("file://") else uri
     decoded = decode_audio(data)
-    settings = EmbedSettings(layers=tuple(layers), window_s=window_s, hop_s=hop_s,
-                             precision=resolve_precision(precision, model.device))
+    settings = EmbedSettings(
+        layers=tuple(layers),
+        window_s=window_s,
+        hop_s=hop_s,
+        precision=resolve_precision(precision, model.device),
+    )
     return embed_samples(WindowEmbedder(model, settings), decoded.samples)

@@ -23,9 +23,26 @@ TABLES = ("tracks", "windows", "frames", "errors", "runs")
 # Columns a catalog may not use for metadata (they are written by the pipeline).
 RESERVED_COLUMNS = frozenset(
     {
-        "track_id", "uri", "content_version", "duration_s", "sample_rate_in", "channels_in",
-        "num_windows", "model_id", "settings_id", "run_id", "embedded_at", "window_ix",
-        "start_s", "end_s", "frame_ix", "time_s", "stage", "error_type", "message", "warnings",
+        "track_id",
+        "uri",
+        "content_version",
+        "duration_s",
+        "sample_rate_in",
+        "channels_in",
+        "num_windows",
+        "model_id",
+        "settings_id",
+        "run_id",
+        "embedded_at",
+        "window_ix",
+        "start_s",
+        "end_s",
+        "frame_ix",
+        "time_s",
+        "stage",
+        "error_type",
+        "message",
+        "warnings",
     }
 )
 

@@ -31,16 +31,27 @@ _DECODE_COLS = [f.name for f in schemas.TASK_BASE_FIELDS]
 def _error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
     msg = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     out = {name: None for name in _DECODE_COLS}
-    out.update(kind="error", track_id=row.get("track_id"), uri=row.get("uri"),
-               stage=stage, error_type=error_type(exc), message=msg[:2000])
+    out.update(
+        kind="error",
+        track_id=row.get("track_id"),
+        uri=row.get("uri"),
+        stage=stage,
+        error_type=error_type(exc),
+        message=msg[:2000],
+    )
     return out
 
 
 class DecodeStage:
     """Catalog rows (track_id, uri, metadata_json) -> one row per window with its audio, or an error row."""
 
-    def __init__(self, settings: EmbedSettings, limits: AudioLimits, storage_options: dict | None,
-                 decode_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: EmbedSettings,
+        limits: AudioLimits,
+        storage_options: dict | None,
+        decode_timeout_s: float | None = None,
+    ) -> None:
         self.spec = settings.window_spec()
         self.limits = limits
         self.storage_options = storage_options
@@ -64,18 +75,30 @@ class DecodeStage:
         decode_s = time.perf_counter() - t0
         rows = []
         for w, (o0, o1) in zip(wins, own, strict=True):
-            rows.append({
-                "kind": "window", "track_id": row["track_id"], "uri": row["uri"],
-                "metadata_json": row.get("metadata_json"), "content_version": version,
-                "duration_s": audio.duration_s, "sample_rate_in": audio.sample_rate_in,
-                "channels_in": audio.channels_in, "num_windows": len(wins),
-                "warnings": "; ".join(audio.warnings) or None,
-                "window_ix": w.ix, "start_s": w.start / sr, "end_s": w.end / sr,
-                "own_start_s": o0 / sr, "own_end_s": o1 / sr,
-                "audio": audio.samples[w.start : w.end].tobytes(),
-                "decode_s": decode_s / len(wins),
-                "stage": None, "error_type": None, "message": None,
-            })
+            rows.append(
+                {
+                    "kind": "window",
+                    "track_id": row["track_id"],
+                    "uri": row["uri"],
+                    "metadata_json": row.get("metadata_json"),
+                    "content_version": version,
+                    "duration_s": audio.duration_s,
+                    "sample_rate_in": audio.sample_rate_in,
+                    "channels_in": audio.channels_in,
+                    "num_windows": len(wins),
+                    "warnings": "; ".join(audio.warnings) or None,
+                    "window_ix": w.ix,
+                    "start_s": w.start / sr,
+                    "end_s": w.end / sr,
+                    "own_start_s": o0 / sr,
+                    "own_end_s": o1 / sr,
+                    "audio": audio.samples[w.start : w.end].tobytes(),
+                    "decode_s": decode_s / len(wins),
+                    "stage": None,
+                    "error_type": None,
+                    "message": None,
+                }
+            )
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -92,7 +115,9 @@ class EmbedStage:
     equal length, and records a model failure as error rows for the windows concerned.
     """
 
-    def __init__(self, model_args: dict[str, Any], settings: EmbedSettings, batch_size: int, dim: int) -> None:
+    def __init__(
+        self, model_args: dict[str, Any], settings: EmbedSettings, batch_size: int, dim: int
+    ) -> None:
         self.model = load_model(**model_args)
         self.settings = settings
         self.embedder = WindowEmbedder(self.model, settings, max_batch=batch_size)
@@ -125,7 +150,8 @@ class EmbedStage:
                     r[schemas.layer_column(lay)] = res.means[lay]
                 if self.settings.frames_hz:
                     keep = (res.frame_times + r["start_s"] >= r["own_start_s"]) & (
-                        res.frame_times + r["start_s"] < r["own_end_s"])
+                        res.frame_times + r["start_s"] < r["own_end_s"]
+                    )
                     r["frame_times"] = (res.frame_times[keep] + r["start_s"]).tolist()
                     for lay in self.settings.layers:
                         r["frames_" + schemas.layer_column(lay)] = res.frames[lay][keep].reshape(-1)
@@ -141,16 +167,27 @@ class EmbedStage:
         return _embedded_table(out, self.schema, self.settings.layers, self.dim)
 
 
-def _embedded_table(rows: list[dict[str, Any]], schema: pa.Schema, layers: Sequence[int], dim: int) -> pa.Table:
+def _embedded_table(
+    rows: list[dict[str, Any]], schema: pa.Schema, layers: Sequence[int], dim: int
+) -> pa.Table:
     cols: dict[str, Any] = {}
     for f in schema:
         vals = [r.get(f.name) for r in rows]
         if f.name.startswith("layer_"):
-            flat = np.concatenate([np.asarray(v, np.float32) if v is not None else np.zeros(dim, np.float32)
-                                   for v in vals]) if vals else np.zeros(0, np.float32)
+            flat = (
+                np.concatenate(
+                    [np.asarray(v, np.float32) if v is not None else np.zeros(dim, np.float32) for v in vals]
+                )
+                if vals
+                else np.zeros(0, np.float32)
+            )
             arr = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
             mask = pa.array([v is None for v in vals])
-            cols[f.name] = pa.compute.if_else(mask, pa.scalar(None, f.type), arr) if any(v is None for v in vals) else arr
+            cols[f.name] = (
+                pa.compute.if_else(mask, pa.scalar(None, f.type), arr)
+                if any(v is None for v in vals)
+                else arr
+            )
         elif f.name.startswith("frames_layer_"):
             cols[f.name] = pa.array([None if v is None else np.asarray(v, np.float32) for v in vals], f.type)
         else:
@@ -176,7 +213,10 @@ class ToWindows:
         b = only_kind(batch, "window")
         n = b.num_rows
         cols = {
-            "track_id": b["track_id"], "window_ix": b["window_ix"], "start_s": b["start_s"], "end_s": b["end_s"],
+            "track_id": b["track_id"],
+            "window_ix": b["window_ix"],
+            "start_s": b["start_s"],
+            "end_s": b["end_s"],
             **{f.name: b[f.name] for f in self.schema if f.name.startswith("layer_")},
             "settings_id": pa.array([self.settings_id] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
@@ -187,7 +227,9 @@ class ToWindows:
 class ToFrames:
     """Embedded window rows -> ``frames`` rows (one per output frame; overlaps removed upstream)."""
 
-    def __init__(self, layers: Sequence[int], dim: int, frames_hz: float, settings_id: str, run_id: str) -> None:
+    def __init__(
+        self, layers: Sequence[int], dim: int, frames_hz: float, settings_id: str, run_id: str
+    ) -> None:
         self.layers, self.dim, self.hz = list(layers), dim, frames_hz
         self.schema = schemas.frames_schema(layers, dim)
         self.settings_id, self.run_id = settings_id, run_id
@@ -202,13 +244,20 @@ class ToFrames:
             fix += np.floor(t * self.hz).astype(np.int64).tolist()
             times += t.tolist()
             for lay in self.layers:
-                vecs[lay].append(np.asarray(r["frames_" + schemas.layer_column(lay)], np.float32).reshape(-1, self.dim))
+                vecs[lay].append(
+                    np.asarray(r["frames_" + schemas.layer_column(lay)], np.float32).reshape(-1, self.dim)
+                )
         n = len(tid)
-        cols: dict[str, Any] = {"track_id": pa.array(tid, pa.string()), "frame_ix": pa.array(fix, pa.int32()),
-                                "time_s": pa.array(times, pa.float64())}
+        cols: dict[str, Any] = {
+            "track_id": pa.array(tid, pa.string()),
+            "frame_ix": pa.array(fix, pa.int32()),
+            "time_s": pa.array(times, pa.float64()),
+        }
         for lay in self.layers:
             flat = np.concatenate(vecs[lay]).reshape(-1) if vecs[lay] else np.zeros(0, np.float32)
-            cols[schemas.layer_column(lay)] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dim)
+            cols[schemas.layer_column(lay)] = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat, pa.float32()), self.dim
+            )
         cols["settings_id"] = pa.array([self.settings_id] * n, pa.string())
         cols["run_id"] = pa.array([self.run_id] * n, pa.string())
         return pa.table(cols, schema=self.schema)
@@ -217,11 +266,24 @@ class ToFrames:
 class ToTrack:
     """All embedded windows of one track (a group) -> one ``tracks`` row: token-weighted mean per layer."""
 
-    def __init__(self, layers: Sequence[int], dim: int, metadata: Sequence[str], model_id: str,
-                 settings_id: str, run_id: str, embedded_at: Any) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        dim: int,
+        metadata: Sequence[str],
+        model_id: str,
+        settings_id: str,
+        run_id: str,
+        embedded_at: Any,
+    ) -> None:
         self.layers, self.dim, self.metadata = list(layers), dim, list(metadata)
         self.schema = schemas.tracks_schema(layers, dim, metadata)
-        self.model_id, self.settings_id, self.run_id, self.embedded_at = model_id, settings_id, run_id, embedded_at
+        self.model_id, self.settings_id, self.run_id, self.embedded_at = (
+            model_id,
+            settings_id,
+            run_id,
+            embedded_at,
+        )
 
     def as_function(self):
         """A plain function (``map_groups`` wants a named callable, not an instance)."""
@@ -239,12 +301,19 @@ class ToTrack:
         first = rows[0]
         meta = json.loads(first["metadata_json"] or "{}")
         out: dict[str, Any] = {
-            "track_id": first["track_id"], "uri": first["uri"], "content_version": first["content_version"],
-            "duration_s": first["duration_s"], "sample_rate_in": first["sample_rate_in"],
-            "channels_in": first["channels_in"], "num_windows": len(rows),
+            "track_id": first["track_id"],
+            "uri": first["uri"],
+            "content_version": first["content_version"],
+            "duration_s": first["duration_s"],
+            "sample_rate_in": first["sample_rate_in"],
+            "channels_in": first["channels_in"],
+            "num_windows": len(rows),
             **{m: meta.get(m) for m in self.metadata},
-            "warnings": first["warnings"], "model_id": self.model_id, "settings_id": self.settings_id,
-            "run_id": self.run_id, "embedded_at": self.embedded_at,
+            "warnings": first["warnings"],
+            "model_id": self.model_id,
+            "settings_id": self.settings_id,
+            "run_id": self.run_id,
+            "embedded_at": self.embedded_at,
         }
         tokens = [r["n_tokens"] for r in rows]
         for lay in self.layers:
@@ -255,7 +324,9 @@ class ToTrack:
         for f in self.schema:
             v = out[f.name]
             if f.name.startswith("layer_"):
-                cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(v, np.float32)), self.dim)
+                cols[f.name] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.asarray(v, np.float32)), self.dim
+                )
             else:
                 cols[f.name] = pa.array([v], f.type)
         return pa.table(cols, schema=self.schema)
@@ -266,7 +337,13 @@ class StageTimes:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         b = only_kind(batch, "window")
-        return pa.table({
-            "track_id": b["track_id"], "window_ix": b["window_ix"], "duration_s": b["duration_s"],
-            "decode_s": b["decode_s"], "model_s": b["model_s"], "num_windows": b["num_windows"],
-        })
+        return pa.table(
+            {
+                "track_id": b["track_id"],
+                "window_ix": b["window_ix"],
+                "duration_s": b["duration_s"],
+                "decode_s": b["decode_s"],
+                "model_s": b["model_s"],
+                "num_windows": b["num_windows"],
+            }
+        )

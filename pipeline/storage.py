@@ -13,8 +13,20 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-SECRET_KEYS = frozenset({"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
-                         "aws_session_token", "password", "access_key", "secret_key", "session_token"})
+SECRET_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "password",
+        "access_key",
+        "secret_key",
+        "session_token",
+    }
+)
 
 
 def is_remote(uri: str) -> bool:
@@ -58,9 +70,15 @@ def lance_options(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     so = dict(storage_options or {})
     ck = dict(so.get("client_kwargs") or {})
     env = os.environ
-    endpoint = (so.get("endpoint_url") or ck.get("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3")
-                or env.get("AWS_ENDPOINT_URL"))
-    region = so.get("region") or ck.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    endpoint = (
+        so.get("endpoint_url")
+        or ck.get("endpoint_url")
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+    )
+    region = (
+        so.get("region") or ck.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    )
     out = {
         "aws_access_key_id": so.get("key") or env.get("AWS_ACCESS_KEY_ID"),
         "aws_secret_access_key": so.get("secret") or env.get("AWS_SECRET_ACCESS_KEY"),

@@ -46,7 +46,11 @@ class Store:
         try:
             return lance.dataset(self.uri(table), version=version, storage_options=self.lance_options)
         except (ValueError, FileNotFoundError, OSError) as e:
-            if "not found" in str(e).lower() or "does not exist" in str(e).lower() or isinstance(e, FileNotFoundError):
+            if (
+                "not found" in str(e).lower()
+                or "does not exist" in str(e).lower()
+                or isinstance(e, FileNotFoundError)
+            ):
                 return None
             raise
 
@@ -92,7 +96,9 @@ class Store:
         else:
             raise ValueError(f"unknown commit mode {mode!r}")
         ds = lance.LanceDataset.commit(
-            self.uri(table), op, read_version=None if current is None else current.version,
+            self.uri(table),
+            op,
+            read_version=None if current is None else current.version,
             storage_options=self.lance_options,
         )
         return ds.version
@@ -102,12 +108,19 @@ class Store:
         import lance
 
         exists = self.exists(table)
-        ds = lance.write_dataset(data, self.uri(table), schema=data.schema,
-                                 mode=mode if exists else "create", storage_options=self.lance_options)
+        ds = lance.write_dataset(
+            data,
+            self.uri(table),
+            schema=data.schema,
+            mode=mode if exists else "create",
+            storage_options=self.lance_options,
+        )
         return ds.version
 
 
-def write_parquet_table(ds, root: str, table: str, storage_options: Mapping[str, Any] | None, run_id: str) -> str:
+def write_parquet_table(
+    ds, root: str, table: str, storage_options: Mapping[str, Any] | None, run_id: str
+) -> str:
     """Write a Ray dataset as ``{root}/{table}.parquet/`` — staged under a run-specific prefix and
     then swapped in, so an interrupted export never mixes files of two runs."""
     from pipeline.catalog import open_uri
@@ -120,7 +133,9 @@ def write_parquet_table(ds, root: str, table: str, storage_options: Mapping[str,
     return final
 
 
-def write_parquet_small(data: pa.Table, root: str, table: str, storage_options: Mapping[str, Any] | None) -> str:
+def write_parquet_small(
+    data: pa.Table, root: str, table: str, storage_options: Mapping[str, Any] | None
+) -> str:
     import pyarrow.parquet as pq
 
     from pipeline.catalog import open_uri

@@ -49,7 +49,9 @@ def test_missing_key_listed(tmp_path) -> None:
 def test_unexpected_key_listed(tmp_path) -> None:
     sd = _golden_sd()
     sd["model.conformer.layers.0.extra_adapter.weight"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): model.conformer.layers.0.extra_adapter.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys \(1\): model.conformer.layers.0.extra_adapter.weight"
+    ):
         MusicFM25Hz.from_checkpoint(_save(tmp_path, sd), STATS)
 
 
@@ -57,7 +59,10 @@ def test_wrong_shape_listed_with_both_shapes(tmp_path) -> None:
     sd = _golden_sd()
     sd["model.conformer.layers.2.ffn2.output_dense.bias"] = torch.zeros(47)
     cfg = MusicFMConfig.from_json(GOLDEN / "config.json")
-    with pytest.raises(CheckpointError, match=r"wrong shapes \(1\).*ffn2.output_dense.bias: checkpoint \(47,\) vs model \(48,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong shapes \(1\).*ffn2.output_dense.bias: checkpoint \(47,\) vs model \(48,\)",
+    ):
         MusicFM25Hz.from_checkpoint(_save(tmp_path, sd), STATS, config=cfg)
 
 
@@ -72,7 +77,7 @@ def test_every_problem_reported_at_once(tmp_path) -> None:
 
 
 def test_missing_prefix_is_refused(tmp_path) -> None:
-    sd = {k[len("model."):]: v for k, v in _golden_sd().items()}
+    sd = {k[len("model.") :]: v for k, v in _golden_sd().items()}
     with pytest.raises(CheckpointError, match="lack the 'model.' prefix"):
         MusicFM25Hz.from_checkpoint(_save(tmp_path, sd), STATS)
 
@@ -120,8 +125,19 @@ def test_not_a_checkpoint(tmp_path) -> None:
 def test_safetensors_round_trip_via_cli(tmp_path) -> None:
     out = tmp_path / "m.safetensors"
     r = subprocess.run(
-        [sys.executable, "-m", "musicfm.convert", str(GOLDEN / "checkpoint_legacy_keys.pt"), str(out), "--stats", str(STATS)],
-        cwd=REPO, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "musicfm.convert",
+            str(GOLDEN / "checkpoint_legacy_keys.pt"),
+            str(out),
+            "--stats",
+            str(STATS),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert r.returncode == 0, r.stderr
     a = MusicFM25Hz.from_checkpoint(GOLDEN / "checkpoint.pt", STATS)
@@ -132,8 +148,13 @@ def test_safetensors_round_trip_via_cli(tmp_path) -> None:
     with torch.inference_mode():
         for x, y in zip(a.hidden_states(wav), b.hidden_states(wav), strict=True):
             assert torch.equal(x, y)
-    r = subprocess.run([sys.executable, "-m", "musicfm.convert", str(GOLDEN / "checkpoint.pt"), str(out)],
-                       cwd=REPO, capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "musicfm.convert", str(GOLDEN / "checkpoint.pt"), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 1 and "stats" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -166,7 +187,7 @@ def test_full_size_layout_loads_strictly(tmp_path, style: str) -> None:
     """A random state dict with every key/shape/dtype of the released checkpoints loads strictly."""
     sd = _full_size_sd(style)
     cfg = MusicFMConfig()
-    assert set(official_key_map(cfg)) <= {k[len("model."):] for k in sd}
+    assert set(official_key_map(cfg)) <= {k[len("model.") :] for k in sd}
     p = _save(tmp_path, sd)
     del sd
     model = MusicFM25Hz.from_checkpoint(p, {"melspec_2048_mean": 6.77, "melspec_2048_std": 18.4})
@@ -174,3 +195,12 @@ def test_full_size_layout_loads_strictly(tmp_path, style: str) -> None:
     needed = sum(v.numel() for k, v in model.named_parameters())
     assert needed == 316_343_296  # exactly the parameters the hidden states need
 
+
+def test_random_weights_stay_labelled_through_safetensors(tmp_path) -> None:
+    from musicfm.checkpoint import save_safetensors
+
+    cfg = MusicFMConfig.from_json(GOLDEN / "config.json")
+    rnd = MusicFM25Hz(cfg, seed=5)
+    save_safetensors(rnd, tmp_path / "r.safetensors")
+    back = MusicFM25Hz.from_checkpoint(tmp_path / "r.safetensors")
+    assert back.is_random and back.model_id == rnd.model_id and back.model_id.startswith("random-")

@@ -57,8 +57,10 @@ def test_layer_subset_equals_full_run_and_keeps_order(model: MusicFM25Hz) -> Non
 
 def test_layers_past_the_deepest_are_not_computed(model: MusicFM25Hz) -> None:
     calls: list[int] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o, ix=ix: calls.append(ix))
-             for ix, layer in enumerate(model.encoder.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, ix=ix: calls.append(ix))
+        for ix, layer in enumerate(model.encoder.layers)
+    ]
     try:
         with torch.inference_mode():
             model.hidden_states(torch.randn(1, 9600) * 0.1, layers=[1])

@@ -33,8 +33,11 @@ def test_frame_pool_upsamples_linearly_for_rates_above_25hz() -> None:
 def test_profiles_match_the_paper() -> None:
     got = {k: (p.window_s, p.frames_hz, p.n_frames) for k, p in PROFILES.items()}
     assert got == {
-        "beat": (6.0, 50.0, 300), "chord": (12.0, 16.0, 192), "structure": (24.0, 8.0, 192),
-        "key": (12.0, 0.5, 6), "tagging": (29.1, None, 1),
+        "beat": (6.0, 50.0, 300),
+        "chord": (12.0, 16.0, 192),
+        "structure": (24.0, 8.0, 192),
+        "key": (12.0, 0.5, 6),
+        "tagging": (29.1, None, 1),
     }
     for p in PROFILES.values():
         if p.frames_hz:

@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -474,6 +475,7 @@ def test_directory_listing(music_root: Path) -> None:
     again, _ = read_catalog(f"file://{music_root}/")
     assert again == entries
     assert read_catalog(str(music_root), limit=2)[0] == entries[:2]
+    assert read_catalog(music_root)[0] == entries  # a Path is accepted too
 
 
 def test_pickle_round_trip(music_root: Path) -> None:
@@ -722,3 +724,39 @@ def test_retry_helper_recovers() -> None:
 def test_rejected_row_shape() -> None:
     r = RejectedRow(row=1, track_id=None, uri=None, error_type="UriRefused", message="m")
     assert r.row == 1 and r.error_type == "UriRefused"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_streaming_reads_only_what_it_needs(tmp_path: Path, fmt: str) -> None:
+    """A ~20 MB catalog: taking the first entries allocates a small fraction of the file."""
+    import tracemalloc
+
+    n = 50_000
+    rng = np.random.default_rng(0)
+    pads = [rng.bytes(200).hex() for _ in range(n)]  # incompressible, 400 chars
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "csv":
+        with open(path, "w") as f:
+            f.write("uri,notes\n")
+            f.writelines(f"f{i}.wav,{pads[i]}\n" for i in range(n))
+    elif fmt == "parquet":
+        table = pa.table({"uri": [f"f{i}.wav" for i in range(n)], "notes": pads})
+        pq.write_table(table, path, row_group_size=2000, compression="none")
+        del table
+    else:
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"uri": f"f{i}.wav", "notes": pads[i]}) + "\n" for i in range(n))
+    del pads
+    size = path.stat().st_size
+    assert size > 20e6
+    pool0 = pa.total_allocated_bytes()
+    tracemalloc.start()
+    try:
+        # max_row_chars sets the CSV block size, and pyarrow reads ahead a fixed number of blocks
+        entries, _ = read_catalog(str(path), limit=3, max_row_chars=2000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e.uri for e in entries] == [str(tmp_path / f"f{i}.wav") for i in range(3)]
+    assert peak < size / 4, (peak, size)
+    assert pa.total_allocated_bytes() - pool0 < size / 4
