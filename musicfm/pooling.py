@@ -13,10 +13,10 @@ Hidden states come at 25 Hz (one token per 40 ms). Two poolings:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 from torch import Tensor
+
+from .profiles import PROFILES, TaskProfile, get_profile  # noqa: F401  (re-exported)
 
 TOKEN_RATE_HZ = 25.0
 
@@ -47,36 +47,3 @@ def num_frames(duration_s: float, frames_hz: float) -> int:
     if frames_hz <= 0:
         raise ValueError(f"frames_hz must be > 0, got {frames_hz}")
     return max(1, round(duration_s * frames_hz))
-
-
-@dataclass(frozen=True)
-class TaskProfile:
-    """Window length and output frame rate of a downstream task (``frames_hz=None``: one vector)."""
-
-    name: str
-    window_s: float
-    frames_hz: float | None
-    n_frames: int
-
-    def __post_init__(self) -> None:
-        if self.window_s <= 0 or self.n_frames < 1:
-            raise ValueError(f"invalid profile {self}")
-
-
-PROFILES: dict[str, TaskProfile] = {
-    p.name: p
-    for p in (
-        TaskProfile("beat", 6.0, 50.0, 300),
-        TaskProfile("chord", 12.0, 16.0, 192),
-        TaskProfile("structure", 24.0, 8.0, 192),
-        TaskProfile("key", 12.0, 0.5, 6),
-        TaskProfile("tagging", 29.1, None, 1),
-    )
-}
-
-
-def get_profile(name: str) -> TaskProfile:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}") from None

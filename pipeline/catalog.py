@@ -400,7 +400,10 @@ def _scrub(text: str, storage_options: Mapping[str, Any] | None) -> str:
 
 def _s3_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     so = dict(storage_options or {})
-    ck = so.get("client_kwargs") or {}
+    ck = dict(so.get("client_kwargs") or {})
+    if "region" in so:  # the pipeline's neutral key; s3fs wants client_kwargs.region_name
+        ck.setdefault("region_name", so.pop("region"))
+        so["client_kwargs"] = ck
     if "endpoint_url" not in so and "endpoint_url" not in ck:
         ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if ep:

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from musicfm.pooling import PROFILES
+from musicfm.profiles import PROFILES
 
 
 class OneLineParser(argparse.ArgumentParser):
