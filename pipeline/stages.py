@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ def _error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str,
 
 class DecodeStage:
     """Catalog rows (track_id, uri, metadata_json) -> one row per window with its audio, or an error row."""
+
+    WINDOWS_PER_BLOCK = 16
 
     def __init__(
         self,
@@ -101,11 +103,12 @@ class DecodeStage:
             )
         return rows
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out: list[dict[str, Any]] = []
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        # Yield bounded blocks: a 2-hour track becomes many ~50 MB blocks, not one 700 MB block.
         for row in batch.to_pylist():
-            out.extend(self._one(row))
-        return pa.Table.from_pylist(out, schema=schemas.TASK_SCHEMA)
+            rows = self._one(row)
+            for k in range(0, len(rows), self.WINDOWS_PER_BLOCK):
+                yield pa.Table.from_pylist(rows[k : k + self.WINDOWS_PER_BLOCK], schema=schemas.TASK_SCHEMA)
 
 
 class EmbedStage:
