@@ -1,0 +1,128 @@
+"""HTTP similarity-search service on Ray Serve.
+
+Run either way (from the repo root)::
+
+    python jobs/serve_search.py --store demo_store [--host 127.0.0.1 --port 8000] [--checkpoint ...]
+    serve run jobs.serve_search:app store=demo_store [checkpoint=... storage_options='{...}']
+
+(``serve run`` also reads ``MUSICFM_STORE`` / ``MUSICFM_STORAGE_OPTIONS`` when ``store=`` is not
+given.) Routes: ``GET /similar/{track_id}?k=&layer=&where=&level=``, ``POST /search`` (JSON
+``{"vector": [...]}`` or an audio upload), ``GET /healthz``, ``GET /info``; details in
+``pipeline/query/service.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.query.cli import OneLineArgumentParser, positive_int, storage_options_arg  # noqa: E402
+from pipeline.query.service import DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402
+
+
+def _config(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``SearchService`` keyword arguments from CLI / ``serve run`` arguments."""
+    from pipeline.storage import parse_storage_options
+
+    store = args.get("store") or os.environ.get("MUSICFM_STORE")
+    if not store:
+        raise ValueError("no store: pass store=URI (or set MUSICFM_STORE)")
+    so = args.get("storage_options") or os.environ.get("MUSICFM_STORAGE_OPTIONS")
+    if isinstance(so, str):
+        so = parse_storage_options(so)
+    max_mb = float(args.get("max_upload_mb") or DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    return {
+        "store": store,
+        "storage_options": so or None,
+        "checkpoint": args.get("checkpoint") or None,
+        "stats": args.get("stats") or None,
+        "model_config": args.get("model_config") or None,
+        "device": args.get("device") or None,
+        "max_upload_bytes": int(max_mb * 2**20),
+        "refresh_s": float(args.get("refresh_s") or 30.0),
+    }
+
+
+def app(args: dict[str, str]) -> Any:
+    """Application builder for ``serve run jobs.serve_search:app store=URI [key=value ...]``.
+
+    Keys: ``store``, ``storage_options`` (JSON), ``checkpoint``, ``stats``, ``model_config``,
+    ``device``, ``max_upload_mb``, ``refresh_s``, ``num_cpus``.
+    """
+    from pipeline.query.service import serve_app
+
+    return serve_app(_config(args), num_cpus=float(args.get("num_cpus") or 1.0))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(
+        prog="serve_search", description="Serve similarity search over HTTP (Ray Serve)."
+    )
+    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
+    p.add_argument(
+        "--storage-options",
+        type=storage_options_arg,
+        default=None,
+        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--checkpoint", default=None, help="model for audio queries (default: from the store's runs)"
+    )
+    p.add_argument("--stats", default=None, help="stats JSON of the --checkpoint")
+    p.add_argument("--model-config", default=None, help="model config JSON of the --checkpoint")
+    p.add_argument("--device", default=None, help="device for the audio model")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+        help="largest accepted upload in MiB (413 above)",
+    )
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for the replica")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_upload_mb <= 0:
+        print("serve_search: error: --max-upload-mb must be > 0", file=sys.stderr)
+        return 2
+    try:
+        cfg = _config(vars(args))
+        from pipeline.search import open_store
+
+        open_store(cfg["store"], cfg["storage_options"])  # fail here, not inside a replica
+    except Exception as e:  # noqa: BLE001 - one line, no traceback
+        from pipeline.errors import one_line, redact
+
+        print(f"serve_search: error: {one_line(redact(str(e)))}", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    from pipeline.query.service import serve_app
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ray.init(
+        address=args.ray_address, runtime_env={"env_vars": {"PYTHONPATH": root}}, ignore_reinit_error=True
+    )
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"serving {cfg['store']} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    try:
+        serve.run(serve_app(cfg, num_cpus=args.num_cpus), route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Logic behind ``jobs/search.py`` and ``jobs/build_index.py``: argument checks, running the
+search / index build, and printing a readable table or JSON.
+
+Exit codes: 0 ok; 2 bad arguments or a request the store refuses (unknown track or layer, wrong
+model, bad ``--where``...), always as one line on stderr without a traceback; 1 anything else
+(also one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+import numpy as np
+
+from pipeline.errors import one_line, redact
+from pipeline.search import MAX_K, AudioQuery, SearchError, SearchResults, TrackQuery, open_store
+
+__all__ = [
+    "OneLineArgumentParser",
+    "format_index_reports",
+    "format_table",
+    "positive_int",
+    "run_build_index",
+    "run_search",
+    "storage_options_arg",
+]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line on stderr (``prog: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def k_arg(text: str) -> int:
+    """argparse type for ``-k``: 1..MAX_K."""
+    v = positive_int(text)
+    if v > MAX_K:
+        raise argparse.ArgumentTypeError(f"k must be at most {MAX_K}, got {v}")
+    return v
+
+
+def storage_options_arg(text: str) -> dict[str, Any]:
+    """argparse type for ``--storage-options``: a JSON object."""
+    from pipeline.storage import parse_storage_options
+
+    try:
+        return parse_storage_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--storage-options ")) from None
+
+
+def _fail(prog: str, exc: BaseException, code: int, err: TextIO) -> int:
+    err.write(f"{prog}: error: {one_line(redact(str(exc))) or type(exc).__name__}\n")
+    return code
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return ""
+    m, sec = divmod(float(s), 60.0)
+    return f"{int(m)}:{sec:04.1f}"
+
+
+def _cut(text: Any, width: int) -> str:
+    s = "" if text is None else " ".join(str(text).split())
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def format_table(results: SearchResults, max_width: int = 32) -> str:
+    """A readable table: rank, score, track_id, title / artist (when the store has them), window
+    (``m:ss.s-m:ss.s`` at window level); then one line on how the search ran."""
+    meta_cols = [c for c in ("title", "artist") if any(c in h.metadata for h in results)]
+    headers = ["rank", "score", "track_id", *meta_cols]
+    window = results.level == "window"
+    if window:
+        headers.append("window")
+    rows = []
+    for h in results:
+        r = [str(h.rank), f"{h.score:.4f}", _cut(h.track_id, max_width)]
+        r += [_cut(h.metadata.get(c), max_width) for c in meta_cols]
+        if window:
+            r.append(f"{_fmt_time(h.start_s)}-{_fmt_time(h.end_s)}")
+        rows.append(r)
+    widths = [
+        max(len(headers[i]), *(len(r[i]) for r in rows)) if rows else len(headers[i])
+        for i in range(len(headers))
+    ]
+    right = {0, 1}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(headers)] + [line(r) for r in rows]
+    if not rows:
+        out = ["no results"]
+    how = (
+        "exact search (no index)"
+        if results.exact
+        else (
+            f"{results.index_type} (nprobes {results.nprobes}, refine {results.refine_factor}"
+            + (f", ef {results.ef}" if results.ef else "")
+            + ")"
+        )
+    )
+    q = results.query + (f" {results.query_track_id}" if results.query_track_id else "")
+    out.append(
+        f"# {len(results)} results, query {q}, layer {results.layer}, {results.level} level, {how}, "
+        f"{results.elapsed_ms:.1f} ms"
+    )
+    return "\n".join(out)
+
+
+def _load_vector(path: str) -> np.ndarray:
+    try:
+        v = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SearchError(f"cannot read --vector-file {path}: {e}") from None
+    v = np.asarray(v)
+    if v.ndim == 2 and v.shape[0] == 1:
+        v = v[0]
+    if v.ndim != 1 or not np.issubdtype(v.dtype, np.number):
+        raise SearchError(
+            f"--vector-file {path} must hold one 1-D numeric vector, got shape {v.shape} {v.dtype}"
+        )
+    return v.astype(np.float32)
+
+
+def run_search(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None, prog: str = "search"
+) -> int:
+    """Run ``jobs/search.py`` with parsed ``args``; print the table (or JSON) to ``out``."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        store = open_store(args.store, args.storage_options)
+        query: Any
+        if args.track_id is not None:
+            query = TrackQuery(args.track_id)
+        elif args.vector_file is not None:
+            query = _load_vector(args.vector_file)
+        else:
+            query = AudioQuery(args.audio)
+            if args.checkpoint or args.stats or args.model_config:
+                store.load_model(args.checkpoint, args.stats, args.model_config, args.device)
+        res = store.search(
+            query,
+            layer=args.layer,
+            k=args.k,
+            where=args.where,
+            level=args.level,
+            nprobes=args.nprobes,
+            refine_factor=args.refine_factor,
+        )
+    except SearchError as e:
+        return _fail(prog, e, 2, err)
+    except Exception as e:  # noqa: BLE001 - one line, no traceback, for any failure
+        return _fail(prog, e, 1, err)
+    if args.json:
+        out.write(json.dumps({"store": store.root, **res.to_dict()}, default=str) + "\n")
+    else:
+        out.write(format_table(res) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- build index
+
+
+def format_index_reports(reports: Sequence[Any]) -> str:
+    """One line per (table, column): action, index type, parameters, time, reason."""
+    if not reports:
+        return "no vector columns to index"
+    lines = []
+    for r in reports:
+        params = " ".join(f"{k}={v}" for k, v in r.params.items())
+        lines.append(
+            f"{r.table}.{r.column}: {r.action}"
+            + (f" {r.index_type}" if r.index_type else "")
+            + (f" ({params})" if params else "")
+            + f", {r.num_rows} rows x {r.dim}, {r.seconds:.1f} s"
+            + (f" - {r.reason}" if r.reason else "")
+        )
+    return "\n".join(lines)
+
+
+def run_build_index(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None, prog: str = "build_index"
+) -> int:
+    """Run ``jobs/build_index.py`` with parsed ``args``."""
+    from pipeline.index import build_indexes
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        reports = build_indexes(
+            args.store,
+            layers=args.layer,
+            storage_options=args.storage_options,
+            index_type=args.index_type,
+            tables=args.tables,
+            min_rows=args.min_rows,
+            replace=args.replace,
+        )
+    except (SearchError, ValueError) as e:
+        return _fail(prog, e, 2, err)
+    except Exception as e:  # noqa: BLE001
+        return _fail(prog, e, 1, err)
+    if args.json:
+        out.write(json.dumps([r.to_dict() for r in reports]) + "\n")
+    else:
+        out.write(format_index_reports(reports) + "\n")
+    return 0
