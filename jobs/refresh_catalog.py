@@ -22,19 +22,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import OneLineParser, add_model_args, add_run_args, add_window_args, run_main  # noqa: E402
+from pipeline.cli import (  # noqa: E402
+    OneLineParser,
+    add_model_args,
+    add_run_args,
+    add_window_args,
+    positive_int,
+    run_main,
+)
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_LOCKED = 0, 3, 4
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
 
 
 def _non_negative(text: str) -> float:
@@ -74,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="delete tracks that are no longer in the catalog (default)")  # fmt: skip
     miss.add_argument("--keep-missing", dest="delete_missing", action="store_false",
                       help="keep tracks that are no longer in the catalog")  # fmt: skip
-    g.add_argument("--chunk-size", type=_positive_int, default=1000,
+    g.add_argument("--chunk-size", type=positive_int, default=1000,
                    help="tracks per commit; a rerun redoes at most one chunk (default 1000)")  # fmt: skip
     g.add_argument("--retention-days", type=_non_negative, default=7.0,
                    help="remove table versions older than this after the refresh (default 7)")  # fmt: skip
@@ -84,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lease length; a killed run's lease frees after this (default 600)")  # fmt: skip
     g.add_argument("--lock-wait-s", type=_non_negative, default=0.0,
                    help="wait up to this long for another refresh to finish (default 0: fail at once)")  # fmt: skip
-    g.add_argument("--lookup-threads", type=_positive_int, default=32,
+    g.add_argument("--lookup-threads", type=positive_int, default=32,
                    help="concurrent object-metadata lookups per process (default 32)")  # fmt: skip
     g.add_argument("--no-maintenance", action="store_true", help="skip compaction/cleanup after the refresh")
     add_model_args(p)

@@ -17,7 +17,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (``prog: error: ...``) and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -40,7 +40,7 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -109,15 +109,15 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="windows per model call (default 8)")
-    g.add_argument("--gpu-actors", type=_positive_int, help="model actors (default: one per GPU, or 1)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call (default 8)")
+    g.add_argument("--gpu-actors", type=positive_int, help="model actors (default: one per GPU, or 1)")
     g.add_argument(
-        "--decode-cpus", type=_positive_int, default=2, help="decode actors, one CPU each (default 2)"
+        "--decode-cpus", type=positive_int, default=2, help="decode actors, one CPU each (default 2)"
     )
     g.add_argument(
         "--format", choices=["lance", "parquet"], default="lance", help="store format (default lance)"
     )
-    g.add_argument("--limit", type=_positive_int, help="only the first N catalog rows")
+    g.add_argument("--limit", type=positive_int, help="only the first N catalog rows")
     g.add_argument(
         "--storage-options",
         type=_json_object,
@@ -141,7 +141,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="longest audio accepted (default 14400)",
     )
     g.add_argument(
-        "--max-channels", type=_positive_int, default=32, help="most channels accepted (default 32)"
+        "--max-channels", type=positive_int, default=32, help="most channels accepted (default 32)"
+    )
+    g.add_argument(
+        "--max-row-chars",
+        type=positive_int,
+        default=65536,
+        help="longest catalog row (characters, names + values); longer rows become error rows (default 65536)",
     )
     g.add_argument("--decode-timeout-s", type=_positive_float, default=600.0, help="per-file decode budget")
     g.add_argument(

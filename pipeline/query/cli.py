@@ -12,10 +12,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
+from pipeline.cli import OneLineParser, positive_int
 from pipeline.errors import one_line, redact
 from pipeline.search import MAX_K, AudioQuery, SearchError, SearchResults, TrackQuery, open_store
 
@@ -30,22 +31,7 @@ __all__ = [
 ]
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """``ArgumentParser`` whose errors are one line on stderr (``prog: error: ...``), exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+OneLineArgumentParser = OneLineParser  # the jobs' shared parser: one-line errors, exit 2
 
 
 def k_arg(text: str) -> int:
