@@ -321,7 +321,10 @@ def load_model(
         model = cls(cfg, mean, std, init="empty")
         _copy_into(model, map_official_state_dict(sd, model))
     random_weights = path.endswith(".safetensors") and meta.get("source") == "random"
-    model.provenance = {"source": "random" if random_weights else "checkpoint", "file": os.path.basename(path)}
+    model.provenance = {
+        "source": "random" if random_weights else "checkpoint",
+        "file": os.path.basename(path),
+    }
     model._invalidate_id()
     return model.to(map_location) if str(map_location) != "cpu" else model
 

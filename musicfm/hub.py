@@ -64,15 +64,10 @@ def fetch_pretrained(
     for filename in (stats_name, ckpt_name):
         try:
             paths.append(hf_hub_download(filename=filename, **kwargs))
-        except LocalEntryNotFoundError:
-            raise HubError(
-                f"{repo_id}/{filename} is not in the local Hugging Face cache and cannot be downloaded "
-                f"(offline mode or no connection). Download it once while online, or pass a local path."
-            ) from None
+        except LocalEntryNotFoundError as e:
+            raise HubError(_not_cached_message(f"{repo_id}/{filename}", e)) from None
         except Exception as e:  # hub HTTP errors: 401/404/revision not found, connection errors
-            raise HubError(
-                f"cannot fetch {repo_id}/{filename}: {type(e).__name__}: {str(e).splitlines()[0]}"
-            ) from None
+            raise HubError(f"cannot fetch {repo_id}/{filename}: {_describe(e)}") from None
     stats_path, ckpt_path = paths
     want = _expected_sha256(name, ckpt_name)
     if want:
@@ -83,6 +78,32 @@ def fetch_pretrained(
                 f"{ckpt_name}: SHA-256 mismatch (expected {want}, got {got}); the cached file was deleted"
             )
     return ckpt_path, stats_path
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message`` on one line (hub errors put the useful part after a blank line; some are empty)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _not_cached_message(what: str, e: BaseException) -> str:
+    """huggingface_hub raises LocalEntryNotFoundError both when offline and when the endpoint answered
+    with an HTTP error it does not map (e.g. a bare 404 from a wrong HF_ENDPOINT); tell them apart."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cause = e.__cause__
+    if isinstance(cause, HfHubHTTPError):
+        return (
+            f"cannot fetch {what}: the Hub endpoint answered {_describe(cause)}; the file is not in the "
+            f"local Hugging Face cache either. Check HF_ENDPOINT and the repo id, or pass a local path."
+        )
+    reason = f": {_describe(cause)}" if cause is not None else ""
+    return (
+        f"{what} is not in the local Hugging Face cache and cannot be downloaded (offline mode or no "
+        f"connection{reason}). Download it once while online, or pass a local path."
+    )
 
 
 def _remove_cached(path: str) -> None:
