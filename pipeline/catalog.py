@@ -609,10 +609,15 @@ def fetch_bytes(
         if size is not None and int(size) > max_bytes:
             raise FetchError(f"object is {int(size)} bytes, over the {max_bytes}-byte limit: {uri}")
         version = _version_from_info(info, fs, path)
-        # capped read: an object that grew after info() still cannot exceed max_bytes + 1 in memory
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        # capped read: an object that grew after info() still cannot exceed max_bytes + 1 in memory.
+        # Capped at the known size too: a local read(n) allocates n bytes up front, and 2 GiB of
+        # address space per file fails under RLIMIT_AS or strict overcommit.
+        cap = max_bytes if size is None else min(max_bytes, int(size))
+        data = fs.cat_file(path, start=0, end=cap + 1)
         if len(data) > max_bytes:
             raise FetchError(f"object is over the {max_bytes}-byte limit: {uri}")
+        if size is not None and len(data) > int(size):
+            raise FetchError(f"object changed while being read (now over {int(size)} bytes): {uri}")
         return bytes(data), version
 
     return _with_retries(attempt, uri, tries=tries, backoff_s=backoff_s, storage_options=storage_options)

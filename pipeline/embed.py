@@ -9,8 +9,11 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,6 +54,7 @@ class EmbedJob:
     limits: AudioLimits = AudioLimits()
     decode_timeout_s: float | None = 600.0
     max_error_rate: float = 1.0
+    max_row_chars: int = 65536
     run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -64,6 +68,8 @@ class EmbedJob:
             raise ValueError("--batch-size, --decode-cpus and --gpu-actors must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be >= 1")
+        if self.max_row_chars < 1:
+            raise ValueError("--max-row-chars must be >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError("--max-error-rate must be within [0, 1]")
 
@@ -110,6 +116,13 @@ class RunReport:
             "  stages   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_s.items()),
             f"  model    {self.model_id}",
         ]
+        restarts = self.extra.get("actor_restarts") or {}
+        if any(restarts.values()):
+            lines.append(
+                "  restarts "
+                + ", ".join(f"{k} {v}" for k, v in restarts.items())
+                + " (dead workers replaced, their batches retried)"
+            )
         if self.errors_by_type:
             lines.append(
                 "  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_type.items()))
@@ -119,6 +132,76 @@ class RunReport:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+# ---- fault tolerance: every retry/restart knob the job relies on, set explicitly (Ray Data's
+# defaults have changed between releases). Per-record failures never reach these: the stages
+# turn them into error rows. These cover worker *processes* dying (OOM kill, segfault, node loss).
+
+#: Decode and model actors are restarted without limit when their process dies; a restart costs
+#: one model load (model actors) and never loses rows: the batch in flight is retried.
+ACTOR_MAX_RESTARTS = -1
+#: A batch whose actor died is retried at most this many times, then the run fails (no hang).
+ACTOR_MAX_TASK_RETRIES = 4
+#: A track on which the decode worker died this many times becomes a ``WorkerCrashed`` error row
+#: (must stay below ACTOR_MAX_TASK_RETRIES, so a poison file never fails the run).
+DECODE_MAX_CRASHES = 2
+#: Task-based steps (splitting, writing data files) are retried this often on worker death.
+TASK_MAX_RETRIES = 4
+#: Actors dying *during* ``__init__`` (e.g. OOM while loading the model) tolerated in a row per pool.
+MAX_CONSECUTIVE_ACTOR_INIT_DEATHS = 3
+
+
+def configure_data_context(progress: bool = True) -> Any:
+    """Set the Ray Data context for a run (progress bars and every retry setting), return it."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.enable_operator_progress_bars = progress
+    settings = {
+        # an exception escaping a stage is a bug, not a flaky record: fail the run, do not retry
+        "actor_task_retry_on_errors": False,
+        "retried_map_errors": False,
+        "max_map_retries": 0,
+        "actor_init_retry_on_errors": False,
+        # a block whose task failed is never dropped: the run fails instead (nothing lost silently)
+        "max_errored_blocks": 0,
+        "max_consecutive_actor_init_deaths": MAX_CONSECUTIVE_ACTOR_INIT_DEATHS,
+    }
+    for name, value in settings.items():
+        if hasattr(ctx, name):  # older Ray releases lack some of them
+            setattr(ctx, name, value)
+    return ctx
+
+
+def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
+    """Restarts of this cluster's decode / model actors created after ``before`` (actor ids), from
+    the GCS actor table; ``{}`` when it cannot be read. ``before=None``: all of them."""
+    try:
+        import ray._private.state  # the public state API needs the dashboard
+
+        table = ray._private.state.actors()
+    except Exception:
+        return {}
+    out = {"decode": 0, "model": 0}
+    for aid, a in table.items():
+        if before is not None and aid in before:
+            continue
+        name = str(a.get("ActorClassName") or "")
+        kind = "decode" if "DecodeStage" in name else "model" if "EmbedStage" in name else None
+        if kind:
+            out[kind] += int(a.get("NumRestarts") or 0)
+    return out
+
+
+def _actor_ids() -> set[str]:
+    try:
+        import ray._private.state
+
+        return set(ray._private.state.actors())
+    except Exception:
+        return set()
 
 
 def ensure_ray(num_gpus_hint: int | None = None) -> None:
@@ -135,8 +218,8 @@ def ensure_ray(num_gpus_hint: int | None = None) -> None:
     }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        ray.init(include_dashboard=False, **kwargs)
+    else:  # never attach to some other cluster found on this machine: start our own
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def _catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow], list[str]]:
@@ -145,7 +228,13 @@ def _catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow
         if not job.allowed_prefixes
         else UriPolicy(allowed_prefixes=tuple(job.allowed_prefixes))
     )
-    entries, rejected = read_catalog(job.catalog, job.storage_options or None, limit=job.limit, policy=policy)
+    entries, rejected = read_catalog(
+        job.catalog,
+        job.storage_options or None,
+        limit=job.limit,
+        policy=policy,
+        max_row_chars=job.max_row_chars,
+    )
     meta_cols: list[str] = []
     for e in entries:
         for k in e.metadata:
@@ -236,9 +325,20 @@ def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
 
     ``gpus`` is the cluster's GPU count (it resolves ``--precision auto``); needs no Ray.
     """
-    probe = load_model(
-        job.checkpoint, job.stats, job.model_config, device="cpu", storage_options=job.storage_options or None
-    )
+    try:
+        probe = load_model(
+            job.checkpoint,
+            job.stats,
+            job.model_config,
+            device="cpu",
+            storage_options=job.storage_options or None,
+        )
+    except ValueError as e:  # CheckpointError lists one problem per line; the CLI prints one line
+        if "\n" not in str(e):
+            raise
+        from pipeline.errors import one_line
+
+        raise type(e)(one_line(str(e))) from None
     # "auto" precision follows the cluster: bf16 when it has GPUs, fp32 otherwise.
     precision = resolve_precision(job.precision, "cuda" if gpus > 0 else "cpu")
     settings = EmbedSettings(
@@ -268,6 +368,7 @@ class Embedded:
     ok: Any
     error_rows: list[dict[str, Any]]
     times: pa.Table | None
+    actor_restarts: dict[str, int] = field(default_factory=dict)
 
 
 def embed_rows(
@@ -287,7 +388,13 @@ def embed_rows(
         storage_options=job.storage_options or None,
     )
     n_actors = job.gpu_actors or max(1, info.gpus)
+    actors_before = _actor_ids()
+    # per-run scratch for DecodeStage's crash markers (on each node that runs a decode actor)
+    attempts_dir = os.path.join(tempfile.gettempdir(), "musicfm-decode-attempts", uuid.uuid4().hex)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * job.decode_cpus)))
+    # max_restarts / max_task_retries go through **ray_remote_args, which Ray 2.60 marks deprecated
+    # (removal planned for 2.64, with no named replacement yet): kept explicit on purpose.
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", module="pipeline.embed")
     decoded = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs=dict(
@@ -295,11 +402,15 @@ def embed_rows(
             limits=job.limits,
             storage_options=job.storage_options or None,
             decode_timeout_s=job.decode_timeout_s,
+            attempts_dir=attempts_dir,
+            max_crashes=DECODE_MAX_CRASHES,
         ),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=job.decode_cpus),
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
     embedded = decoded.map_batches(
         EmbedStage,
@@ -311,7 +422,11 @@ def embed_rows(
         num_gpus=1 if info.gpus > 0 else 0,
         num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=n_actors),
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
     ).materialize()
+    shutil.rmtree(attempts_dir, ignore_errors=True)
+    restarts = actor_restarts(actors_before)
     stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
     errs = embedded.map_batches(_errors_of, batch_format="pyarrow").take_all()
     failed_in_model = {e["track_id"] for e in errs if e["stage"] == "model"}
@@ -322,7 +437,7 @@ def embed_rows(
     if times is not None and times.num_rows:
         for col, key in (("decode_s", "decode_worker"), ("model_s", "model_worker")):
             stage_s[key] = stage_s.get(key, 0.0) + float(pa.compute.sum(times[col]).as_py() or 0.0)
-    return Embedded(ok=ok, error_rows=errs, times=times)
+    return Embedded(ok=ok, error_rows=errs, times=times, actor_restarts=restarts)
 
 
 def table_datasets(
@@ -367,18 +482,124 @@ def write_fragments(
     """Write every table's data files in the workers; return (schema, fragments) per table (uncommitted)."""
     out = {}
     for name, (ds, schema) in tables.items():
-        writer = ds.map_batches(store.fragment_writer(name, schema), batch_size=None, batch_format="pyarrow")
+        writer = ds.map_batches(
+            store.fragment_writer(name, schema),
+            batch_size=None,
+            batch_format="pyarrow",
+            max_retries=TASK_MAX_RETRIES,
+        )
         out[name] = (schema, Store.collect_fragments(writer))
     return out
 
 
 def finish_report(report: RunReport, error_rows: list[dict[str, Any]], max_error_rate: float) -> None:
-    report.tracks_failed = len({(e.get("track_id"), e.get("uri")) for e in error_rows})
+    # one failure per (track, uri): a model failure gives one row per window; an unparsable
+    # catalog row has neither, so each such row counts on its own
+    report.tracks_failed = len(
+        {
+            (e.get("track_id"), e.get("uri")) if e.get("track_id") or e.get("uri") else ("row", i)
+            for i, e in enumerate(error_rows)
+        }
+    )
     for e in error_rows:
         report.errors_by_type[e["error_type"]] = report.errors_by_type.get(e["error_type"], 0) + 1
     report.status = "ok" if report.error_rate <= max_error_rate else "failed"
     if report.status == "failed":
         report.extra["reason"] = f"error rate {report.error_rate:.3f} > --max-error-rate {max_error_rate}"
+
+
+_AMBIGUOUS_WRITE = (
+    "error sending request",
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "timed out",
+)
+
+
+def commit_overwrite(store: Store, name: str, schema: pa.Schema, fragments: list, tries: int = 3) -> int:
+    """``store.commit(..., mode="overwrite")``, retried when the request may not have arrived.
+
+    object_store retries 5xx answers itself, but not a conditional PUT (the manifest) whose
+    connection broke: the commit may or may not have happened. Re-committing an Overwrite is safe
+    either way (at worst one more version with the same files), so it is retried here.
+    """
+    for i in range(tries):
+        try:
+            return store.commit(name, schema, fragments, mode="overwrite")
+        except OSError as e:
+            if i + 1 >= tries or not any(s in str(e).lower() for s in _AMBIGUOUS_WRITE):
+                raise
+            log.warning("commit of %s failed (%s); retrying", name, str(e).splitlines()[0][:200])
+            time.sleep(0.5 * 2**i)
+    raise AssertionError("unreachable")
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped in its Ray phase; the message is one line with the root cause."""
+
+
+def root_cause(exc: BaseException) -> str:
+    """``"Type: message"`` of the innermost cause of ``exc``, one line, redacted.
+
+    Ray's task errors carry the worker's traceback as text (the cause chain does not survive
+    pickling), so the first ``SomethingError: message`` line of that text is the root cause.
+    """
+    import re
+
+    from pipeline.errors import one_line, redact
+
+    e: BaseException = exc
+    for _ in range(20):  # follow the in-process chain (RayTaskError keeps the original in .cause)
+        nxt = getattr(e, "cause", None)
+        if not isinstance(nxt, BaseException):
+            nxt = e.__cause__
+        if not isinstance(nxt, BaseException) or nxt is e:
+            break
+        e = nxt
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$", text, re.MULTILINE)
+    if m and "ray::" in text:
+        found = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+    else:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        found = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return one_line(redact(found), 500)
+
+
+def check_output(output: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` (one line) at once when the store root cannot be written: an object
+    store bucket that does not exist or cannot be reached, a local path that is not a writable
+    directory. Transient storage errors are retried; nothing is created remotely."""
+    from pipeline.catalog import _scrub, _with_retries, open_uri
+    from pipeline.errors import FetchError, redact
+
+    where = redact(output)
+    if "://" in output and not output.startswith("file://"):
+        scheme, rest = output.split("://", 1)
+        bucket = rest.split("/", 1)[0]
+        try:
+            fs, _ = open_uri(output, dict(storage_options or {}))
+            _with_retries(lambda: fs.info(bucket), f"{scheme}://{bucket}", storage_options=storage_options)
+        except FetchError as e:
+            msg = str(e)
+            if msg.startswith("not found"):
+                msg = "the bucket does not exist"
+            raise ValueError(f"--output {where}: cannot use bucket {bucket!r}: {msg}") from None
+        except Exception as e:
+            raise ValueError(
+                _scrub(
+                    f"--output {where}: cannot use bucket {bucket!r}: {type(e).__name__}: {e}",
+                    storage_options,
+                )
+            ) from None
+        return
+    path = output[len("file://") :] if output.startswith("file://") else output
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip("/")) or ("/" if path.startswith("/") else ".")
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {where}: {probe} is not a writable directory")
 
 
 def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
@@ -387,14 +608,13 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
     The store's windows / frames / tracks tables are replaced as a whole (one Overwrite commit
     each; earlier versions stay readable until cleanup). Use the refresh job for incremental updates.
     """
-    import ray
-
     t_start = time.perf_counter()
     started_at = _now()
     run_id = job.run_id or new_run_id()
     stage_s: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    check_output(job.output, job.storage_options)  # fail in seconds, not after the whole run
     rows, rejected, meta_cols = _catalog_rows(job)
     stage_s["catalog"] = time.perf_counter() - t0
     info = prepare_model(job, stage_s)
@@ -407,9 +627,7 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
         settings_id=info.settings_id,
     )
     report.extra["random_weights"] = info.model_id.startswith("random-")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    ctx.enable_operator_progress_bars = progress
+    configure_data_context(progress)
 
     error_rows: list[dict[str, Any]] = [
         {
@@ -422,8 +640,13 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
         for r in rejected
     ]
     if rows:
-        emb = embed_rows(rows, job, info, stage_s)
+        try:
+            emb = embed_rows(rows, job, info, stage_s)
+        except Exception as e:
+            raise RunFailed(f"decode/embed failed, nothing was written: {root_cause(e)}") from e
         error_rows += emb.error_rows
+        if emb.actor_restarts:
+            report.extra["actor_restarts"] = emb.actor_restarts
         t0 = time.perf_counter()
         tables = table_datasets(emb, job, info, meta_cols, run_id, _now(), len(rows))
         if job.format == "parquet":
@@ -436,11 +659,17 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
                 )
                 write_parquet_table(ds, job.output, name, job.storage_options, run_id)
         else:
-            pending = write_fragments(store, tables)
+            try:
+                pending = write_fragments(store, tables)
+            except Exception as e:
+                raise RunFailed(
+                    "writing the store failed before any commit (the previous version is intact): "
+                    + root_cause(e)
+                ) from e
             for name in ("windows", "frames", "tracks"):  # dependency order: tracks last
                 if name in pending:
                     schema, frags = pending[name]
-                    report.versions[name] = store.commit(name, schema, frags, mode="overwrite")
+                    report.versions[name] = commit_overwrite(store, name, schema, frags)
             report.tracks_ok = sum(f.physical_rows for f in pending["tracks"][1])
             report.windows = sum(f.physical_rows for f in pending["windows"][1])
             report.frames = sum(f.physical_rows for f in pending.get("frames", (None, []))[1])
@@ -531,4 +760,5 @@ def job_from_args(args: Any) -> EmbedJob:
         ),
         decode_timeout_s=args.decode_timeout_s,
         max_error_rate=args.max_error_rate,
+        max_row_chars=getattr(args, "max_row_chars", 65536),
     )

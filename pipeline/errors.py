@@ -14,6 +14,7 @@ Hierarchy::
     +-- FetchError           stage "fetch"    missing object, directory, too large, storage errors
     +-- DecodeError          stage "decode"   not audio, truncated, zero-byte, NaN/Inf, limits
         +-- TooShortError    stage "decode"   shorter than the minimum length
+        +-- WorkerCrashed    stage "decode"   the worker process died on this file again and again
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "FetchError",
     "DecodeError",
     "TooShortError",
+    "WorkerCrashed",
     "error_type",
     "redact",
     "one_line",
@@ -98,6 +100,10 @@ class DecodeError(PipelineError):
 
 class TooShortError(DecodeError):
     """Decoded audio shorter than the minimum length a model can take."""
+
+
+class WorkerCrashed(DecodeError):
+    """The decode worker process died (segfault, abort, killed for memory) on this file repeatedly."""
 
 
 def error_type(exc: BaseException) -> str:

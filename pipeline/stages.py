@@ -10,7 +10,10 @@ keeps going; nothing is dropped silently. Rows between stages follow ``schemas.t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,7 +24,7 @@ import pyarrow as pa
 from pipeline import schemas
 from pipeline.audio import AudioLimits, decode_audio
 from pipeline.catalog import fetch_bytes
-from pipeline.errors import PipelineError, error_type, redact
+from pipeline.errors import PipelineError, WorkerCrashed, error_type, redact
 from pipeline.inference import EmbedSettings, WindowEmbedder, frame_ownership, load_model, track_mean
 from pipeline.windows import plan_windows
 
@@ -34,7 +37,7 @@ def _error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str,
     out.update(
         kind="error",
         track_id=row.get("track_id"),
-        uri=row.get("uri"),
+        uri=redact(row["uri"]) if row.get("uri") else row.get("uri"),  # error rows never keep a secret
         stage=stage,
         error_type=error_type(exc),
         message=msg[:2000],
@@ -43,7 +46,15 @@ def _error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str,
 
 
 class DecodeStage:
-    """Catalog rows (track_id, uri, metadata_json) -> one row per window with its audio, or an error row."""
+    """Catalog rows (track_id, uri, metadata_json) -> one row per window with its audio, or an error row.
+
+    Poison files: with ``attempts_dir`` set, a marker file per track is written before the track
+    is read and removed once it is done. If the worker process dies meanwhile (a segfault in a
+    decoder library, an OOM kill), Ray restarts the actor and retries the batch; the marker
+    then counts the deaths, and after ``max_crashes`` the track becomes a ``WorkerCrashed``
+    error row instead of killing the worker again (Ray's own retries are bounded, so without
+    this one poison file would fail the whole run). Use one directory per run.
+    """
 
     WINDOWS_PER_BLOCK = 16
 
@@ -53,11 +64,54 @@ class DecodeStage:
         limits: AudioLimits,
         storage_options: dict | None,
         decode_timeout_s: float | None = None,
+        attempts_dir: str | None = None,
+        max_crashes: int = 2,
     ) -> None:
         self.spec = settings.window_spec()
         self.limits = limits
         self.storage_options = storage_options
         self.decode_timeout_s = decode_timeout_s
+        self.max_crashes = max_crashes
+        self.attempts_dir = attempts_dir
+        if attempts_dir:
+            try:
+                os.makedirs(attempts_dir, exist_ok=True)
+            except OSError:  # no local scratch space: decode without the guard
+                self.attempts_dir = None
+
+    def _marker(self, row: dict[str, Any]) -> str | None:
+        if not self.attempts_dir:
+            return None
+        key = f"{row.get('track_id')}\0{row.get('uri')}".encode("utf-8", "surrogatepass")
+        return os.path.join(self.attempts_dir, hashlib.sha256(key).hexdigest()[:32])
+
+    def _guarded(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`_one`, counting worker deaths on this row in its marker file."""
+        marker = self._marker(row)
+        if marker is None:
+            return self._one(row)
+        try:
+            with open(marker) as f:
+                deaths = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            deaths = 0
+        if deaths >= self.max_crashes:
+            exc = WorkerCrashed(
+                f"the decode worker died {deaths} times while reading this file "
+                "(crash in the decoder, or killed for memory); skipped"
+            )
+            return [_error_row(row, "decode", exc)]
+        try:
+            with open(marker, "w") as f:  # counts as a death unless removed below
+                f.write(str(deaths + 1))
+        except OSError:
+            marker = None
+        try:
+            return self._one(row)
+        finally:
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(marker)
 
     def _one(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         stage = "fetch"
@@ -76,37 +130,41 @@ class DecodeStage:
         own = frame_ownership(wins, audio.samples.shape[0])
         decode_s = time.perf_counter() - t0
         rows = []
-        for w, (o0, o1) in zip(wins, own, strict=True):
-            rows.append(
-                {
-                    "kind": "window",
-                    "track_id": row["track_id"],
-                    "uri": row["uri"],
-                    "metadata_json": row.get("metadata_json"),
-                    "content_version": version,
-                    "duration_s": audio.duration_s,
-                    "sample_rate_in": audio.sample_rate_in,
-                    "channels_in": audio.channels_in,
-                    "num_windows": len(wins),
-                    "warnings": "; ".join(audio.warnings) or None,
-                    "window_ix": w.ix,
-                    "start_s": w.start / sr,
-                    "end_s": w.end / sr,
-                    "own_start_s": o0 / sr,
-                    "own_end_s": o1 / sr,
-                    "audio": audio.samples[w.start : w.end].tobytes(),
-                    "decode_s": decode_s / len(wins),
-                    "stage": None,
-                    "error_type": None,
-                    "message": None,
-                }
-            )
+        try:
+            for w, (o0, o1) in zip(wins, own, strict=True):
+                rows.append(
+                    {
+                        "kind": "window",
+                        "track_id": row["track_id"],
+                        "uri": row["uri"],
+                        "metadata_json": row.get("metadata_json"),
+                        "content_version": version,
+                        "duration_s": audio.duration_s,
+                        "sample_rate_in": audio.sample_rate_in,
+                        "channels_in": audio.channels_in,
+                        "num_windows": len(wins),
+                        "warnings": "; ".join(audio.warnings) or None,
+                        "window_ix": w.ix,
+                        "start_s": w.start / sr,
+                        "end_s": w.end / sr,
+                        "own_start_s": o0 / sr,
+                        "own_end_s": o1 / sr,
+                        "audio": audio.samples[w.start : w.end].tobytes(),
+                        "decode_s": decode_s / len(wins),
+                        "stage": None,
+                        "error_type": None,
+                        "message": None,
+                    }
+                )
+        except MemoryError as e:  # copying this track's windows ran out of memory: this track only
+            rows.clear()
+            return [_error_row(row, "decode", e)]
         return rows
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         # Yield bounded blocks: a 2-hour track becomes many ~50 MB blocks, not one 700 MB block.
         for row in batch.to_pylist():
-            rows = self._one(row)
+            rows = self._guarded(row)
             for k in range(0, len(rows), self.WINDOWS_PER_BLOCK):
                 yield pa.Table.from_pylist(rows[k : k + self.WINDOWS_PER_BLOCK], schema=schemas.TASK_SCHEMA)
 
