@@ -53,6 +53,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # our own cluster, never one left running by `ray start`
             num_cpus=4,
             num_gpus=1,
             include_dashboard=False,
