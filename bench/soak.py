@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint,
             FaultConfig(
                 rates={"get": rate, "list": rate, "put": rate},
-                kinds=("500", "503", "reset", "cut", "slow"),
+                kinds=("500", "503", "reset", "cut", "lost", "slow"),
                 slow_s=0.3,
                 seed=args.seed,
             ),

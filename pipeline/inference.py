@@ -12,13 +12,16 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from musicfm import MusicFM25Hz, MusicFMConfig, frame_pool
-from musicfm.pooling import num_frames
 from pipeline.windows import Window, WindowSpec, plan_windows
+
+if TYPE_CHECKING:  # torch and the model load only where a model runs (not in decode workers)
+    import torch
+
+    from musicfm import MusicFM25Hz
 
 PRESETS = ("msd", "fma")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -68,12 +71,16 @@ class EmbedSettings:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
+    import torch
+
     """``auto`` -> bf16 on CUDA, fp32 on CPU; fp16 is refused off CUDA."""
     dev = torch.device(device)
     if precision not in PRECISIONS:
@@ -123,6 +130,8 @@ def load_model(
     ``random`` / ``random:SEED`` for a deterministic random-weight model (demo and tests; sizes
     from ``model_config``; such a model's id starts with ``random-``).
     """
+    from musicfm import MusicFM25Hz, MusicFMConfig
+
     cfg = MusicFMConfig.from_json(model_config) if model_config else None
     if checkpoint in PRESETS:
         if stats:
@@ -177,14 +186,24 @@ class WindowEmbedder:
         self.model_seconds = 0.0
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
+        import torch
+
         t = torch.from_numpy(x)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    @torch.inference_mode()
     def embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
         """``audio``: 1-D float32 arrays at 24 kHz, any lengths. Results in input order."""
+        import torch
+
+        with torch.inference_mode():
+            return self._embed(audio)
+
+    def _embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
+        from musicfm import frame_pool
+        from musicfm.pooling import num_frames
+
         out: list[WindowResult | None] = [None] * len(audio)
         by_len: dict[int, list[int]] = {}
         for i, a in enumerate(audio):

@@ -62,21 +62,24 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.embed import (
+    TASK_MAX_RETRIES,
     EmbedJob,
     ModelInfo,
     RunReport,
     _audio_seconds,
     _catalog_rows,
     _error_table,
-    embed_rows,
+    append_fragments_once,
+    append_once,
+    configure_data_context,
     ensure_ray,
     finish_report,
     new_run_id,
     probe_model,
-    table_datasets,
-    write_fragments,
+    retry_write,
     write_run_row,
 )
+from pipeline.errors import redact
 from pipeline.store import Store
 
 log = logging.getLogger("musicfm.refresh")
@@ -465,14 +468,28 @@ class StoreLock:
         )  # fmt: skip
 
     def _cas(self, read_version: int, table: pa.Table) -> int:
-        """Commit ``table`` as the whole lock table iff the latest version is ``read_version``."""
+        """Commit ``table`` as the whole lock table iff the latest version is ``read_version``.
+
+        A commit whose connection broke may have landed: before retrying, the table is read, and
+        if its latest version holds exactly our row (same token and heartbeat) that is our commit.
+        """
         import lance
 
         opts = self.store.lance_options
         frags = lance.fragment.write_fragments(table, self.uri, schema=LOCK_SCHEMA, storage_options=opts)
-        ds = lance.LanceDataset.commit(self.uri, lance.LanceOperation.Overwrite(LOCK_SCHEMA, frags),
-                                       read_version=read_version, max_retries=0, storage_options=opts)  # fmt: skip
-        return ds.version
+        op = lance.LanceOperation.Overwrite(LOCK_SCHEMA, frags)
+        mine = table.to_pylist()[0]
+
+        def commit() -> int:
+            return lance.LanceDataset.commit(self.uri, op, read_version=read_version, max_retries=0,
+                                             storage_options=opts).version  # fmt: skip
+
+        def landed() -> int | None:
+            version, cur = self._read()
+            same = cur is not None and all(cur[k] == mine[k] for k in ("token", "state", "heartbeat_at"))
+            return version if same and version > read_version else None
+
+        return retry_write("refresh lease commit", commit, landed)
 
     def _read(self) -> tuple[int, dict[str, Any] | None]:
         import lance
@@ -590,8 +607,9 @@ def _batches(values: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 
 
 def _delete(ds: Any, predicate: str) -> int:
-    """Delete rows matching ``predicate``; returns the rows deleted (0 if none matched)."""
-    res = ds.delete(predicate)
+    """Delete rows matching ``predicate`` (retried if the connection broke: a delete is
+    idempotent); returns the rows deleted (0 if none matched)."""
+    res = retry_write(f"delete from {ds.uri.rstrip('/').rsplit('/', 1)[-1]}", lambda: ds.delete(predicate))
     n = getattr(res, "num_deleted_rows", None)
     if n is None and isinstance(res, Mapping):
         n = res.get("num_deleted_rows")
@@ -637,34 +655,22 @@ def _check_schemas(store: Store, info: ModelInfo, meta_cols: Sequence[str]) -> N
             )
 
 
-def _without_frames(batch: pa.Table) -> pa.Table:
-    """Embedded window rows without the frame-level columns (what a track row is made of)."""
-    return batch.select([n for n in batch.schema.names if n != "frame_times" and not n.startswith("frames_")])
-
-
 def track_rows(
-    emb: Any, info: ModelInfo, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
+    windows: pa.Table, info: ModelInfo, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
 ) -> pa.Table:
-    """The chunk's ``tracks`` rows, made on the driver by the embed job's ``ToTrack`` stage.
+    """``tracks`` rows from embedded window rows (every window of each track, no frames), made on
+    the driver by the embed job's ``ToTrack`` stage.
 
     A chunk is bounded (``--chunk-size`` tracks), so its pooled window vectors fit the driver; this
     saves the Ray shuffle (``groupby``) that the embed job uses for a whole catalog.
     """
-    import ray
-
     from pipeline.stages import ToTrack
 
     to_track = ToTrack(
         info.settings.layers, info.dim, meta_cols, info.model_id, info.settings_id, run_id, embedded_at
     )
-    parts = [
-        t
-        for t in ray.get(emb.ok.map_batches(_without_frames, batch_format="pyarrow").to_arrow_refs())
-        if t.num_rows
-    ]
-    if not parts:
+    if not windows.num_rows:
         return to_track.schema.empty_table()
-    windows = pa.concat_tables(parts)
     windows = windows.take(
         pa.compute.sort_indices(windows, [("track_id", "ascending"), ("window_ix", "ascending")])
     )
@@ -683,7 +689,12 @@ def _merge_tracks(store: Store, tbl: pa.Table) -> int:
     if ds is None:
         return lance.write_dataset(tbl, store.uri("tracks"), schema=tbl.schema, mode="create",
                                    storage_options=store.lance_options).version  # fmt: skip
-    ds.merge_insert("track_id").when_matched_update_all().when_not_matched_insert_all().execute(tbl)
+    retry_write(  # an upsert of the same rows again is harmless
+        "merge of tracks",
+        lambda: (
+            ds.merge_insert("track_id").when_matched_update_all().when_not_matched_insert_all().execute(tbl)
+        ),
+    )
     return store.open("tracks").version
 
 
@@ -753,61 +764,178 @@ def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequ
             )
         tbl = pa.table(cols, schema=cur.schema)
         c.lease.check()
-        ds.merge_insert("track_id").when_matched_update_all().execute(tbl)
+        retry_write("metadata update of tracks",
+                    lambda ds=ds, tbl=tbl: ds.merge_insert("track_id").when_matched_update_all().execute(tbl))  # fmt: skip
         n += tbl.num_rows
         failpoint("metadata_updated", ci)
     return n
 
 
-def embed_chunk(
-    c: _Ctx, ci: int, rows: list[dict[str, Any]], info: ModelInfo, meta_cols: Sequence[str]
+@dataclass
+class _Chunk:
+    """What the driver has received of one chunk from the stream, until every track is accounted for."""
+
+    ix: int
+    expected: int  # tracks in the chunk
+    parts: list[pa.Table] = field(default_factory=list)  # window + error rows, no frames
+    fragments: dict[str, list[Any]] = field(default_factory=lambda: {"windows": [], "frames": []})
+    seen: dict[str, set[int]] = field(default_factory=dict)  # window_ix accounted for (ok or failed)
+    done: set[str] = field(default_factory=set)
+
+    def add(self, rows: pa.Table, windows: list[Any], frames: list[Any]) -> None:
+        self.parts.append(rows)
+        self.fragments["windows"] += windows
+        self.fragments["frames"] += frames
+        cols = [rows[k].to_pylist() for k in ("track_id", "kind", "window_ix", "num_windows")]
+        for tid, kind, wix, n in zip(*cols, strict=True):
+            if kind == "error" and wix is None:  # fetch/decode error: the track has no windows
+                self.done.add(tid)
+                continue
+            got = self.seen.setdefault(tid, set())
+            got.add(wix)
+            if n is not None and len(got) >= n:
+                self.done.add(tid)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) >= self.expected
+
+
+def embed_and_commit(
+    c: _Ctx, todo: Sequence[Mapping[str, Any]], info: ModelInfo, meta_cols: Sequence[str]
 ) -> None:
-    """One chunk of the commit protocol: windows/frames append, tracks merge, superseded delete."""
-    job, store, run_id = c.job, c.store, c.run_id
-    # a small chunk (a quiet night) does not need every actor the cluster could hold
+    """Embed every track to do in one streaming Ray pass and commit it chunk by chunk as each
+    chunk's tracks come out of the stream (decode and model keep running while the driver commits).
+
+    The data files are written in the workers (:class:`pipeline.stages.ChunkWriter`) and only
+    committed by the driver, per chunk, in the order of the commit protocol (:func:`commit_chunk`).
+    One pass means one actor-pool start (one model load per actor) however many chunks there are.
+    """
+    from pipeline.embed import add_worker_seconds, embed_stream
+    from pipeline.stages import ChunkWriter
+
+    job, store = c.job, c.store
+    chunks: dict[int, _Chunk] = {}
+    rows = []
+    for ci, part in enumerate(_batches(list(todo), job.chunk_size)):
+        chunks[ci] = _Chunk(ci, len(part))
+        rows += [{**r, "chunk": ci} for r in part]
+    # a quiet night does not need every actor the cluster could hold
     n_model = job.embed.gpu_actors or max(1, info.gpus)
     sized = dataclasses.replace(job.embed, decode_cpus=max(1, min(job.embed.decode_cpus, len(rows))),
                                 gpu_actors=max(1, min(n_model, len(rows))))  # fmt: skip
-    with c.timed("embed_pass"):  # decode+model plus the pass's own bookkeeping
-        emb = embed_rows(rows, sized, info, c.stage_s)
-    c.error_rows += emb.error_rows
-    with c.timed("write"):
-        embedded_at = _now()
-        tables = table_datasets(emb, job.embed, info, meta_cols, run_id, embedded_at, len(rows))
-        del tables["tracks"]  # made on the driver below (no shuffle); the dataset is never run
-        pending = write_fragments(store, tables)  # data files only: invisible until committed
-        tracks_tbl = track_rows(emb, info, meta_cols, run_id, embedded_at)
+    frames_hz = info.settings.frames_hz
+    writer = dict(
+        windows_uri=store.uri("windows"),
+        frames_uri=store.uri("frames") if frames_hz else None,
+        layers=info.settings.layers,
+        dim=info.dim,
+        frames_hz=frames_hz,
+        settings_id=info.settings_id,
+        run_id=c.run_id,
+        storage_options=store.lance_options,
+    )
+    t0 = time.perf_counter()
+    stream = embed_stream(rows, sized, info)
+    parts = stream.ds.map_batches(  # CPU tasks: a retried task rewrites its files, the driver commits once
+        ChunkWriter(**writer),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+        max_retries=TASK_MAX_RETRIES,
+    )
+    try:
+        for batch in parts.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for part in batch.to_pylist():
+                ch = chunks[part["chunk"]]
+                ch.add(*ChunkWriter.read_part(part))
+                if ch.complete:
+                    commit_chunk(c, chunks.pop(ch.ix), info, meta_cols)
+        for ch in list(chunks.values()):  # tracks that never came out of the stream (not expected)
+            commit_chunk(c, chunks.pop(ch.ix), info, meta_cols, rows=rows)
+    finally:
+        restarts = stream.finish()
+        c.stage_s["embed_stream"] = c.stage_s.get("embed_stream", 0.0) + time.perf_counter() - t0
+        agg = c.report.extra.setdefault("actor_restarts", {})
+        for kind, n in restarts.items():
+            agg[kind] = agg.get(kind, 0) + n
+    times = [t for t in c.embedded_audio if t.num_rows]
+    add_worker_seconds(c.stage_s, pa.concat_tables(times) if times else None)
+
+
+def commit_chunk(
+    c: _Ctx,
+    ch: _Chunk,
+    info: ModelInfo,
+    meta_cols: Sequence[str],
+    rows: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """One chunk of the commit protocol: windows/frames append, tracks merge, superseded delete.
+
+    ``rows`` (the stream's input) is given for a chunk that never completed: its tracks that were
+    not accounted for become error rows instead of disappearing.
+    """
+    from pipeline.stages import only_kind
+
+    store, run_id = c.store, c.run_id
     with c.timed("commit"):
+        got = pa.concat_tables(ch.parts) if ch.parts else None
+        errors = only_kind(got, "error") if got is not None else None
+        failed = set(errors["track_id"].to_pylist()) if errors is not None else set()
+        if errors is not None and errors.num_rows:
+            c.error_rows += errors.select(["track_id", "uri", "stage", "error_type", "message"]).to_pylist()
+        if rows is not None:
+            lost = [r for r in rows if r["chunk"] == ch.ix and r["track_id"] not in ch.done]
+            c.error_rows += [{"track_id": r["track_id"], "uri": redact(r["uri"]), "stage": "pipeline",
+                              "error_type": "Incomplete", "message": "not every window of the track came out "
+                              "of the pipeline; not stored (a rerun retries it)"} for r in lost]  # fmt: skip
+            failed |= {r["track_id"] for r in lost}
+        windows = only_kind(got, "window") if got is not None else None
+        if windows is not None and failed:
+            keep = pa.compute.invert(
+                pa.compute.is_in(windows["track_id"], pa.array(sorted(failed), pa.string()))
+            )
+            windows = windows.filter(keep)
+        tracks_tbl = track_rows(windows, info, meta_cols, run_id, _now()) if windows is not None else None
         for name in ("windows", "frames"):  # (1) new rows, tagged with this run_id
-            if name in pending:
-                schema, frags = pending[name]
+            frags = ch.fragments[name]
+            if frags:
                 c.lease.check()
-                store.commit(name, schema, frags, mode="append")
-                failpoint(f"{name}_appended", ci)
+                append_fragments_once(store, name, _table_schema(info, name), frags)
+                failpoint(f"{name}_appended", ch.ix)
         c.lease.check()
-        if tracks_tbl.num_rows:  # (2) the tracks now point at the new rows
+        n_tracks = 0 if tracks_tbl is None else tracks_tbl.num_rows
+        if n_tracks:  # (2) the tracks now point at the new rows
             _merge_tracks(store, tracks_tbl)
-        failpoint("tracks_merged", ci)
-        ids = tracks_tbl["track_id"].to_pylist()
-        for name in ("frames", "windows"):  # (3) the superseded rows of those tracks, frames first
+        failpoint("tracks_merged", ch.ix)
+        ids = tracks_tbl["track_id"].to_pylist() if n_tracks else []
+        # (3) the superseded rows of those tracks, frames first; this run's rows of failed tracks
+        # (a window failed in the model) are left to the sweep
+        for name in ("frames", "windows"):
             ds = store.open(name)
             if ds is None or not ids:
                 continue
             for part in _batches(ids, _IDS_PER_PREDICATE):
                 c.lease.check()
                 _delete(ds, f"{_in_list('track_id', part)} AND run_id != {_sql_str(run_id)}")
-    c.report.tracks_ok += tracks_tbl.num_rows
-    c.report.windows += sum(f.physical_rows for f in pending["windows"][1])
-    c.report.frames += sum(f.physical_rows for f in pending.get("frames", (None, []))[1])
-    if emb.times is not None:
-        c.embedded_audio.append(emb.times)
-    restarts = c.report.extra.setdefault("actor_restarts", {})
-    for kind, n in (getattr(emb, "actor_restarts", None) or {}).items():
-        restarts[kind] = restarts.get(kind, 0) + n
+    c.report.tracks_ok += n_tracks
+    if n_tracks:
+        ok = windows.filter(pa.compute.is_in(windows["track_id"], tracks_tbl["track_id"]))
+        c.report.windows += ok.num_rows
+        c.report.frames += sum(f.physical_rows for f in ch.fragments["frames"])
+        c.embedded_audio.append(
+            ok.select(["track_id", "window_ix", "num_windows", "duration_s", "decode_s", "model_s"])
+        )
     c.report.chunks += 1
-    _event("chunk committed", run_id, chunk=ci, tracks=tracks_tbl.num_rows, failed=len(emb.error_rows),
+    _event("chunk committed", run_id, chunk=ch.ix, tracks=n_tracks, failed=len(failed),
            embedded_total=c.report.tracks_ok, versions=store.versions())  # fmt: skip
-    failpoint("chunk_done", ci)
+    failpoint("chunk_done", ch.ix)
+
+
+def _table_schema(info: ModelInfo, name: str) -> pa.Schema:
+    if name == "windows":
+        return schemas.windows_schema(info.settings.layers, info.dim)
+    return schemas.frames_schema(info.settings.layers, info.dim)
 
 
 def sweep(store: Store, lease: StoreLock | None = None) -> tuple[dict[str, int], list[str]]:
@@ -1028,19 +1156,9 @@ def _run_locked(job: RefreshJob, store: Store | None, lease: StoreLock | None, r
         )
     todo = plan.todo
     if todo:
-        import ray
-
         info = dataclasses.replace(info, gpus=_cluster_gpus(stage_s))
-        from pipeline import embed as embed_mod
-
-        configure = getattr(embed_mod, "configure_data_context", None)  # the embed job's retry settings
-        if configure is not None:
-            configure(progress)
-        else:  # pragma: no cover - older pipeline.embed
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = ctx.enable_operator_progress_bars = progress
-        for ci, part in enumerate(_batches(todo, job.chunk_size)):
-            embed_chunk(c, ci, list(part), info, meta_cols)
+        configure_data_context(progress)  # the embed job's retry and shuffle settings
+        embed_and_commit(c, todo, info, meta_cols)
     with c.timed("sweep"):
         report.garbage_rows, without_windows = sweep(store, lease)
     failpoint("swept")
@@ -1059,7 +1177,7 @@ def _run_locked(job: RefreshJob, store: Store | None, lease: StoreLock | None, r
     report.audio_s = sum(_audio_seconds(t) for t in c.embedded_audio)
     finish_report(report, error_rows, ej.max_error_rate)
     if error_rows:
-        report.versions["errors"] = store.write_small("errors", _error_table(error_rows, run_id))
+        report.versions["errors"] = append_once(store, "errors", _error_table(error_rows, run_id), run_id)
     report.versions.update(
         {k: v for k, v in store.versions().items() if k in ("tracks", "windows", "frames")}
     )

@@ -175,6 +175,7 @@ TASK_BASE_FIELDS = (
     pa.field("stage", pa.string()),
     pa.field("error_type", pa.string()),
     pa.field("message", pa.string()),
+    pa.field("chunk", pa.int32()),  # commit group of the track (refresh); null in the embed job
 )
 
 # Decode output: the window's mono float32 samples at 24 kHz as raw bytes.
@@ -189,3 +190,15 @@ def embedded_schema(layers: Sequence[int], dim: int, frames: bool = False) -> pa
         fields.append(pa.field("frame_times", pa.list_(pa.float64())))
         fields += [pa.field("frames_" + layer_column(ix), pa.list_(pa.float32())) for ix in layers]
     return pa.schema(fields)
+
+
+# Output of the refresh's ChunkWriter stage: per chunk present in a block, its uncommitted data
+# files (pickled Lance fragment metadata) and its rows without frames (Arrow IPC stream bytes).
+CHUNK_PART_SCHEMA = pa.schema(
+    [
+        pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("rows", pa.large_binary(), nullable=False),
+        pa.field("windows_fragments", pa.large_binary(), nullable=False),
+        pa.field("frames_fragments", pa.large_binary()),
+    ]
+)

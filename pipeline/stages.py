@@ -41,6 +41,11 @@ def _error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str,
         stage=stage,
         error_type=error_type(exc),
         message=msg[:2000],
+        chunk=row.get("chunk"),
+        # a window's error (model stage) says which window of how many: the track is complete
+        # (and failed) once every window is accounted for
+        window_ix=row.get("window_ix"),
+        num_windows=row.get("num_windows"),
     )
     return out
 
@@ -154,6 +159,7 @@ class DecodeStage:
                         "stage": None,
                         "error_type": None,
                         "message": None,
+                        "chunk": row.get("chunk"),
                     }
                 )
         except MemoryError as e:  # copying this track's windows ran out of memory: this track only
@@ -177,9 +183,18 @@ class EmbedStage:
     """
 
     def __init__(
-        self, model_args: dict[str, Any], settings: EmbedSettings, batch_size: int, dim: int
+        self,
+        model_args: dict[str, Any],
+        settings: EmbedSettings,
+        batch_size: int,
+        dim: int,
+        cpu_threads: int | None = None,
     ) -> None:
         self.model = load_model(**model_args)
+        if cpu_threads and self.model.device.type == "cpu":  # the CPUs this actor reserved, not all cores
+            import torch
+
+            torch.set_num_threads(cpu_threads)
         self.settings = settings
         self.embedder = WindowEmbedder(self.model, settings, max_batch=batch_size)
         self.dim = dim
@@ -408,3 +423,79 @@ class StageTimes:
                 "num_windows": b["num_windows"],
             }
         )
+
+
+def without_frames(batch: pa.Table) -> pa.Table:
+    """Embedded rows without the frame-level columns (what a track row is made of)."""
+    return batch.select([n for n in batch.schema.names if n != "frame_times" and not n.startswith("frames_")])
+
+
+class ChunkWriter:
+    """Embedded rows -> the data files of their ``windows`` (and ``frames``) rows, written here in
+    the worker per commit group (``chunk``), plus what the driver needs to commit them.
+
+    Output: one row per chunk present in the block (:data:`schemas.CHUNK_PART_SCHEMA`): the
+    pickled fragment metadata of each table (data files only, invisible until the driver commits
+    them) and the block's rows of that chunk without frames (window rows with their pooled vectors,
+    and error rows) as Arrow IPC bytes, from which the driver makes the ``tracks`` rows.
+    """
+
+    def __init__(
+        self,
+        windows_uri: str,
+        frames_uri: str | None,
+        layers: Sequence[int],
+        dim: int,
+        frames_hz: float | None,
+        settings_id: str,
+        run_id: str,
+        storage_options: dict[str, str] | None,
+    ) -> None:
+        if (frames_uri is None) != (frames_hz is None):
+            raise ValueError("frames_uri and frames_hz go together")
+        self.windows_uri, self.frames_uri, self.storage_options = windows_uri, frames_uri, storage_options
+        self.to_windows = ToWindows(layers, dim, settings_id, run_id)
+        self.to_frames = ToFrames(layers, dim, frames_hz, settings_id, run_id) if frames_hz else None
+
+    def _write(self, uri: str, tbl: pa.Table) -> bytes:
+        import pickle
+
+        import lance
+
+        if not tbl.num_rows:
+            return pickle.dumps([])
+        frags = lance.fragment.write_fragments(
+            tbl, uri, schema=tbl.schema, storage_options=self.storage_options
+        )
+        return pickle.dumps(frags)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for c in pa.compute.unique(batch["chunk"]).to_pylist():
+            if c is None:
+                raise ValueError("ChunkWriter got rows without a chunk")
+            sub = batch.filter(pa.compute.equal(batch["chunk"], c))
+            rows = without_frames(sub)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, rows.schema) as w:
+                w.write_table(rows)
+            out.append(
+                {
+                    "chunk": c,
+                    "rows": sink.getvalue().to_pybytes(),
+                    "windows_fragments": self._write(self.windows_uri, self.to_windows(sub)),
+                    "frames_fragments": (
+                        self._write(self.frames_uri, self.to_frames(sub)) if self.to_frames else None
+                    ),
+                }
+            )
+        return pa.Table.from_pylist(out, schema=schemas.CHUNK_PART_SCHEMA)
+
+    @staticmethod
+    def read_part(part: dict[str, Any]) -> tuple[pa.Table, list[Any], list[Any]]:
+        """Driver side: (rows, windows fragments, frames fragments) of one output row."""
+        import pickle
+
+        rows = pa.ipc.open_stream(part["rows"]).read_all()
+        frames = pickle.loads(part["frames_fragments"]) if part["frames_fragments"] else []
+        return rows, pickle.loads(part["windows_fragments"]), frames

@@ -19,6 +19,8 @@ and with the probability configured for its class it gets one fault, chosen amon
 * ``reset``: the connection is closed with a TCP RST before any response byte;
 * ``cut``: the real response head and half of its body, then a TCP RST (``get`` only; others
   fall back to ``reset``);
+* ``lost``: the request *is* forwarded (the store acts on it), then the client's connection is
+  reset before any response byte: the ambiguous failure of a write that did happen;
 * ``slow``: the request is forwarded after ``slow_s`` seconds.
 
 Decisions are deterministic whatever the thread interleaving: the n-th request with the same
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CLASSES = ("get", "list", "put")
-KINDS = ("500", "503", "reset", "cut", "slow")
+KINDS = ("500", "503", "reset", "cut", "lost", "slow")
 _LIST_KEYS = ("list-type", "prefix", "delimiter", "continuation-token", "max-keys", "uploads", "versions")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
@@ -264,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             length = resp.getheader("Content-Length") if head else str(len(data))
             if length is not None:
                 out_headers.append(("Content-Length", length))
+            if fault == "lost":
+                return self._reset()
             if fault == "cut" and not head and len(data) > 1:
                 self.send_response_only(resp.status)
                 for k, v in out_headers:

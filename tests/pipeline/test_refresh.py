@@ -218,6 +218,26 @@ def test_plan_kinds() -> None:
     assert kept.removed == [] and kept.kept == ["gone"]
 
 
+def test_chunk_completes_when_every_track_is_accounted_for() -> None:
+    """The streaming refresh commits a chunk once each track's windows (ok or failed in the model)
+    or its fetch/decode error have all come out of the stream, in any order and block split."""
+    from pipeline.refresh import _Chunk
+
+    def part(*rows: tuple) -> pa.Table:
+        return pa.Table.from_pylist(
+            [{"track_id": t, "kind": k, "window_ix": w, "num_windows": n} for t, k, w, n in rows]
+        )
+
+    ch = _Chunk(0, expected=3)
+    ch.add(part(("a", "window", 1, 3), ("b", "window", 0, 2)), ["wf1"], [])
+    ch.add(part(("a", "window", 1, 3)), [], [])  # the same window again counts once
+    assert not ch.complete and ch.done == set()
+    ch.add(part(("c", "error", None, None), ("a", "window", 0, 3), ("b", "error", 1, 2)), ["wf2"], ["ff"])
+    assert not ch.complete and ch.done == {"b", "c"}  # b: one window ok, one failed in the model
+    ch.add(part(("a", "window", 2, 3)), [], [])
+    assert ch.complete and ch.fragments == {"windows": ["wf1", "wf2"], "frames": ["ff"]}
+
+
 def test_no_change_is_free_and_dry_run_writes_nothing(world: World) -> None:
     store = world.root / "nochange"
     shutil.copytree(world.clean_v2, store)

@@ -129,12 +129,14 @@ def vectors_by_track(tables: dict, layer: int = LAYERS[-1]) -> dict[str, np.ndar
 
 
 class CrashingDecodeStage(DecodeStage):
-    """DecodeStage that kills its own process (SIGSEGV) on any uri containing ``POISON``."""
+    """DecodeStage that kills its own process (SIGSEGV) on any uri containing ``POISON``, and
+    takes at least 0.1 s per track (so that a test's actor killer finds the pool mid-work)."""
 
     def _one(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         if "POISON" in str(row.get("uri")):
             os.kill(os.getpid(), signal.SIGSEGV)
             time.sleep(30)  # never reached
+        time.sleep(0.1)
         return super()._one(row)
 
 

@@ -1,6 +1,6 @@
 """Load: many tiny files go through with flat driver memory and no object-store spilling.
 
-CI: 2,000 files of 0.25 s; --run-slow: 10,000. A short warm-up run (the first 50 rows, via
+CI: 2,000 files of 0.25 s; --run-slow: 10,000. A short warm-up run (the first 8 rows, via
 --limit) pays the driver's one-time costs (Ray Data, model probe) first, so the figure checked is
 what the big run adds. Peak RSS of the driver and of this cluster's workers is sampled (psutil)
 and printed for docs/reliability.md.
@@ -32,7 +32,7 @@ def _load(ray, tmp_path, n: int) -> None:
     good = write_tracks(d, n, seconds=0.25, sr=16000)
     catalog = write_catalog(d / "catalog.csv", [{"track_id": k, "uri": v} for k, v in good.items()])
     kw = job_kwargs(batch_size=64)
-    run_embed(EmbedJob(catalog=str(catalog), output=str(tmp_path / "warm"), limit=50, **kw), progress=False)
+    run_embed(EmbedJob(catalog=str(catalog), output=str(tmp_path / "warm"), limit=8, **kw), progress=False)
     spilled0 = _spilled_bytes(ray)
     mon = PeakRss(workers=True, period_s=0.25)
     mon.start()

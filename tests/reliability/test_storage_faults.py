@@ -3,7 +3,8 @@ subprocess joining the cluster), on S3 (moto) behind tools/fault_proxy.py, with 
 credentials as the real ones.
 
 One run, ~20 % transient faults on reads, listings and writes (500, 503 SlowDown, connection
-resets, responses cut halfway, slow responses) plus a permanent 403 on two audio objects:
+resets, responses cut halfway, writes whose answer is lost, slow responses) plus a permanent 403
+on two audio objects:
 
 * every readable track lands exactly once, the two denied ones are error rows;
 * no canary (environment credentials, ``--storage-options`` key/secret/token, a password in a
@@ -127,7 +128,7 @@ def test_transient_faults_lose_nothing_403_is_an_error_row_and_no_secret_leaks(r
     endpoint, s3 = s3_music
     cfg = FaultConfig(
         rates={"get": 0.2, "list": 0.2, "put": 0.2},
-        kinds=("500", "503", "reset", "cut", "slow"),
+        kinds=("500", "503", "reset", "cut", "lost", "slow"),
         slow_s=0.3,
         seed=7,
         deny=rf"^/{BUCKET}/cat/audio/denied_",
@@ -218,3 +219,87 @@ def test_catalog_403_and_missing_output_bucket_fail_fast_and_clearly(s3_music) -
     assert took < 60, took
     r = _job_cli(f"s3://{BUCKET}/cat/catalog.csv", "s3://no-such-output-bucket/store", so, env=_canary_env())
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["reset", "lost"])
+def test_commits_survive_a_broken_connection_without_duplicates(s3_music, kind: str) -> None:
+    """Lance retries 5xx itself but not a conditional manifest PUT whose connection broke
+    (``reset``: it never arrived; ``lost``: it arrived, the answer did not). The embed job's
+    commits retry those: an Overwrite is re-committed, an append first checks for its run's rows."""
+    import lance
+    import pyarrow as pa
+
+    from pipeline.embed import _error_table, append_once, commit_overwrite
+    from pipeline.store import Store
+
+    s3_server, _s3 = s3_music
+    root = f"s3://{BUCKET}/commits-{kind}"
+    direct = Store(root, _opts(s3_server))
+    schema = pa.schema([("x", pa.int64())])
+    frags = lance.fragment.write_fragments(
+        pa.table({"x": [1, 2, 3]}), direct.uri("t"), schema=schema, storage_options=direct.lance_options
+    )
+    commit_overwrite(direct, "t", schema, frags)
+    append_once(direct, "errors", _error_table([{"track_id": "a", "message": "m"}], "run-1"), "run-1")
+    cfg = FaultConfig(rates={"get": 0.0, "list": 0.0, "put": 1.0}, kinds=(kind,), max_consecutive=1)
+    with FaultProxy(s3_server, cfg) as proxy:
+        faulty = Store(root, _opts(proxy.url))
+        frags = lance.fragment.write_fragments(
+            pa.table({"x": [4, 5]}), direct.uri("t"), schema=schema, storage_options=direct.lance_options
+        )
+        commit_overwrite(faulty, "t", schema, frags)
+        rows = _error_table([{"track_id": "b", "message": "m"}, {"track_id": "c", "message": "m"}], "run-2")
+        append_once(faulty, "errors", rows, "run-2")
+        stats = proxy.snapshot()
+    assert stats.get(f"put.fault.{kind}", 0) >= 2, stats
+    assert sorted(direct.open("t").to_table()["x"].to_pylist()) == [4, 5]
+    assert sorted(direct.open("errors").to_table()["track_id"].to_pylist()) == ["a", "b", "c"]
+
+
+def test_refresh_on_s3_with_broken_commits_converges(ray_cluster, s3_music) -> None:
+    """The refresh on S3 with every PUT's first try failing (half ``reset``: never arrived, half
+    ``lost``: arrived, answer lost) and 10 % transient read/list faults: the lease, the chunk
+    appends, the merge, the deletes, maintenance and the run row all retry safely; the store ends
+    equal (track set, windows) to a refresh without faults, with no duplicate rows."""
+    import lance
+
+    from pipeline.refresh import RefreshJob, run_refresh
+    from pipeline.store import Store
+
+    s3_server, s3 = s3_music
+    direct = _opts(s3_server)
+    root = f"s3://{BUCKET}/refresh-faults"
+    cat0 = f"s3://{BUCKET}/cat/refresh0.csv"
+    cat1 = f"s3://{BUCKET}/cat/refresh1.csv"
+
+    def put_catalog(uri: str, names: list[str]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, ["track_id", "uri", "title"])
+        w.writeheader()
+        w.writerows({"track_id": n, "uri": f"audio/{n}.flac", "title": n} for n in names)
+        s3.put_object(Bucket=BUCKET, Key=uri.split(f"{BUCKET}/", 1)[1], Body=buf.getvalue().encode())
+
+    put_catalog(cat0, [f"s{i:02d}" for i in range(5)])
+    put_catalog(cat1, [f"s{i:02d}" for i in range(2, N_GOOD)])  # 0, 1 removed; 5..7 new
+    assert run_embed(EmbedJob(catalog=cat0, output=root, storage_options=direct, **job_kwargs()),
+                     progress=False).status == "ok"  # fmt: skip
+
+    cfg = FaultConfig(
+        rates={"get": 0.1, "list": 0.1, "put": 1.0}, kinds=("reset", "lost"), max_consecutive=1, seed=3
+    )
+    with FaultProxy(s3_server, cfg) as proxy:
+        faulty = _opts(proxy.url)
+        job = RefreshJob(
+            embed=EmbedJob(catalog=cat1, output=root, storage_options=faulty, **job_kwargs()),
+            chunk_size=2, retention_days=0.0,
+        )  # fmt: skip
+        rep = run_refresh(job)
+        stats = proxy.snapshot()
+    assert stats.get("put.fault.reset", 0) >= 3 and stats.get("put.fault.lost", 0) >= 3, stats
+    assert rep.status == "ok" and (rep.plan["new"], rep.deleted, rep.tracks_ok) == (3, 2, 3), rep.summary()
+    assert rep.chunks == 2
+    tables = store_tables(root, direct)
+    check_store(tables, expect_tracks=[f"s{i:02d}" for i in range(2, N_GOOD)])
+    runs = lance.dataset(Store(root, direct).uri("runs"), storage_options=Store(root, direct).lance_options)
+    rows = runs.to_table().to_pylist()
+    assert sum(r["run_id"] == rep.run_id for r in rows) == 1  # the run row once, despite lost answers
