@@ -27,28 +27,13 @@ from pipeline.cli import (  # noqa: E402
     add_model_args,
     add_run_args,
     add_window_args,
+    fraction,
+    non_negative,
     positive_int,
     run_main,
 )
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_LOCKED = 0, 3, 4
-
-
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = _non_negative(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep tracks that are no longer in the catalog")  # fmt: skip
     g.add_argument("--chunk-size", type=positive_int, default=1000,
                    help="tracks per commit; a rerun redoes at most one chunk (default 1000)")  # fmt: skip
-    g.add_argument("--retention-days", type=_non_negative, default=7.0,
+    g.add_argument("--retention-days", type=non_negative, default=7.0,
                    help="remove table versions older than this after the refresh (default 7)")  # fmt: skip
-    g.add_argument("--max-delete-fraction", type=_fraction, default=0.5,
+    g.add_argument("--max-delete-fraction", type=fraction, default=0.5,
                    help="refuse a plan deleting more than this fraction of the stored tracks (default 0.5)")  # fmt: skip
-    g.add_argument("--lock-ttl-s", type=_non_negative, default=600.0,
+    g.add_argument("--lock-ttl-s", type=non_negative, default=600.0,
                    help="lease length; a killed run's lease frees after this (default 600)")  # fmt: skip
-    g.add_argument("--lock-wait-s", type=_non_negative, default=0.0,
+    g.add_argument("--lock-wait-s", type=non_negative, default=0.0,
                    help="wait up to this long for another refresh to finish (default 0: fail at once)")  # fmt: skip
     g.add_argument("--lookup-threads", type=positive_int, default=32,
                    help="concurrent object-metadata lookups per process (default 32)")  # fmt: skip

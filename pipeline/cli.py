@@ -30,34 +30,28 @@ def _layers(text: str) -> tuple[int, ...]:
     return out
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
+def number_arg(cast: Callable[[str], Any], ok: Callable[[Any], bool], expect: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``cast(text)`` that must satisfy ``ok`` (NaN never does), else the
+    one-line message ``expected <expect>, got '<text>'``."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
+        if v != v or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
+        return v
+
+    parse.__name__ = f"number({expect})"
+    return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
-
-
-def _rate(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
+_positive_float = number_arg(float, lambda v: 0 < v < float("inf"), "a positive number")
+positive_int = number_arg(int, lambda v: v >= 1, "an integer >= 1")
+non_negative = number_arg(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+fraction = number_arg(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+_rate = fraction
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -393,14 +393,35 @@ class EmbedStream:
         return actor_restarts(self.actors_before)
 
 
-def cpu_model_cpus(decode_cpus: int, model_actors: int) -> int:
-    """CPUs (and torch threads) per model actor on a cluster without GPUs: what the largest node
-    has left beside the decode actors and one CPU for writer tasks, shared by the model actors.
-    Without this every model actor runs torch on all cores of its node, fighting the decoders."""
+@dataclass(frozen=True)
+class CpuModelPlan:
+    """How model actors share a node's cores on a cluster without GPUs."""
+
+    reserve: int  # CPUs each model actor reserves with Ray (scheduling)
+    threads: int  # torch threads per model actor
+    decode_niceness: int  # OS niceness of the decode actors
+
+
+#: Decode actors run at this niceness when the model runs on CPU: the model's torch threads keep
+#: the cores while they compute and the decoders fill the gaps (decoding is ~1 % of the CPU the
+#: full-size model needs per audio second, so the model is the resource to keep busy).
+CPU_DECODE_NICENESS = 10
+
+
+def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
+    """Model actors on a cluster without GPUs: each reserves what the largest node has left beside
+    the decode actors and one CPU for writer tasks (so that they can always be scheduled), and
+    runs torch on its share of all the node's cores, with the decoders niced below it. Without
+    this a model actor's torch threads and the decoders fight for the same cores."""
     import ray
 
-    node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    return max(1, int(node - decode_cpus - 1) // max(1, model_actors))
+    node = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1))
+    actors = max(1, model_actors)
+    return CpuModelPlan(
+        reserve=max(1, (node - decode_cpus - 1) // actors),
+        threads=max(1, node // actors),
+        decode_niceness=CPU_DECODE_NICENESS,
+    )
 
 
 def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> EmbedStream:
@@ -426,6 +447,7 @@ def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> 
     warnings.filterwarnings(
         "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.(embed|refresh)"
     )
+    cpu_plan = None if info.gpus > 0 else cpu_model_plan(job.decode_cpus, n_actors)
     decoded = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs=dict(
@@ -435,6 +457,7 @@ def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> 
             decode_timeout_s=job.decode_timeout_s,
             attempts_dir=attempts_dir,
             max_crashes=DECODE_MAX_CRASHES,
+            niceness=0 if cpu_plan is None else cpu_plan.decode_niceness,
         ),
         batch_size=1,
         batch_format="pyarrow",
@@ -443,7 +466,6 @@ def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> 
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
-    model_cpus = 1 if info.gpus > 0 else cpu_model_cpus(job.decode_cpus, n_actors)
     embedded = decoded.map_batches(
         EmbedStage,
         fn_constructor_kwargs=dict(
@@ -451,12 +473,12 @@ def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> 
             settings=info.settings,
             batch_size=job.batch_size,
             dim=info.dim,
-            cpu_threads=None if info.gpus > 0 else model_cpus,
+            cpu_threads=None if cpu_plan is None else cpu_plan.threads,
         ),
         batch_size=job.batch_size,
         batch_format="pyarrow",
         num_gpus=1 if info.gpus > 0 else 0,
-        num_cpus=model_cpus,
+        num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
         compute=ray.data.ActorPoolStrategy(size=n_actors),
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,

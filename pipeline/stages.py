@@ -71,7 +71,11 @@ class DecodeStage:
         decode_timeout_s: float | None = None,
         attempts_dir: str | None = None,
         max_crashes: int = 2,
+        niceness: int = 0,
     ) -> None:
+        if niceness > 0:  # below a model computing on the same cores (see pipeline.embed.cpu_model_plan)
+            with contextlib.suppress(OSError, AttributeError):  # an actor has its own process
+                os.nice(niceness)
         self.spec = settings.window_spec()
         self.limits = limits
         self.storage_options = storage_options
