@@ -26,9 +26,9 @@ Everything is measured in ONE run, on the same synthetic audio, on the same mach
 
     * in-process: one process, one loop over the files (``decode_audio`` as the stage calls it);
       per-core rate = audio seconds / CPU seconds of the process (``time.process_time``);
-    * Ray: the same Ray Data plan as ``run_embed`` (``DecodeStage`` actor pool -> a
-      ``PoolOnlyStage`` actor that shares ``EmbedStage``'s row handling -> windows / tracks tables
-      written with ``Store.fragment_writer`` and committed); per-core rate = x realtime / Ray CPUs.
+    * Ray: the embed job's own streaming path (``pipeline.embed.embed_into_lance``: ``DecodeStage``
+      actor pool -> a ``PoolOnlyStage`` actor that shares ``EmbedStage``'s row handling -> writer
+      tasks -> tracks rows and commits on the driver); per-core rate = x realtime / Ray CPUs.
       It runs over the catalog repeated ``--dp-scale`` times so that fixed Ray costs are amortised.
 
 Every row also gives the CPU seconds of the work (for Ray: the driver and every process of the local
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -318,7 +317,14 @@ class PoolEmbedder:
 class PoolOnlyStage(EmbedStage):
     """:class:`EmbedStage` with the model replaced by :class:`PoolEmbedder` (same row handling)."""
 
-    def __init__(self, settings: EmbedSettings, batch_size: int, dim: int) -> None:  # noqa: ARG002
+    def __init__(  # EmbedStage's constructor; no model is loaded
+        self,
+        model_args: dict[str, Any],  # noqa: ARG002
+        settings: EmbedSettings,
+        batch_size: int,  # noqa: ARG002
+        dim: int,
+        cpu_threads: int | None = None,  # noqa: ARG002
+    ) -> None:
         if settings.frames_hz:
             raise ValueError("the pooling-only stage does not produce frames")
         self.settings = settings
@@ -520,60 +526,10 @@ def pipeline_run(
 # --------------------------------------------------------------------------- (b) Ray data plane
 
 
-def pool_rows(
-    rows: list[dict[str, Any]], job: Any, info: Any, stage_s: dict[str, float], pool_cpus: float
-) -> Any:
-    """:func:`pipeline.embed.embed_rows` with ``PoolOnlyStage`` in place of ``EmbedStage``."""
-    import ray
-
-    from pipeline.embed import Embedded, _DropTracks, _errors_of, _times_of
-    from pipeline.stages import DecodeStage
-
-    t0 = time.perf_counter()
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * job.decode_cpus)))
-    decoded = ds.map_batches(
-        DecodeStage,
-        fn_constructor_kwargs=dict(
-            settings=info.settings,
-            limits=job.limits,
-            storage_options=None,
-            decode_timeout_s=job.decode_timeout_s,
-        ),
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=job.decode_cpus),
-    )
-    pooled = decoded.map_batches(
-        PoolOnlyStage,
-        fn_constructor_kwargs=dict(settings=info.settings, batch_size=job.batch_size, dim=info.dim),
-        batch_size=job.batch_size,
-        batch_format="pyarrow",
-        num_cpus=pool_cpus,
-        compute=ray.data.ActorPoolStrategy(size=1),
-    ).materialize()
-    stage_s["decode+pool"] = time.perf_counter() - t0
-    errs = pooled.map_batches(_errors_of, batch_format="pyarrow").take_all()
-    failed = {e["track_id"] for e in errs if e["stage"] == "model"}
-    ok = pooled.map_batches(_DropTracks(failed), batch_format="pyarrow")
-    refs = ok.map_batches(_times_of, batch_format="pyarrow").to_arrow_refs()
-    times = pa.concat_tables(ray.get(refs)) if refs else None
-    if times is not None and times.num_rows:
-        stage_s["decode_worker"] = float(pa.compute.sum(times["decode_s"]).as_py() or 0.0)
-    return Embedded(ok=ok, error_rows=errs, times=times)
-
-
 def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) -> dict[str, Any]:
     import ray
 
-    from pipeline.embed import (
-        EmbedJob,
-        ModelInfo,
-        _audio_seconds,
-        _catalog_rows,
-        table_datasets,
-        write_fragments,
-    )
+    from pipeline.embed import EmbedJob, ModelInfo, RunReport, _catalog_rows, embed_into_lance
     from pipeline.store import Store
 
     job = EmbedJob(
@@ -598,25 +554,21 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
     meter = Meter(tree=True).__enter__()
     rows, _rejected, meta_cols = _catalog_rows(job)
     store = Store(job.output)
-    emb = pool_rows(rows, job, info, stage_s, pool_cpus=args.dp_pool_cpus)
-    t0 = time.perf_counter()
-    tables = table_datasets(emb, job, info, meta_cols, "bench", dt.datetime.now(dt.timezone.utc), len(rows))
-    pending = write_fragments(store, tables)
-    for name in ("windows", "tracks"):
-        schema, frags = pending[name]
-        store.commit(name, schema, frags, mode="overwrite")
-    stage_s["write"] = time.perf_counter() - t0
+    report = RunReport(run_id="bench", status="running")
+    errors = embed_into_lance(
+        rows, job, info, store, meta_cols, "bench", report, stage_s, model_stage=PoolOnlyStage
+    )
     meter.__exit__(None, None, None)
     wall = meter.wall_s
-    audio_s = _audio_seconds(emb.times)
+    audio_s = report.audio_s
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     x_rt = audio_s / wall if wall > 0 else 0.0
     dec = stage_s.get("decode_worker", 0.0)
     return {
         "tracks": len(rows),
-        "tracks_ok": sum(f.physical_rows for f in pending["tracks"][1]),
-        "windows": sum(f.physical_rows for f in pending["windows"][1]),
-        "errors": len(emb.error_rows),
+        "tracks_ok": report.tracks_ok,
+        "windows": report.windows,
+        "errors": len(errors),
         "audio_s": audio_s,
         **meter.as_dict(),
         "ray_cpus": cpus,
@@ -624,7 +576,7 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
         "x_realtime_per_core": x_rt / cpus,
         "stage_s": stage_s,
         "x_realtime_per_cpu_s": audio_s / meter.cpu_s if meter.cpu_s else None,
-        "x_realtime_decode_stage": audio_s / stage_s["decode+pool"] if stage_s.get("decode+pool") else 0.0,
+        "x_realtime_decode_stage": audio_s / stage_s["decode+model"] if stage_s.get("decode+model") else 0.0,
         "decode_worker_x_realtime": audio_s / dec if dec > 0 else 0.0,
     }
 
@@ -721,7 +673,7 @@ def render(r: dict[str, Any]) -> str:
         ),
         "    stages: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in dpr["stage_s"].items())
-        + f"; decode+pool stage alone {dpr['x_realtime_decode_stage']:,.0f}x realtime"
+        + f"; streaming pass (decode+pool+write) alone {dpr['x_realtime_decode_stage']:,.0f}x realtime"
         + f"; per busy decode worker {dpr['decode_worker_x_realtime']:,.0f}x"
         + f"; per CPU second of all Ray processes {_f(dpr['x_realtime_per_cpu_s'], 0)}x",
         "    (other = cores busy with processes outside the benchmark; wall figures assume it is ~0;",
@@ -778,13 +730,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="decode actors of the Ray data-plane run (default: all CPUs)",
-    )
-    ap.add_argument(
-        "--dp-pool-cpus",
-        type=float,
-        default=0.0,
-        help="CPUs reserved by the pooling-only actor (default 0: it is thin, and the decode "
-        "actors get every core; its CPU use is still counted)",
     )
     ap.add_argument(
         "--audio-dir",
@@ -897,7 +842,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "decode_cpus": args.decode_cpus,
             "dp_decode_cpus": args.dp_decode_cpus,
-            "dp_pool_cpus": args.dp_pool_cpus,
             "ray_worker_niceness": args.ray_worker_niceness,
             "precision": args.precision,
             "dp_scale": scale,

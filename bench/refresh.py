@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     same, t_same = refresh(cat1)
     assert same.windows == 0 and same.tracks_ok == 0 and "decode+model" not in same.stage_s, same.summary()
 
-    stream = rep.stage_s.get("embed_stream", 0.0)
+    stream = rep.stage_s.get("decode+model", 0.0)
     busy = rep.stage_s.get("decode_worker", 0.0) + rep.stage_s.get("model_worker", 0.0)
     figures = {
         "n": args.n, "changed": 3 * k, "audio_h": round(full.audio_s / 3600, 3),

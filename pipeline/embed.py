@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -203,6 +204,28 @@ def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
     return out
 
 
+def stop_stage_actors(before: set[str]) -> int:
+    """Kill this driver's Ray Data stage actors (``MapWorker``) created after ``before`` that are
+    still alive; returns how many. Other jobs' actors on a shared cluster are never touched."""
+    try:
+        import ray
+        import ray._private.state
+
+        me = ray.get_runtime_context().get_job_id()
+        table = ray._private.state.actors()
+        core = ray._private.worker.global_worker.core_worker
+    except Exception:
+        return 0
+    n = 0
+    for aid, a in table.items():
+        alive = a.get("State") != "DEAD" and aid not in before
+        if alive and a.get("JobID") == me and str(a.get("ActorClassName") or "").startswith("MapWorker("):
+            with contextlib.suppress(Exception):  # already gone
+                core.kill_actor(ray.ActorID.from_hex(aid), True)
+                n += 1
+    return n
+
+
 def _actor_ids() -> set[str]:
     try:
         import ray._private.state
@@ -387,10 +410,15 @@ class EmbedStream:
     attempts_dir: str
     actors_before: set[str]
 
-    def finish(self) -> dict[str, int]:
-        """After the stream ran: remove the crash-marker scratch; actor restarts during the run."""
+    def finish(self, failed: bool = False) -> dict[str, int]:
+        """After the stream ran: remove the crash-marker scratch; actor restarts during the run.
+        ``failed``: the stream was left early; stop its actors now (they hold the GPUs and CPUs
+        the next run needs, and references kept by the exception would keep them alive)."""
         shutil.rmtree(self.attempts_dir, ignore_errors=True)
-        return actor_restarts(self.actors_before)
+        restarts = actor_restarts(self.actors_before)
+        if failed:
+            stop_stage_actors(self.actors_before)
+        return restarts
 
 
 @dataclass(frozen=True)
@@ -410,22 +438,25 @@ CPU_DECODE_NICENESS = 10
 
 def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
     """Model actors on a cluster without GPUs: each reserves what the largest node has left beside
-    the decode actors and one CPU for writer tasks (so that they can always be scheduled), and
-    runs torch on its share of all the node's cores, with the decoders niced below it. Without
+    the decode actors (the writer tasks reserve none), and runs torch on its share of all the
+    node's cores, with the decoders niced below it. Without
     this a model actor's torch threads and the decoders fight for the same cores."""
     import ray
 
     node = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1))
     actors = max(1, model_actors)
     return CpuModelPlan(
-        reserve=max(1, (node - decode_cpus - 1) // actors),
+        reserve=max(0, (node - decode_cpus) // actors),  # 0: it can always be scheduled
         threads=max(1, node // actors),
         decode_niceness=CPU_DECODE_NICENESS,
     )
 
 
-def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> EmbedStream:
-    """Decode (CPU actor pool) and embed (model actor pool) catalog rows: a lazy Ray dataset."""
+def embed_stream(
+    rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo, model_stage: type | None = None
+) -> EmbedStream:
+    """Decode (CPU actor pool) and embed (model actor pool) catalog rows: a lazy Ray dataset.
+    ``model_stage`` replaces :class:`pipeline.stages.EmbedStage` (same constructor; benchmarks)."""
     import ray
 
     from pipeline.stages import DecodeStage, EmbedStage
@@ -445,7 +476,7 @@ def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> 
     # max_restarts / max_task_retries go through **ray_remote_args, which Ray 2.60 marks deprecated
     # (removal planned for 2.64, with no named replacement yet): kept explicit on purpose.
     warnings.filterwarnings(
-        "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.(embed|refresh)"
+        "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.(embed|refresh|streaming)"
     )
     cpu_plan = None if info.gpus > 0 else cpu_model_plan(job.decode_cpus, n_actors)
     decoded = ds.map_batches(
@@ -467,7 +498,7 @@ def embed_stream(rows: list[dict[str, Any]], job: EmbedJob, info: ModelInfo) -> 
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
     embedded = decoded.map_batches(
-        EmbedStage,
+        model_stage or EmbedStage,
         fn_constructor_kwargs=dict(
             model_args=model_args,
             settings=info.settings,
@@ -548,22 +579,6 @@ def table_datasets(
         schemas.tracks_schema(layers, dim, meta_cols),
     )
     return tables
-
-
-def write_fragments(
-    store: Store, tables: dict[str, tuple[Any, pa.Schema]]
-) -> dict[str, tuple[pa.Schema, list]]:
-    """Write every table's data files in the workers; return (schema, fragments) per table (uncommitted)."""
-    out = {}
-    for name, (ds, schema) in tables.items():
-        writer = ds.map_batches(
-            store.fragment_writer(name, schema),
-            batch_size=None,
-            batch_format="pyarrow",
-            max_retries=TASK_MAX_RETRIES,
-        )
-        out[name] = (schema, Store.collect_fragments(writer))
-    return out
 
 
 def finish_report(report: RunReport, error_rows: list[dict[str, Any]], max_error_rate: float) -> None:
@@ -734,6 +749,89 @@ def check_output(output: str, storage_options: dict[str, Any] | None = None) -> 
         raise ValueError(f"--output {where}: {probe} is not a writable directory")
 
 
+#: Tracks per chunk of the embed job's stream: the driver makes their ``tracks`` rows and writes
+#: them as one data file as soon as the chunk is complete.
+EMBED_CHUNK_TRACKS = 1000
+
+
+def embed_into_lance(
+    rows: list[dict[str, Any]],
+    job: EmbedJob,
+    info: ModelInfo,
+    store: Store,
+    meta_cols: Sequence[str],
+    run_id: str,
+    report: RunReport,
+    stage_s: dict[str, float],
+    model_stage: type | None = None,
+) -> list[dict[str, Any]]:
+    """Stream ``rows`` through decode -> model -> data-file writers (:mod:`pipeline.streaming`);
+    the driver writes each chunk's ``tracks`` rows as a data file, then commits every table once,
+    windows and frames before tracks (a track row never points at windows that are not there).
+    Returns the error rows. Nothing is committed if the stream fails."""
+    import lance
+
+    from pipeline.streaming import stream_chunks, table_schema
+
+    tracks_schema = schemas.tracks_schema(info.settings.layers, info.dim, meta_cols)
+    pending: dict[str, list[Any]] = {"windows": [], "frames": [], "tracks": []}
+    failed: set[str] = set()
+    errors: list[dict[str, Any]] = []
+    times: list[pa.Table] = []
+    embedded_at = _now()
+
+    def on_chunk(out: Any) -> None:
+        pending["windows"] += out.fragments["windows"]
+        pending["frames"] += out.fragments["frames"]
+        errors.extend(out.error_rows)
+        failed.update(out.failed)
+        if out.tracks.num_rows:
+            pending["tracks"] += lance.fragment.write_fragments(
+                out.tracks, store.uri("tracks"), schema=tracks_schema, storage_options=store.lance_options
+            )
+            report.tracks_ok += out.tracks.num_rows
+            report.windows += out.times.num_rows
+            times.append(out.times)
+
+    try:
+        restarts = stream_chunks(
+            rows,
+            job,
+            info,
+            store,
+            run_id,
+            meta_cols,
+            EMBED_CHUNK_TRACKS,
+            on_chunk,
+            stage_s,
+            embedded_at,
+            model_stage=model_stage,
+        )
+    except Exception as e:
+        what = "writing the store" if "ChunkWriter" in str(e) or isinstance(e, OSError) else "decode/embed"
+        raise RunFailed(
+            f"{what} failed before any commit (the previous version is intact): {root_cause(e)}"
+        ) from e
+    if restarts:
+        report.extra["actor_restarts"] = restarts
+    t0 = time.perf_counter()
+    names = ["windows", "frames"] if info.settings.frames_hz else ["windows"]
+    for name in names:  # dependency order: tracks last
+        report.versions[name] = commit_overwrite(store, name, table_schema(info, name), pending[name])
+        if failed:  # tracks with a window that failed in the model: their other windows go too
+            ds = store.open(name)
+            for i in range(0, len(failed), 2000):
+                ids = ", ".join("'" + t.replace("'", "''") + "'" for t in sorted(failed)[i : i + 2000])
+                retry_write(f"delete from {name}", lambda ds=ds, ids=ids: ds.delete(f"track_id IN ({ids})"))
+            report.versions[name] = store.open(name).version
+    report.versions["tracks"] = commit_overwrite(store, "tracks", tracks_schema, pending["tracks"])
+    if info.settings.frames_hz:
+        report.frames = store.open("frames").count_rows()
+    stage_s["write"] = time.perf_counter() - t0
+    report.audio_s = _audio_seconds(pa.concat_tables(times) if times else None)
+    return errors
+
+
 def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
     """Run the embed job end to end and return its report (also stored in ``runs``).
 
@@ -771,7 +869,9 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
         }
         for r in rejected
     ]
-    if rows:
+    if rows and job.format == "lance":
+        error_rows += embed_into_lance(rows, job, info, store, meta_cols, run_id, report, stage_s)
+    elif rows:
         try:
             emb = embed_rows(rows, job, info, stage_s)
         except Exception as e:
@@ -781,30 +881,12 @@ def run_embed(job: EmbedJob, progress: bool = True) -> RunReport:
             report.extra["actor_restarts"] = emb.actor_restarts
         t0 = time.perf_counter()
         tables = table_datasets(emb, job, info, meta_cols, run_id, _now(), len(rows))
-        if job.format == "parquet":
-            for name, (ds, _schema) in tables.items():
-                ds = ds.materialize()
-                setattr(
-                    report,
-                    {"tracks": "tracks_ok", "windows": "windows", "frames": "frames"}[name],
-                    ds.count(),
-                )
-                write_parquet_table(ds, job.output, name, job.storage_options, run_id)
-        else:
-            try:
-                pending = write_fragments(store, tables)
-            except Exception as e:
-                raise RunFailed(
-                    "writing the store failed before any commit (the previous version is intact): "
-                    + root_cause(e)
-                ) from e
-            for name in ("windows", "frames", "tracks"):  # dependency order: tracks last
-                if name in pending:
-                    schema, frags = pending[name]
-                    report.versions[name] = commit_overwrite(store, name, schema, frags)
-            report.tracks_ok = sum(f.physical_rows for f in pending["tracks"][1])
-            report.windows = sum(f.physical_rows for f in pending["windows"][1])
-            report.frames = sum(f.physical_rows for f in pending.get("frames", (None, []))[1])
+        for name, (ds, _schema) in tables.items():
+            ds = ds.materialize()
+            setattr(
+                report, {"tracks": "tracks_ok", "windows": "windows", "frames": "frames"}[name], ds.count()
+            )
+            write_parquet_table(ds, job.output, name, job.storage_options, run_id)
         stage_s["write"] = time.perf_counter() - t0
         report.audio_s = _audio_seconds(emb.times)
 

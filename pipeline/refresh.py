@@ -57,12 +57,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.embed import (
-    TASK_MAX_RETRIES,
     EmbedJob,
     ModelInfo,
     RunReport,
@@ -79,8 +77,8 @@ from pipeline.embed import (
     retry_write,
     write_run_row,
 )
-from pipeline.errors import redact
 from pipeline.store import Store
+from pipeline.streaming import ChunkOutput, stream_chunks, table_schema
 
 log = logging.getLogger("musicfm.refresh")
 
@@ -655,32 +653,6 @@ def _check_schemas(store: Store, info: ModelInfo, meta_cols: Sequence[str]) -> N
             )
 
 
-def track_rows(
-    windows: pa.Table, info: ModelInfo, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
-) -> pa.Table:
-    """``tracks`` rows from embedded window rows (every window of each track, no frames), made on
-    the driver by the embed job's ``ToTrack`` stage.
-
-    A chunk is bounded (``--chunk-size`` tracks), so its pooled window vectors fit the driver; this
-    saves the Ray shuffle (``groupby``) that the embed job uses for a whole catalog.
-    """
-    from pipeline.stages import ToTrack
-
-    to_track = ToTrack(
-        info.settings.layers, info.dim, meta_cols, info.model_id, info.settings_id, run_id, embedded_at
-    )
-    if not windows.num_rows:
-        return to_track.schema.empty_table()
-    windows = windows.take(
-        pa.compute.sort_indices(windows, [("track_id", "ascending"), ("window_ix", "ascending")])
-    )
-    ids = windows["track_id"].to_numpy(zero_copy_only=False)
-    bounds = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
-    rows = [to_track(windows.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    rows = [r for r in rows if r.num_rows]
-    return pa.concat_tables(rows) if rows else to_track.schema.empty_table()
-
-
 def _merge_tracks(store: Store, tbl: pa.Table) -> int:
     """Upsert track rows on ``track_id`` (the tracks table is created by the first chunk)."""
     import lance
@@ -771,171 +743,55 @@ def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequ
     return n
 
 
-@dataclass
-class _Chunk:
-    """What the driver has received of one chunk from the stream, until every track is accounted for."""
-
-    ix: int
-    expected: int  # tracks in the chunk
-    parts: list[pa.Table] = field(default_factory=list)  # window + error rows, no frames
-    fragments: dict[str, list[Any]] = field(default_factory=lambda: {"windows": [], "frames": []})
-    seen: dict[str, set[int]] = field(default_factory=dict)  # window_ix accounted for (ok or failed)
-    done: set[str] = field(default_factory=set)
-
-    def add(self, rows: pa.Table, windows: list[Any], frames: list[Any]) -> None:
-        self.parts.append(rows)
-        self.fragments["windows"] += windows
-        self.fragments["frames"] += frames
-        cols = [rows[k].to_pylist() for k in ("track_id", "kind", "window_ix", "num_windows")]
-        for tid, kind, wix, n in zip(*cols, strict=True):
-            if kind == "error" and wix is None:  # fetch/decode error: the track has no windows
-                self.done.add(tid)
-                continue
-            got = self.seen.setdefault(tid, set())
-            got.add(wix)
-            if n is not None and len(got) >= n:
-                self.done.add(tid)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.done) >= self.expected
-
-
 def embed_and_commit(
     c: _Ctx, todo: Sequence[Mapping[str, Any]], info: ModelInfo, meta_cols: Sequence[str]
 ) -> None:
-    """Embed every track to do in one streaming Ray pass and commit it chunk by chunk as each
-    chunk's tracks come out of the stream (decode and model keep running while the driver commits).
-
-    The data files are written in the workers (:class:`pipeline.stages.ChunkWriter`) and only
-    committed by the driver, per chunk, in the order of the commit protocol (:func:`commit_chunk`).
-    One pass means one actor-pool start (one model load per actor) however many chunks there are.
-    """
-    from pipeline.embed import add_worker_seconds, embed_stream
-    from pipeline.stages import ChunkWriter
-
-    job, store = c.job, c.store
-    chunks: dict[int, _Chunk] = {}
-    rows = []
-    for ci, part in enumerate(_batches(list(todo), job.chunk_size)):
-        chunks[ci] = _Chunk(ci, len(part))
-        rows += [{**r, "chunk": ci} for r in part]
-    # a quiet night does not need every actor the cluster could hold
-    n_model = job.embed.gpu_actors or max(1, info.gpus)
-    sized = dataclasses.replace(job.embed, decode_cpus=max(1, min(job.embed.decode_cpus, len(rows))),
-                                gpu_actors=max(1, min(n_model, len(rows))))  # fmt: skip
-    frames_hz = info.settings.frames_hz
-    writer = dict(
-        windows_uri=store.uri("windows"),
-        frames_uri=store.uri("frames") if frames_hz else None,
-        layers=info.settings.layers,
-        dim=info.dim,
-        frames_hz=frames_hz,
-        settings_id=info.settings_id,
-        run_id=c.run_id,
-        storage_options=store.lance_options,
-    )
-    t0 = time.perf_counter()
-    stream = embed_stream(rows, sized, info)
-    parts = stream.ds.map_batches(  # CPU tasks: a retried task rewrites its files, the driver commits once
-        ChunkWriter(**writer),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=1,
-        max_retries=TASK_MAX_RETRIES,
-    )
-    try:
-        for batch in parts.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for part in batch.to_pylist():
-                ch = chunks[part["chunk"]]
-                ch.add(*ChunkWriter.read_part(part))
-                if ch.complete:
-                    commit_chunk(c, chunks.pop(ch.ix), info, meta_cols)
-        for ch in list(chunks.values()):  # tracks that never came out of the stream (not expected)
-            commit_chunk(c, chunks.pop(ch.ix), info, meta_cols, rows=rows)
-    finally:
-        restarts = stream.finish()
-        c.stage_s["embed_stream"] = c.stage_s.get("embed_stream", 0.0) + time.perf_counter() - t0
-        agg = c.report.extra.setdefault("actor_restarts", {})
-        for kind, n in restarts.items():
-            agg[kind] = agg.get(kind, 0) + n
-    times = [t for t in c.embedded_audio if t.num_rows]
-    add_worker_seconds(c.stage_s, pa.concat_tables(times) if times else None)
+    """Embed every track to do in one streaming Ray pass (:func:`pipeline.streaming.stream_chunks`)
+    and commit it chunk by chunk as each chunk's tracks come out of the stream (decode and model
+    keep running while the driver commits), in the order of the commit protocol (:func:`commit_chunk`).
+    One pass means one actor-pool start (one model load per actor) however many chunks there are."""
+    restarts = stream_chunks(
+        list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
+        lambda out: commit_chunk(c, out, info), c.stage_s,
+    )  # fmt: skip
+    agg = c.report.extra.setdefault("actor_restarts", {})
+    for kind, n in restarts.items():
+        agg[kind] = agg.get(kind, 0) + n
 
 
-def commit_chunk(
-    c: _Ctx,
-    ch: _Chunk,
-    info: ModelInfo,
-    meta_cols: Sequence[str],
-    rows: Sequence[Mapping[str, Any]] | None = None,
-) -> None:
+def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
     """One chunk of the commit protocol: windows/frames append, tracks merge, superseded delete.
-
-    ``rows`` (the stream's input) is given for a chunk that never completed: its tracks that were
-    not accounted for become error rows instead of disappearing.
-    """
-    from pipeline.stages import only_kind
-
+    This run's rows of failed tracks (a window failed in the model) are left to the sweep."""
     store, run_id = c.store, c.run_id
+    c.error_rows += out.error_rows
     with c.timed("commit"):
-        got = pa.concat_tables(ch.parts) if ch.parts else None
-        errors = only_kind(got, "error") if got is not None else None
-        failed = set(errors["track_id"].to_pylist()) if errors is not None else set()
-        if errors is not None and errors.num_rows:
-            c.error_rows += errors.select(["track_id", "uri", "stage", "error_type", "message"]).to_pylist()
-        if rows is not None:
-            lost = [r for r in rows if r["chunk"] == ch.ix and r["track_id"] not in ch.done]
-            c.error_rows += [{"track_id": r["track_id"], "uri": redact(r["uri"]), "stage": "pipeline",
-                              "error_type": "Incomplete", "message": "not every window of the track came out "
-                              "of the pipeline; not stored (a rerun retries it)"} for r in lost]  # fmt: skip
-            failed |= {r["track_id"] for r in lost}
-        windows = only_kind(got, "window") if got is not None else None
-        if windows is not None and failed:
-            keep = pa.compute.invert(
-                pa.compute.is_in(windows["track_id"], pa.array(sorted(failed), pa.string()))
-            )
-            windows = windows.filter(keep)
-        tracks_tbl = track_rows(windows, info, meta_cols, run_id, _now()) if windows is not None else None
         for name in ("windows", "frames"):  # (1) new rows, tagged with this run_id
-            frags = ch.fragments[name]
+            frags = out.fragments[name]
             if frags:
                 c.lease.check()
-                append_fragments_once(store, name, _table_schema(info, name), frags)
-                failpoint(f"{name}_appended", ch.ix)
+                append_fragments_once(store, name, table_schema(info, name), frags)
+                failpoint(f"{name}_appended", out.ix)
         c.lease.check()
-        n_tracks = 0 if tracks_tbl is None else tracks_tbl.num_rows
-        if n_tracks:  # (2) the tracks now point at the new rows
-            _merge_tracks(store, tracks_tbl)
-        failpoint("tracks_merged", ch.ix)
-        ids = tracks_tbl["track_id"].to_pylist() if n_tracks else []
-        # (3) the superseded rows of those tracks, frames first; this run's rows of failed tracks
-        # (a window failed in the model) are left to the sweep
-        for name in ("frames", "windows"):
+        ids = out.tracks["track_id"].to_pylist()
+        if ids:  # (2) the tracks now point at the new rows
+            _merge_tracks(store, out.tracks)
+        failpoint("tracks_merged", out.ix)
+        for name in ("frames", "windows"):  # (3) the superseded rows of those tracks, frames first
             ds = store.open(name)
             if ds is None or not ids:
                 continue
             for part in _batches(ids, _IDS_PER_PREDICATE):
                 c.lease.check()
                 _delete(ds, f"{_in_list('track_id', part)} AND run_id != {_sql_str(run_id)}")
-    c.report.tracks_ok += n_tracks
-    if n_tracks:
-        ok = windows.filter(pa.compute.is_in(windows["track_id"], tracks_tbl["track_id"]))
-        c.report.windows += ok.num_rows
-        c.report.frames += sum(f.physical_rows for f in ch.fragments["frames"])
-        c.embedded_audio.append(
-            ok.select(["track_id", "window_ix", "num_windows", "duration_s", "decode_s", "model_s"])
-        )
+    c.report.tracks_ok += len(ids)
+    c.report.windows += out.times.num_rows
+    c.report.frames += sum(f.physical_rows for f in out.fragments["frames"])
+    if out.times.num_rows:
+        c.embedded_audio.append(out.times)
     c.report.chunks += 1
-    _event("chunk committed", run_id, chunk=ch.ix, tracks=n_tracks, failed=len(failed),
+    _event("chunk committed", run_id, chunk=out.ix, tracks=len(ids), failed=len(out.failed),
            embedded_total=c.report.tracks_ok, versions=store.versions())  # fmt: skip
-    failpoint("chunk_done", ch.ix)
-
-
-def _table_schema(info: ModelInfo, name: str) -> pa.Schema:
-    if name == "windows":
-        return schemas.windows_schema(info.settings.layers, info.dim)
-    return schemas.frames_schema(info.settings.layers, info.dim)
+    failpoint("chunk_done", out.ix)
 
 
 def sweep(store: Store, lease: StoreLock | None = None) -> tuple[dict[str, int], list[str]]:

@@ -2,7 +2,9 @@
 
     catalog rows ──DecodeStage (CPU actors)──▶ window rows (audio) | error rows
                  ──EmbedStage (GPU actors)───▶ window rows (pooled vectors) | error rows
-                 ──split──▶ windows / frames / tracks (groupby track_id) / errors
+                 ──ChunkWriter (CPU tasks)───▶ windows / frames data files per chunk (Lance store;
+                                               pipeline.streaming) — or, for --format parquet,
+                 ──ToWindows / ToFrames / ToTrack (groupby track_id)──▶ tables
 
 Every stage turns a failure of one record into an error row (stage, error_type, message) and
 keeps going; nothing is dropped silently. Rows between stages follow ``schemas.task_schema``.

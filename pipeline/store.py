@@ -1,5 +1,5 @@
-"""The embedding store: Lance tables under one root, written as distributed fragments with one
-commit per table per run on the driver (lance-ray style), or exported as Parquet.
+"""The embedding store: Lance tables under one root, written as data files in the workers with
+one commit per table per run on the driver, or exported as Parquet.
 
 A run writes data files first (in the workers) and publishes them with a single Lance commit per
 table at the end, so a failed or killed run leaves the previous table versions untouched and
@@ -10,7 +10,6 @@ append-only histories keyed by ``run_id``.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,22 +63,6 @@ class Store:
             if ds is not None:
                 out[t] = ds.version
         return out
-
-    # ---- distributed fragment writes
-
-    def fragment_writer(self, table: str, schema: pa.Schema):
-        """A ``map_batches`` callable that writes data files in the worker and returns fragment metadata."""
-        from lance_ray import LanceFragmentWriter
-
-        return LanceFragmentWriter(self.uri(table), schema=schema, storage_options=self.lance_options)
-
-    @staticmethod
-    def collect_fragments(ds) -> list[Any]:
-        """Run a dataset of writer outputs and gather the (small) fragment metadata on the driver."""
-        frags = []
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            frags += [pickle.loads(b) for b in batch["fragment"].to_pylist()]
-        return frags
 
     def commit(self, table: str, schema: pa.Schema, fragments: list[Any], mode: str) -> int:
         """Publish ``fragments`` as one new version of ``table``: ``overwrite`` replaces the rows

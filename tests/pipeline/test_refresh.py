@@ -221,14 +221,14 @@ def test_plan_kinds() -> None:
 def test_chunk_completes_when_every_track_is_accounted_for() -> None:
     """The streaming refresh commits a chunk once each track's windows (ok or failed in the model)
     or its fetch/decode error have all come out of the stream, in any order and block split."""
-    from pipeline.refresh import _Chunk
+    from pipeline.streaming import Chunk
 
     def part(*rows: tuple) -> pa.Table:
         return pa.Table.from_pylist(
             [{"track_id": t, "kind": k, "window_ix": w, "num_windows": n} for t, k, w, n in rows]
         )
 
-    ch = _Chunk(0, expected=3)
+    ch = Chunk(0, expected=3)
     ch.add(part(("a", "window", 1, 3), ("b", "window", 0, 2)), ["wf1"], [])
     ch.add(part(("a", "window", 1, 3)), [], [])  # the same window again counts once
     assert not ch.complete and ch.done == set()
