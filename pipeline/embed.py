@@ -26,7 +26,7 @@ from pipeline.audio import AudioLimits
 from pipeline.catalog import RejectedRow, UriPolicy, read_catalog
 from pipeline.inference import EmbedSettings, load_model, resolve_precision
 from pipeline.storage import redacted
-from pipeline.store import Store, write_parquet_small, write_parquet_table
+from pipeline.store import Store, in_lists, sql_str, write_parquet_small, write_parquet_table
 
 log = logging.getLogger("musicfm.pipeline")
 
@@ -674,8 +674,7 @@ def append_once(store: Store, name: str, data: pa.Table, run_id: str, tries: int
 
     def landed() -> int | None:
         ds = store.open(name)
-        quoted = run_id.replace("'", "''")
-        if ds is not None and ds.count_rows(filter=f"run_id = '{quoted}'") >= data.num_rows > 0:
+        if ds is not None and ds.count_rows(filter=f"run_id = {sql_str(run_id)}") >= data.num_rows > 0:
             return ds.version
         return None
 
@@ -820,9 +819,8 @@ def embed_into_lance(
         report.versions[name] = commit_overwrite(store, name, table_schema(info, name), pending[name])
         if failed:  # tracks with a window that failed in the model: their other windows go too
             ds = store.open(name)
-            for i in range(0, len(failed), 2000):
-                ids = ", ".join("'" + t.replace("'", "''") + "'" for t in sorted(failed)[i : i + 2000])
-                retry_write(f"delete from {name}", lambda ds=ds, ids=ids: ds.delete(f"track_id IN ({ids})"))
+            for pred in in_lists("track_id", sorted(failed)):
+                retry_write(f"delete from {name}", lambda ds=ds, pred=pred: ds.delete(pred))
             report.versions[name] = store.open(name).version
     report.versions["tracks"] = commit_overwrite(store, "tracks", tracks_schema, pending["tracks"])
     if info.settings.frames_hz:

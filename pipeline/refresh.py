@@ -77,7 +77,7 @@ from pipeline.embed import (
     retry_write,
     write_run_row,
 )
-from pipeline.store import Store
+from pipeline.store import Store, in_list, in_lists, sql_str
 from pipeline.streaming import ChunkOutput, stream_chunks, table_schema
 
 log = logging.getLogger("musicfm.refresh")
@@ -113,8 +113,6 @@ LOCK_SCHEMA = pa.schema(
 
 #: Catalogs with at least this many rows have their object metadata read by a Ray map.
 LOOKUP_RAY_MIN_ROWS = 20_000
-#: Track ids per ``IN (...)`` list of one delete predicate.
-_IDS_PER_PREDICATE = 2000
 
 _TRACK_FIXED = frozenset(
     {
@@ -591,14 +589,6 @@ class StoreLock:
 # --------------------------------------------------------------------------- helpers
 
 
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
-
-
-def _in_list(col: str, values: Sequence[str]) -> str:
-    return f"{col} IN ({', '.join(_sql_str(v) for v in values)})"
-
-
 def _batches(values: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(values), n):
         yield values[i : i + n]
@@ -706,17 +696,17 @@ def delete_tracks(c: _Ctx, track_ids: Sequence[str]) -> int:
     n = 0
     ids = sorted(track_ids)
     ds = c.store.open("tracks")
-    for part in _batches(ids, _IDS_PER_PREDICATE):
+    for pred in in_lists("track_id", ids):
         c.lease.check()
-        n += _delete(ds, _in_list("track_id", part))
+        n += _delete(ds, pred)
     failpoint("tracks_deleted")
     for name in ("frames", "windows"):  # frames first: frames rows never outlive their windows rows
         tds = c.store.open(name)
         if tds is None:
             continue
-        for part in _batches(ids, _IDS_PER_PREDICATE):
+        for pred in in_lists("track_id", ids):
             c.lease.check()
-            _delete(tds, _in_list("track_id", part))
+            _delete(tds, pred)
     return n
 
 
@@ -728,7 +718,7 @@ def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequ
         ids = [it["row"]["track_id"] for it in part]
         new_meta = {it["row"]["track_id"]: json.loads(it["row"].get("metadata_json") or "{}") for it in part}
         ds = c.store.open("tracks")
-        cur = ds.to_table(filter=_in_list("track_id", ids))
+        cur = ds.to_table(filter=in_list("track_id", ids))
         cols = {name: cur[name] for name in cur.schema.names}
         for m in meta_cols:
             cols[m] = pa.array(
@@ -780,9 +770,9 @@ def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
             ds = store.open(name)
             if ds is None or not ids:
                 continue
-            for part in _batches(ids, _IDS_PER_PREDICATE):
+            for pred in in_lists("track_id", ids):
                 c.lease.check()
-                _delete(ds, f"{_in_list('track_id', part)} AND run_id != {_sql_str(run_id)}")
+                _delete(ds, f"{pred} AND run_id != {sql_str(run_id)}")
     c.report.tracks_ok += len(ids)
     c.report.windows += out.times.num_rows
     c.report.frames += sum(f.physical_rows for f in out.fragments["frames"])
@@ -832,10 +822,10 @@ def sweep(store: Store, lease: StoreLock | None = None) -> tuple[dict[str, int],
             continue
         n = 0
         for rid, ids in sorted(by_run.items()):
-            for chunk in _batches(sorted(ids), _IDS_PER_PREDICATE):
+            for pred in in_lists("track_id", sorted(ids)):
                 if lease is not None:
                     lease.check()
-                n += _delete(ds, f"run_id = {_sql_str(rid)} AND {_in_list('track_id', chunk)}")
+                n += _delete(ds, f"run_id = {sql_str(rid)} AND {pred}")
         out[name] = n
     return out, missing
 

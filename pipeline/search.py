@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import one_line, redact
 from pipeline.schemas import RESERVED_COLUMNS, layer_column, parse_layer_column
+from pipeline.store import in_list, sql_str
 
 if TYPE_CHECKING:  # pragma: no cover
     import lance
@@ -315,15 +316,6 @@ def _fsspec_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _quote(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _in_list(column: str, values: Sequence[str]) -> str:
-    return f"{column} IN ({', '.join(_quote(v) for v in values)})"
 
 
 def _and(*preds: str | None) -> str | None:
@@ -641,7 +633,7 @@ class Store:
     # ---- lookups
 
     def _track_row(self, track_id: str, columns: Sequence[str]) -> dict[str, Any] | None:
-        tbl = self._tracks.to_table(columns=list(columns), filter=f"track_id = {_quote(track_id)}", limit=1)
+        tbl = self._tracks.to_table(columns=list(columns), filter=f"track_id = {sql_str(track_id)}", limit=1)
         return tbl.to_pylist()[0] if tbl.num_rows else None
 
     def has_track(self, track_id: str) -> bool:
@@ -661,7 +653,7 @@ class Store:
         if not track_ids:
             return {}
         cols = ["track_id", *self._meta_columns()]
-        tbl = self._tracks.to_table(columns=cols, filter=_in_list("track_id", list(dict.fromkeys(track_ids))))
+        tbl = self._tracks.to_table(columns=cols, filter=in_list("track_id", list(dict.fromkeys(track_ids))))
         return {r.pop("track_id"): {k: _json_value(v) for k, v in r.items()} for r in tbl.to_pylist()}
 
     def _meta_columns(self) -> list[str]:
@@ -882,7 +874,7 @@ class Store:
 
     def _model_filter_tracks(self, qmodel: str | None) -> str | None:
         if len(self.model_ids) > 1 and qmodel:
-            return f"model_id = {_quote(qmodel)}"
+            return f"model_id = {sql_str(qmodel)}"
         return None
 
     def _search_tracks(
@@ -925,7 +917,7 @@ class Store:
                 ]
             if not run_ids:
                 return None, False
-            model_pred = _in_list("run_id", run_ids)
+            model_pred = in_list("run_id", run_ids)
         if not where:
             return model_pred, True
         try:
@@ -939,7 +931,7 @@ class Store:
                 raise InvalidQueryError(f"bad where predicate {where!r}: {msg}") from None
         if not ids:
             return None, False
-        return _and(_in_list("track_id", ids), model_pred), True
+        return _and(in_list("track_id", ids), model_pred), True
 
     def _search_windows(
         self,

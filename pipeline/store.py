@@ -10,13 +10,32 @@ append-only histories keyed by ``run_id``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.storage import join, lance_options
+
+#: Values per ``IN (...)`` list of one filter predicate (longer lists are split).
+IDS_PER_PREDICATE = 2000
+
+
+def sql_str(value: str) -> str:
+    """A SQL string literal for a Lance filter."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def in_list(column: str, values: Sequence[str]) -> str:
+    """``column IN ('a', 'b', ...)``."""
+    return f"{column} IN ({', '.join(sql_str(v) for v in values)})"
+
+
+def in_lists(column: str, values: Sequence[str], per: int = IDS_PER_PREDICATE) -> Iterator[str]:
+    """:func:`in_list` over ``values`` split into predicates of at most ``per`` values each."""
+    for i in range(0, len(values), per):
+        yield in_list(column, values[i : i + per])
 
 
 def table_uri(root: str, table: str, fmt: str = "lance") -> str:
