@@ -776,7 +776,6 @@ def embed_into_lance(
     pending: dict[str, list[Any]] = {"windows": [], "frames": [], "tracks": []}
     failed: set[str] = set()
     errors: list[dict[str, Any]] = []
-    times: list[pa.Table] = []
     embedded_at = _now()
 
     def on_chunk(out: Any) -> None:
@@ -790,10 +789,9 @@ def embed_into_lance(
             )
             report.tracks_ok += out.tracks.num_rows
             report.windows += out.times.num_rows
-            times.append(out.times)
 
     try:
-        restarts = stream_chunks(
+        res = stream_chunks(
             rows,
             job,
             info,
@@ -811,8 +809,8 @@ def embed_into_lance(
         raise RunFailed(
             f"{what} failed before any commit (the previous version is intact): {root_cause(e)}"
         ) from e
-    if restarts:
-        report.extra["actor_restarts"] = restarts
+    if res.restarts:
+        report.extra["actor_restarts"] = res.restarts
     t0 = time.perf_counter()
     names = ["windows", "frames"] if info.settings.frames_hz else ["windows"]
     for name in names:  # dependency order: tracks last
@@ -826,7 +824,7 @@ def embed_into_lance(
     if info.settings.frames_hz:
         report.frames = store.open("frames").count_rows()
     stage_s["write"] = time.perf_counter() - t0
-    report.audio_s = _audio_seconds(pa.concat_tables(times) if times else None)
+    report.audio_s = _audio_seconds(res.times)
     return errors
 
 

@@ -672,7 +672,6 @@ class _Ctx:
     lease: StoreLock
     stage_s: dict[str, float]
     error_rows: list[dict[str, Any]]
-    embedded_audio: list[pa.Table] = field(default_factory=list)
 
     def timed(self, key: str) -> _Timer:
         return _Timer(self.stage_s, key)
@@ -740,13 +739,12 @@ def embed_and_commit(
     and commit it chunk by chunk as each chunk's tracks come out of the stream (decode and model
     keep running while the driver commits), in the order of the commit protocol (:func:`commit_chunk`).
     One pass means one actor-pool start (one model load per actor) however many chunks there are."""
-    restarts = stream_chunks(
+    res = stream_chunks(
         list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
         lambda out: commit_chunk(c, out, info), c.stage_s,
     )  # fmt: skip
-    agg = c.report.extra.setdefault("actor_restarts", {})
-    for kind, n in restarts.items():
-        agg[kind] = agg.get(kind, 0) + n
+    c.report.extra["actor_restarts"] = res.restarts
+    c.report.audio_s = _audio_seconds(res.times)
 
 
 def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
@@ -776,8 +774,6 @@ def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
     c.report.tracks_ok += len(ids)
     c.report.windows += out.times.num_rows
     c.report.frames += sum(f.physical_rows for f in out.fragments["frames"])
-    if out.times.num_rows:
-        c.embedded_audio.append(out.times)
     c.report.chunks += 1
     _event("chunk committed", run_id, chunk=out.ix, tracks=len(ids), failed=len(out.failed),
            embedded_total=c.report.tracks_ok, versions=store.versions())  # fmt: skip
@@ -1020,7 +1016,6 @@ def _run_locked(job: RefreshJob, store: Store | None, lease: StoreLock | None, r
         _event("maintenance", run_id, tables=report.maintenance)
     failpoint("maintained")
 
-    report.audio_s = sum(_audio_seconds(t) for t in c.embedded_audio)
     finish_report(report, error_rows, ej.max_error_rate)
     if error_rows:
         report.versions["errors"] = append_once(store, "errors", _error_table(error_rows, run_id), run_id)

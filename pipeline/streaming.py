@@ -77,6 +77,14 @@ class ChunkOutput:
     failed: set[str]  # tracks with an error; their windows, if any, are in the fragments: delete them
 
 
+@dataclass
+class StreamResult:
+    """What a whole pass leaves besides its chunks."""
+
+    restarts: dict[str, int]  # decode / model actor restarts during the pass
+    times: pa.Table | None  # per-window timings (TIME_COLUMNS) of every track embedded fine
+
+
 def track_rows(
     windows: pa.Table, info: Any, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
 ) -> pa.Table:
@@ -152,11 +160,12 @@ def stream_chunks(
     stage_s: dict[str, float],
     embedded_at: dt.datetime | None = None,
     model_stage: type | None = None,
-) -> dict[str, int]:
+) -> StreamResult:
     """Embed ``rows`` (catalog rows) in one streaming pass; call ``on_chunk`` for each chunk of
     ``chunk_size`` tracks as soon as all of it has come out of the stream. Returns the actor
-    restarts seen during the pass. ``model_stage`` replaces ``EmbedStage`` (benchmarks)."""
-    from pipeline.embed import TASK_MAX_RETRIES, add_worker_seconds, embed_stream
+    restarts and the per-window timings of the pass (their decode and model seconds are also
+    added to ``stage_s``). ``model_stage`` replaces ``EmbedStage`` (benchmarks)."""
+    from pipeline.embed import TASK_MAX_RETRIES, _now, add_worker_seconds, embed_stream
     from pipeline.stages import ChunkWriter
 
     chunks: dict[int, Chunk] = {}
@@ -222,12 +231,9 @@ def stream_chunks(
             close()
         restarts = stream.finish(failed)
         stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
-    add_worker_seconds(stage_s, pa.concat_tables(times) if times else None)
-    return restarts
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    all_times = pa.concat_tables(times) if times else None
+    add_worker_seconds(stage_s, all_times)
+    return StreamResult(restarts, all_times)
 
 
 def table_schema(info: Any, name: str) -> pa.Schema:
