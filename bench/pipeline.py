@@ -10,10 +10,10 @@ Everything is measured in ONE run, on the same synthetic audio, on the same mach
 
 (a) **pipeline vs model-only** (goal: ratio >= 0.9)
 
-    * model-only: :class:`pipeline.inference.WindowEmbedder` in this process on the pre-decoded
+    * model-only: :class:`pipeline.flow.inference.WindowEmbedder` in this process on the pre-decoded
       windows of the same audio, same batch size and precision (one untimed warm-up window);
       x realtime = audio seconds / wall seconds.
-    * pipeline: :func:`pipeline.embed.run_embed` on a catalog of the same files (it loads the
+    * pipeline: :func:`pipeline.runs.embed.run_embed` on a catalog of the same files (it loads the
       model on the driver, decodes in CPU actors, embeds in a model actor and writes the Lance
       store). The benchmark starts the local Ray cluster itself just before (``address="local"``,
       so it never joins a cluster left by ``ray start``) and adds that time to the ``RunReport``'s
@@ -26,7 +26,7 @@ Everything is measured in ONE run, on the same synthetic audio, on the same mach
 
     * in-process: one process, one loop over the files (``decode_audio`` as the stage calls it);
       per-core rate = audio seconds / CPU seconds of the process (``time.process_time``);
-    * Ray: the embed job's own streaming path (``pipeline.embed.embed_into_lance``: ``DecodeStage``
+    * Ray: the embed job's own streaming path (``pipeline.runs.embed.embed_into_lance``: ``DecodeStage``
       actor pool -> a ``PoolOnlyStage`` actor that shares ``EmbedStage``'s row handling -> writer
       tasks -> tracks rows and commits on the driver); per-core rate = x realtime / Ray CPUs.
       It runs over the catalog repeated ``--dp-scale`` times so that fixed Ray costs are amortised.
@@ -77,11 +77,11 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from pipeline import schemas  # noqa: E402
-from pipeline.audio import AudioLimits, decode_audio  # noqa: E402
-from pipeline.catalog import fetch_bytes  # noqa: E402
-from pipeline.inference import EmbedSettings, WindowResult  # noqa: E402
-from pipeline.stages import EmbedStage  # noqa: E402
-from pipeline.windows import plan_windows  # noqa: E402
+from pipeline.flow.inference import EmbedSettings, WindowResult  # noqa: E402
+from pipeline.flow.stages import EmbedStage  # noqa: E402
+from pipeline.io.audio import AudioLimits, decode_audio  # noqa: E402
+from pipeline.io.objects import fetch_bytes  # noqa: E402
+from pipeline.io.windows import plan_windows  # noqa: E402
 
 SR_IN = 44100
 FORMATS = (("flac", "FLAC", "PCM_16"), ("ogg", "OGG", "VORBIS"), ("wav", "WAV", "PCM_16"))
@@ -431,7 +431,7 @@ def model_only(
     """WindowEmbedder in this process, batch by batch as ``EmbedStage`` calls it."""
     import torch
 
-    from pipeline.inference import WindowEmbedder, load_model
+    from pipeline.flow.inference import WindowEmbedder, load_model
 
     t0 = time.perf_counter()
     model = load_model("random", None, model_config, device="cpu")
@@ -458,7 +458,7 @@ def model_only(
 
 
 def start_ray() -> float:
-    """Start a fresh local Ray cluster as ``pipeline.embed.ensure_ray`` does (or join ``RAY_ADDRESS``);
+    """Start a fresh local Ray cluster as ``pipeline.flow.runtime.ensure_ray`` does (or join ``RAY_ADDRESS``);
     returns the seconds it took. ``address="local"``: a plain ``ray.init()`` would join a cluster
     left by ``ray start`` on this machine, which would not measure this machine's pipeline."""
     import ray
@@ -481,7 +481,8 @@ def pipeline_run(
     catalog: Path, out: Path, args: argparse.Namespace, model_config: str | None
 ) -> dict[str, Any]:
     """``run_embed`` with Ray started just before it (by :func:`start_ray`, timed, counted as start-up)."""
-    from pipeline.embed import EmbedJob, run_embed
+    from pipeline.runs.embed import run_embed
+    from pipeline.runs.settings import EmbedJob
 
     job = EmbedJob(
         catalog=str(catalog),
@@ -529,8 +530,12 @@ def pipeline_run(
 def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) -> dict[str, Any]:
     import ray
 
-    from pipeline.embed import EmbedJob, ModelInfo, RunReport, _catalog_rows, embed_into_lance
-    from pipeline.store import Store
+    from pipeline.runs.embed import embed_into_lance
+    from pipeline.runs.model_info import ModelInfo
+    from pipeline.runs.plan import catalog_rows
+    from pipeline.runs.report import RunReport
+    from pipeline.runs.settings import EmbedJob
+    from pipeline.store.tables import StoreWriter
 
     job = EmbedJob(
         catalog=str(catalog),
@@ -552,8 +557,8 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
     )
     stage_s: dict[str, float] = {}
     meter = Meter(tree=True).__enter__()
-    rows, _rejected, meta_cols = _catalog_rows(job)
-    store = Store(job.output)
+    rows, _rejected, meta_cols = catalog_rows(job)
+    store = StoreWriter(job.output)
     report = RunReport(run_id="bench", status="running")
     errors = embed_into_lance(
         rows, job, info, store, meta_cols, "bench", report, stage_s, model_stage=PoolOnlyStage

@@ -22,7 +22,6 @@ seconds in the workers) in ``--json`` show how much of the refresh it is.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
+
+from tests.support.stores import write_catalog  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 FORMATS = ("wav", "flac", "ogg")
@@ -63,14 +64,6 @@ def write_tracks(
     return rows
 
 
-def write_catalog(path: Path, rows: list[tuple[str, str, str]]) -> str:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["track_id", "uri", "title"])
-        w.writerows(rows)
-    return str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200, help="catalog size (default 200)")
@@ -93,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_ACCEPT_CLUSTER_SPAWN", "1")
-    from pipeline.embed import EmbedJob, ensure_ray, run_embed
-    from pipeline.refresh import RefreshJob, run_refresh
+    from pipeline.flow.runtime import ensure_ray
+    from pipeline.runs.embed import run_embed
+    from pipeline.runs.refresh import run_refresh
+    from pipeline.runs.settings import EmbedJob, RefreshJob
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
     audio = work / "audio"

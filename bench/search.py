@@ -14,8 +14,8 @@ For each configuration it prints: build time, p50 / p95 single-query latency (se
 query at a time through ``lance.LanceDataset.to_table(nearest=...)``, i.e. what
 ``Store.search`` does), queries per second (1 / mean latency) and recall@10. Rows: exact numpy
 in memory (the lower bound), Lance flat (exact, no index), IVF_PQ and IVF_HNSW_SQ with the
-parameters of :func:`pipeline.index.index_params` for a few ``nprobes`` / ``refine_factor`` /
-``ef`` (``*`` marks the defaults of :func:`pipeline.index.search_params`), ``Store.search`` itself
+parameters of :func:`pipeline.search.index.index_params` for a few ``nprobes`` / ``refine_factor`` /
+``ef`` (``*`` marks the defaults of :func:`pipeline.search.index.search_params`), ``Store.search`` itself
 with the defaults (it also fetches the metadata columns) and with a ``where`` prefilter (recall
 against the exact filtered top-10), and faiss IVF-Flat / HNSW (in memory) if ``faiss`` imports.
 
@@ -40,8 +40,8 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from pipeline.index import index_params, search_params  # noqa: E402
 from pipeline.schemas import layer_column  # noqa: E402
+from pipeline.search.index import index_params, search_params  # noqa: E402
 
 
 @dataclass
@@ -134,8 +134,8 @@ def lance_rows(
 ) -> list[Row]:
     import lance
 
-    from pipeline.query.synthetic import GENRES, tracks_table
-    from pipeline.search import open_store
+    from pipeline.search.reader import open_store
+    from pipeline.search.synthetic import GENRES, tracks_table
 
     n, dim = data.shape
     col = layer_column(12)

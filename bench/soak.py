@@ -110,8 +110,9 @@ class Catalog:
 
 
 def _run_cycle(kind: str, catalog_uri: str, store: str, so: dict | None, rng: random.Random) -> dict:
-    import pipeline.stages
-    from pipeline.embed import EmbedJob, run_embed
+    import pipeline.flow.stages
+    from pipeline.runs.embed import run_embed
+    from pipeline.runs.settings import EmbedJob
 
     job = EmbedJob(
         catalog=catalog_uri,
@@ -131,20 +132,21 @@ def _run_cycle(kind: str, catalog_uri: str, store: str, so: dict | None, rng: ra
         killers.append(ActorKiller("DecodeStage", delay_s=rng.uniform(0.1, 2.0)))
     if rng.random() < 0.5:
         killers.append(ActorKiller("EmbedStage", delay_s=rng.uniform(0.5, 3.0)))
-    original = pipeline.stages.DecodeStage
-    pipeline.stages.DecodeStage = CrashingDecodeStage  # the poison file segfaults its worker
+    original = pipeline.flow.stages.DecodeStage
+    pipeline.flow.stages.DecodeStage = CrashingDecodeStage  # the poison file segfaults its worker
     for k in killers:
         k.start()
     t0 = time.perf_counter()
     try:
         if kind == "refresh":
-            from pipeline.refresh import RefreshJob, run_refresh
+            from pipeline.runs.refresh import run_refresh
+            from pipeline.runs.settings import RefreshJob
 
             report = run_refresh(RefreshJob(embed=job, chunk_size=16, retention_days=0.0), progress=False)
         else:
             report = run_embed(job, progress=False)
     finally:
-        pipeline.stages.DecodeStage = original
+        pipeline.flow.stages.DecodeStage = original
         for k in killers:
             k.stop.set()
             k.join(5)
@@ -213,26 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     so: dict | None = None
     store = str(work / "store")
     if args.s3:
-        import socket
-
-        import boto3
-        from moto.server import ThreadedMotoServer
-
+        from tests.support.s3 import moto_server
         from tools.fault_proxy import FaultConfig, FaultProxy
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        moto.start()
-        endpoint = f"http://127.0.0.1:{port}"
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="soak",
-            aws_secret_access_key="soak",
-            region_name="us-east-1",
-        )
+        moto = moto_server()
+        endpoint = moto.__enter__()  # an S3Server: the endpoint URL, plus a client
+        client = endpoint.client()
         client.create_bucket(Bucket="soak")
         s3 = (client, "soak")
         rate = args.fault_rate
@@ -245,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             ),
         ).start()
-        so = {"endpoint_url": proxy.url, "key": "soak", "secret": "soak", "region": "us-east-1"}
+        so = endpoint.options("s3fs", endpoint=proxy.url)
         store = "s3://soak/store"
     cat = Catalog(work / "catalog", args.tracks, rng, s3)
     can_refresh = (REPO / "jobs" / "refresh_catalog.py").exists() and not args.no_refresh
@@ -284,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if proxy is not None:
         proxy.stop()
     if moto is not None:
-        moto.stop()
+        moto.__exit__(None, None, None)
     ray.shutdown()
     return 1 if failures else 0
 

@@ -8,7 +8,7 @@ Run either way (from the repo root)::
 (``serve run`` also reads ``MUSICFM_STORE`` / ``MUSICFM_STORAGE_OPTIONS`` when ``store=`` is not
 given.) Routes: ``GET /similar/{track_id}?k=&layer=&where=&level=``, ``POST /search`` (JSON
 ``{"vector": [...]}`` or an audio upload), ``GET /healthz``, ``GET /info``; details in
-``pipeline/query/service.py``.
+``pipeline/search/service.py``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.query.cli import OneLineArgumentParser, positive_int, storage_options_arg  # noqa: E402
-from pipeline.query.service import DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402
+from pipeline.cli import positive_int  # noqa: E402
+from pipeline.search.cli import OneLineArgumentParser, storage_options_arg  # noqa: E402
+from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402
 
 
 def _config(args: Mapping[str, Any]) -> dict[str, Any]:
     """``SearchService`` keyword arguments from CLI / ``serve run`` arguments."""
-    from pipeline.storage import parse_storage_options
+    from pipeline.io.objects import parse_storage_options
 
     store = args.get("store") or os.environ.get("MUSICFM_STORE")
     if not store:
@@ -54,7 +55,7 @@ def app(args: dict[str, str]) -> Any:
     Keys: ``store``, ``storage_options`` (JSON), ``checkpoint``, ``stats``, ``model_config``,
     ``device``, ``max_upload_mb``, ``refresh_s``, ``num_cpus``.
     """
-    from pipeline.query.service import serve_app
+    from pipeline.search.service import serve_app
 
     return serve_app(_config(args), num_cpus=float(args.get("num_cpus") or 1.0))
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = _config(vars(args))
-        from pipeline.search import open_store
+        from pipeline.search.reader import open_store
 
         open_store(cfg["store"], cfg["storage_options"])  # fail here, not inside a replica
     except Exception as e:  # noqa: BLE001 - one line, no traceback
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipeline.query.service import serve_app
+    from pipeline.search.service import serve_app
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(

@@ -14,21 +14,18 @@ tensors under this package's own names, with the config and mel stats in the met
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import pickle
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .config import MusicFMConfig
-
-if TYPE_CHECKING:
-    from .model import MusicFM25Hz
 
 PREFIX = "model."
 NATIVE_FORMAT = "musicfm-native-v1"
@@ -214,10 +211,13 @@ def read_stats(stats: str | os.PathLike[str] | Mapping[str, Any], cfg: MusicFMCo
 # --------------------------------------------------------------------------- strict mapping
 
 
-def map_official_state_dict(sd: Mapping[str, torch.Tensor], model: MusicFM25Hz) -> dict[str, torch.Tensor]:
-    """Translate an official state dict into ``model``'s keys; raise one error listing every problem."""
-    key_map = official_key_map(model.config)
-    target = model.state_dict()
+def map_official_state_dict(
+    sd: Mapping[str, torch.Tensor], cfg: MusicFMConfig, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Translate an official state dict into native keys; ``shapes`` are the native tensors'
+    shapes the model expects. Raises one error listing every problem (missing, unexpected,
+    wrong shape or dtype)."""
+    key_map = official_key_map(cfg)
     missing = [k for k in key_map if k not in sd]
     unexpected = [k for k in sd if k not in key_map and not _is_dropped(k)]
     wrong_shape = []
@@ -226,8 +226,9 @@ def map_official_state_dict(sd: Mapping[str, torch.Tensor], model: MusicFM25Hz) 
         if src not in sd:
             continue
         t = sd[src]
-        if tuple(t.shape) != tuple(target[dst].shape):
-            wrong_shape.append(f"{src}: checkpoint {tuple(t.shape)} vs model {tuple(target[dst].shape)}")
+        want = tuple(shapes[dst])
+        if tuple(t.shape) != want:
+            wrong_shape.append(f"{src}: checkpoint {tuple(t.shape)} vs model {want}")
         elif not t.is_floating_point():
             wrong_shape.append(f"{src}: dtype {t.dtype} is not floating point")
         else:
@@ -244,14 +245,14 @@ def map_official_state_dict(sd: Mapping[str, torch.Tensor], model: MusicFM25Hz) 
     return out
 
 
-def _load_native_strict(model: MusicFM25Hz, sd: Mapping[str, torch.Tensor]) -> None:
-    target = model.state_dict()
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
+def check_native_state_dict(sd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Strict check of a native (safetensors) state dict against the model's tensor ``shapes``."""
+    missing = [k for k in shapes if k not in sd]
+    unexpected = [k for k in sd if k not in shapes]
     wrong = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in target
-        if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(shapes[k])}"
+        for k in shapes
+        if k in sd and tuple(sd[k].shape) != tuple(shapes[k])
     ]
     problems = []
     if missing:
@@ -262,16 +263,6 @@ def _load_native_strict(model: MusicFM25Hz, sd: Mapping[str, torch.Tensor]) -> N
         problems.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong))
     if problems:
         raise CheckpointError("safetensors file does not match the model config:\n  " + "\n  ".join(problems))
-    _copy_into(model, sd)
-
-
-@torch.no_grad()
-def _copy_into(model: MusicFM25Hz, sd: Mapping[str, torch.Tensor]) -> None:
-    target = model.state_dict()
-    for k, v in sd.items():
-        target[k].copy_(v.to(target[k].dtype))
-    model.encoder._rotary_cache.clear()
-    model._invalidate_id()
 
 
 # --------------------------------------------------------------------------- entry points
@@ -287,15 +278,23 @@ def _as_config(
     return MusicFMConfig.from_json(config)
 
 
-def load_model(
-    cls: type[MusicFM25Hz],
-    checkpoint: Any,
-    stats: Any,
-    config: Any,
-    *,
-    map_location: Any = "cpu",
-) -> MusicFM25Hz:
-    """Implementation of :meth:`MusicFM25Hz.from_checkpoint`."""
+@dataclass(frozen=True)
+class CheckpointFile:
+    """What a checkpoint file holds, read without building a model: the config, the mel stats,
+    the tensors (``native``: this package's key names, else official names without ``model.``)
+    and where they came from."""
+
+    config: MusicFMConfig
+    mel_mean: float
+    mel_std: float
+    tensors: dict[str, torch.Tensor]
+    native: bool
+    provenance: dict[str, str]
+
+
+def read_checkpoint(checkpoint: Any, stats: Any = None, config: Any = None) -> CheckpointFile:
+    """Read a released ``.pt`` (official key names; needs ``stats``) or a ``.safetensors`` written
+    by ``python -m musicfm.convert`` (config and stats inside). ``config=None`` infers the sizes."""
     cfg = _as_config(config)
     meta: dict[str, str] = {}
     path = os.fspath(checkpoint)
@@ -310,27 +309,22 @@ def load_model(
         mean, std = (
             read_stats(stats, cfg) if stats is not None else (float(meta["mel_mean"]), float(meta["mel_std"]))
         )
-        model = cls(cfg, mean, std, init="empty")
-        _load_native_strict(model, sd)
+        native = True
     else:
         if stats is None:
             raise CheckpointError(f"{path}: a .pt checkpoint needs its stats JSON (e.g. msd_stats.json)")
         sd = read_torch_checkpoint(path, map_location="cpu")
         cfg = cfg or infer_config(sd)
         mean, std = read_stats(stats, cfg)
-        model = cls(cfg, mean, std, init="empty")
-        _copy_into(model, map_official_state_dict(sd, model))
-    random_weights = path.endswith(".safetensors") and meta.get("source") == "random"
-    model.provenance = {
-        "source": "random" if random_weights else "checkpoint",
-        "file": os.path.basename(path),
-    }
-    model._invalidate_id()
-    return model.to(map_location) if str(map_location) != "cpu" else model
+        native = False
+    random_weights = native and meta.get("source") == "random"
+    provenance = {"source": "random" if random_weights else "checkpoint", "file": os.path.basename(path)}
+    return CheckpointFile(cfg, mean, std, dict(sd), native, provenance)
 
 
-def save_safetensors(model: MusicFM25Hz, path: str | os.PathLike[str]) -> None:
-    """Write the model's tensors under native names, with config and mel stats in the metadata."""
+def save_safetensors(model: Any, path: str | os.PathLike[str]) -> None:
+    """Write a :class:`musicfm.model.MusicFM25Hz`'s tensors under native names, with config and
+    mel stats in the metadata (reads the model, never changes it)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -360,15 +354,3 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
             f"{os.fspath(path)}: safetensors file was not written by musicfm.convert (format {meta.get('format')!r})"
         )
     return sd, meta
-
-
-def fingerprint(model: MusicFM25Hz) -> str:
-    """sha256 hex of config, mel stats and every tensor (name, dtype, shape, raw bytes), in key order."""
-    h = hashlib.sha256()
-    h.update(model.config.to_json().encode())
-    h.update(f"{model.mel_mean!r}/{model.mel_std!r}".encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

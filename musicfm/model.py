@@ -13,6 +13,7 @@ only (golden parity error 1e-5, tolerance 1e-4). State-dict names are those of t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import check_native_state_dict, map_official_state_dict, read_checkpoint
 from .config import MusicFMConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -74,13 +76,17 @@ class LogMel(nn.Module):
     def db(self, wav: Tensor) -> Tensor:
         """(B, N) -> (B, M, N // hop) mel power in dB, before normalisation."""
         with _autocast_off(wav.device):
-            x = wav.float()
+            # On CPU the spectrogram is computed in float64 and rounded once at the end: float32
+            # FFTs differ between CPU kernels (MKL on Intel vs AMD) by up to ~1.4e-4 dB, float64
+            # stays within ~8e-5 dB of the official values everywhere. On CUDA float32 (fast).
+            work = torch.float64 if wav.device.type == "cpu" else torch.float32
+            x = wav.to(work)
             z = torch.stft(
                 x,
                 n_fft=self.n_fft,
                 hop_length=self.hop_length,
                 win_length=self.n_fft,
-                window=self.window.float(),
+                window=self.window.to(work),
                 center=True,
                 pad_mode="reflect",
                 normalized=False,
@@ -88,9 +94,9 @@ class LogMel(nn.Module):
                 return_complex=True,
             )  # (B, n_fft/2+1, N // hop + 1)
             power = z.abs().pow(2.0)
-            mel = torch.matmul(power.transpose(-1, -2), self.fb.float()).transpose(-1, -2)  # (B, M, F+1)
+            mel = torch.matmul(power.transpose(-1, -2), self.fb.to(work)).transpose(-1, -2)  # (B, M, F+1)
             db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
-            return db[..., :-1]  # (B, M, F)
+            return db[..., :-1].float()  # (B, M, F)
 
     def forward(self, wav: Tensor) -> Tensor:
         return (self.db(wav) - self.mean) / self.std
@@ -350,6 +356,10 @@ class Conformer(nn.Module):
             self.inv_freq.copy_(1.0 / (self.cfg.rotary_base**exponents))
         self._rotary_cache.clear()
 
+    def clear_caches(self) -> None:
+        """Forget the cached rotary tables (after ``inv_freq`` was overwritten)."""
+        self._rotary_cache.clear()
+
     def rotary(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin tables (T, hd) in float32, cached by (length, device, buffer contents)."""
         key = (t, device, _tensor_key(self.inv_freq))
@@ -457,9 +467,17 @@ class MusicFM25Hz(nn.Module):
         """Load a released ``.pt`` (official key names) or a ``.safetensors`` written by
         ``python -m musicfm.convert``. ``config=None`` infers the sizes from tensor shapes.
         ``stats`` is the stats JSON (path or dict); optional for safetensors that carry it."""
-        from .checkpoint import load_model
-
-        return load_model(cls, checkpoint, stats, config, map_location=map_location)
+        ckpt = read_checkpoint(checkpoint, stats, config)
+        model = cls(ckpt.config, ckpt.mel_mean, ckpt.mel_std, init="empty")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if ckpt.native:
+            check_native_state_dict(ckpt.tensors, shapes)
+            weights = ckpt.tensors
+        else:
+            weights = map_official_state_dict(ckpt.tensors, ckpt.config, shapes)
+        model.load_weights(weights)
+        model.provenance = dict(ckpt.provenance)
+        return model.to(map_location) if str(map_location) != "cpu" else model
 
     @classmethod
     def from_pretrained(
@@ -497,11 +515,19 @@ class MusicFM25Hz(nn.Module):
     def model_id(self) -> str:
         """Stable id: sha256 of config, mel stats and every weight (name, dtype, shape, bytes)."""
         if self._model_id is None:
-            from .checkpoint import fingerprint
-
             digest = fingerprint(self)
             self._model_id = ("random-" if self.is_random else "musicfm-") + digest[:20]
         return self._model_id
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Copy ``state_dict`` (native keys, already checked for keys and shapes) into the model,
+        then forget its id and every derived-weight cache."""
+        target = self.state_dict()
+        for k, v in state_dict.items():
+            target[k].copy_(v.to(target[k].dtype))
+        self.encoder.clear_caches()
+        self._invalidate_id()
 
     def _invalidate_id(self) -> None:
         """Called after weights are replaced in place: forget the id and every derived-weight cache."""
@@ -590,3 +616,15 @@ class MusicFM25Hz(nn.Module):
 
     def forward(self, wav: Tensor) -> list[Tensor]:
         return self.hidden_states(wav)
+
+
+def fingerprint(model: MusicFM25Hz) -> str:
+    """sha256 hex of config, mel stats and every tensor (name, dtype, shape, raw bytes), in key order."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json().encode())
+    h.update(f"{model.mel_mean!r}/{model.mel_std!r}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,13 +1,13 @@
 """Exception hierarchy of the data plane, and the redaction applied to every message.
 
-Every exception raised by ``pipeline.audio``, ``pipeline.windows`` and ``pipeline.catalog``
+Every exception raised by ``pipeline.io.audio``, ``pipeline.io.windows`` and ``pipeline.io.catalog``
 for a *record* (one track) is a :class:`PipelineError`; the Ray stages catch it and write an
 error row ``(track_id, uri, stage, error_type(exc), str(exc))``. ``str(exc)`` is always a
 one-line human reason with secrets removed (:func:`redact`).
 
-Hierarchy::
+Hierarchy (one tree for the whole package)::
 
-    PipelineError            stage "pipeline"
+    PipelineError            stage "pipeline"   (per record: becomes an error row)
     +-- CatalogError         stage "catalog"  unreadable catalog, bad columns, bad rows
     |   +-- DuplicateTrackId stage "catalog"  a later row reusing a track_id (first one wins)
     +-- UriRefused           stage "catalog"  scheme/prefix not allowed, traversal, symlink escape
@@ -15,6 +15,18 @@ Hierarchy::
     +-- DecodeError          stage "decode"   not audio, truncated, zero-byte, NaN/Inf, limits
         +-- TooShortError    stage "decode"   shorter than the minimum length
         +-- WorkerCrashed    stage "decode"   the worker process died on this file again and again
+
+    RunFailed                a run stopped in its Ray phase (one line with the root cause)
+    RefreshError             a refresh that cannot proceed (incompatible store, unsafe plan)
+    +-- RefreshLocked        another live refresh holds the store's lease
+    +-- LeaseLost            this run lost its lease
+    InjectedFailure          test hook ``MUSICFM_FAIL_AT``
+    SearchError              a query a caller can act on (mapped to 4xx by the HTTP service)
+    +-- StoreNotFoundError, UnknownLayerError, UnknownTrackError, InvalidQueryError,
+        ModelMismatchError, ModelUnavailableError, AudioQueryError
+
+Secrets: :func:`is_secret_key` says whether an option / field name holds a secret (the one list
+of secret names); :func:`redact` removes secrets from any text.
 """
 
 from __future__ import annotations
@@ -34,6 +46,21 @@ __all__ = [
     "error_type",
     "redact",
     "one_line",
+    "is_secret_key",
+    "root_cause",
+    "RunFailed",
+    "RefreshError",
+    "RefreshLocked",
+    "LeaseLost",
+    "InjectedFailure",
+    "SearchError",
+    "StoreNotFoundError",
+    "UnknownLayerError",
+    "UnknownTrackError",
+    "InvalidQueryError",
+    "ModelMismatchError",
+    "ModelUnavailableError",
+    "AudioQueryError",
 ]
 
 #: Environment variables whose *values* are scrubbed from every message.
@@ -119,6 +146,15 @@ _SECRET_KEYS = (
     r"|x-amz-credential|x-amz-security-token|hf_token)"
 )
 # key=value in query strings / command lines / k=v lists. Value ends at & ; whitespace , quote ) ]
+_SECRET_NAME_RE = re.compile(rf"(?i)^{_SECRET_KEYS}$|secret|token|password|passwd|credential")
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether an option or field called ``name`` holds a secret (``key``, ``secret``,
+    ``aws_secret_access_key``, ``token``, ``password``, ``credentials``, ...)."""
+    return bool(_SECRET_NAME_RE.search(str(name)))
+
+
 _KV_RE = re.compile(rf"(?i)(?<![\w-])({_SECRET_KEYS})(\s*=\s*)([^&;\s,'\")\]}}]+)")
 # "key": "value" / "key": 123 in JSON / Python reprs (double or single quotes)
 _JSON_RE = re.compile(rf"(?i)([\"'])({_SECRET_KEYS})\1(\s*:\s*)(?:([\"'])(.*?)(?<!\\)\4|([^\s,}}\]]+))")
@@ -162,3 +198,98 @@ def redact(text: str) -> str:
     text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _HF_TOKEN_RE.sub(REDACTED, text)
     return text
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped in its Ray phase; the message is one line with the root cause."""
+
+
+def root_cause(exc: BaseException) -> str:
+    """``"Type: message"`` of the innermost cause of ``exc``, one line, redacted.
+
+    Ray's task errors carry the worker's traceback as text (the cause chain does not survive
+    pickling), so the first ``SomethingError: message`` line of that text is the root cause.
+    """
+    e: BaseException = exc
+    for _ in range(20):  # follow the in-process chain (RayTaskError keeps the original in .cause)
+        nxt = getattr(e, "cause", None)
+        if not isinstance(nxt, BaseException):
+            nxt = e.__cause__
+        if not isinstance(nxt, BaseException) or nxt is e:
+            break
+        e = nxt
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$", text, re.MULTILINE)
+    if m and "ray::" in text:
+        found = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+    else:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        found = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return one_line(redact(found), 500)
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+class RefreshError(RuntimeError):
+    """A refresh that cannot proceed (incompatible store, unsafe plan)."""
+
+
+class RefreshLocked(RefreshError):
+    """Another refresh holds the store's lease."""
+
+
+class LeaseLost(RefreshError):
+    """This run's lease expired or was taken over; it stops before its next commit."""
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by :func:`failpoint` when ``MUSICFM_FAIL_AT`` names the step (tests only)."""
+
+
+# --------------------------------------------------------------------------- search
+
+
+class SearchError(Exception):
+    """Base of the errors a caller can act on (bad query, unknown id/layer, wrong model...).
+
+    ``str(e)`` is one line with secrets redacted; CLIs print it as is and exit 2, the HTTP
+    service maps the subclasses to 4xx codes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(redact(message)))
+
+    def __str__(self) -> str:  # KeyError subclasses would otherwise repr() the message
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class StoreNotFoundError(SearchError, FileNotFoundError):
+    """No embedding store (no readable ``tracks.lance``) at the given root."""
+
+
+class UnknownLayerError(SearchError, ValueError):
+    """The requested layer has no vector column; the message lists the available layers."""
+
+
+class UnknownTrackError(SearchError, KeyError):
+    """A query ``track_id`` that is not in ``tracks.lance``."""
+
+
+class InvalidQueryError(SearchError, ValueError):
+    """A malformed request: bad vector, k, level, nprobes, refine factor or ``where`` predicate."""
+
+
+class ModelMismatchError(SearchError, ValueError):
+    """Query-by-audio with a model whose ``model_id`` differs from the store's."""
+
+
+class ModelUnavailableError(SearchError, RuntimeError):
+    """Query-by-audio without a model, and none can be found from the store's run records."""
+
+
+class AudioQueryError(SearchError, ValueError):
+    """The query audio could not be fetched, decoded or embedded."""

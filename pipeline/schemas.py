@@ -7,6 +7,10 @@ Store layout under the store root (local path or ``s3://...``)::
     frames.lance   one row per (track_id, frame_ix), only when frame output was asked for
     errors.lance   one row per failed record (track_id, uri, stage, error_type, message)
     runs.lance     one row per job run (arguments, counts, timings, status)
+    _refresh_lock.lance  the writers' lease (one row, :data:`LOCK_SCHEMA`)
+
+Also declared here: the in-flight schemas of the Ray stages (task, embedded, chunk parts) and
+the driver's lookup table of object versions.
 
 Vector columns are named ``layer_{ix}`` and typed ``fixed_size_list<float32, D>``.
 Catalog metadata columns (title, artist, ...) are carried into ``tracks`` as nullable strings.
@@ -14,6 +18,7 @@ Catalog metadata columns (title, artist, ...) are carried into ``tracks`` as nul
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
@@ -47,6 +52,20 @@ RESERVED_COLUMNS = frozenset(
 )
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+#: Columns of ``tracks`` the pipeline writes itself (besides the ``layer_{ix}`` vectors); every
+#: other column of a tracks table is catalog metadata.
+TRACK_FIXED_COLUMNS = frozenset(
+    {
+        "track_id", "uri", "content_version", "duration_s", "sample_rate_in", "channels_in", "num_windows",
+        "warnings", "model_id", "settings_id", "run_id", "embedded_at",
+    }
+)  # fmt: skip
+
+
+def utc_now() -> dt.datetime:
+    """The current time for :data:`TIMESTAMP` columns (timezone-aware UTC)."""
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def layer_column(ix: int) -> str:
@@ -192,13 +211,46 @@ def embedded_schema(layers: Sequence[int], dim: int, frames: bool = False) -> pa
     return pa.schema(fields)
 
 
-# Output of the refresh's ChunkWriter stage: per chunk present in a block, its uncommitted data
-# files (pickled Lance fragment metadata) and its rows without frames (Arrow IPC stream bytes).
+# Output of the ChunkWriter stage: per chunk present in a block, its uncommitted data
+# files (Lance FragmentMetadata.to_json, as JSON text) and its rows without frames (Arrow IPC bytes).
 CHUNK_PART_SCHEMA = pa.schema(
     [
         pa.field("chunk", pa.int32(), nullable=False),
         pa.field("rows", pa.large_binary(), nullable=False),
-        pa.field("windows_fragments", pa.large_binary(), nullable=False),
-        pa.field("frames_fragments", pa.large_binary()),
+        pa.field("windows_fragments", pa.large_string(), nullable=False),  # FragmentMetadata.to_json list
+        pa.field("frames_fragments", pa.large_string()),
+    ]
+)
+
+
+def metadata_columns(schema: pa.Schema) -> list[str]:
+    """Catalog metadata columns of a ``tracks`` schema, in table order."""
+    return [
+        f.name for f in schema if f.name not in TRACK_FIXED_COLUMNS and parse_layer_column(f.name) is None
+    ]
+
+
+#: Name of the lease table (``_refresh_lock.lance``) and its one row.
+LOCK_TABLE = "_refresh_lock"
+LOCK_SCHEMA = pa.schema(
+    [
+        pa.field("state", pa.string(), nullable=False),  # "held" | "released"
+        pa.field("holder", pa.string()),  # run_id of the holder
+        pa.field("token", pa.string()),  # random per acquisition
+        pa.field("host", pa.string()),
+        pa.field("pid", pa.int64()),
+        pa.field("acquired_at", TIMESTAMP),
+        pa.field("heartbeat_at", TIMESTAMP),
+        pa.field("expires_at", TIMESTAMP),
+    ]
+)
+
+#: Object versions looked up for a refresh plan (one row per catalog row).
+LOOKUP_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("content_version", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
     ]
 )

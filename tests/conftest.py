@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -65,34 +64,11 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API (moto server) on 127.0.0.1; yields (endpoint_url, storage_options)."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 API (moto server) on 127.0.0.1 for the session: an :class:`S3Server` (the
+    endpoint URL as a ``str``, plus ``client()``, ``bucket(name)`` and ``options(style)``)."""
+    from tests.support.s3 import moto_server
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    creds = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_server() as server:
+        yield server

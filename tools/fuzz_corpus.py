@@ -22,7 +22,7 @@ lengths beyond the file; AIFF channel count, frame count and an 80-bit sample ra
 pre-skip, huge granule positions (the Ogg page CRC is recomputed so the lie reaches the decoder);
 MP3 ID3 sizes and reserved bitrate/sample-rate indices. Up to three mutations are stacked.
 
-**Harness** (``check_files``): each file is decoded by ``pipeline.audio.decode_audio`` in a
+**Harness** (``check_files``): each file is decoded by ``pipeline.io.audio.decode_audio`` in a
 worker subprocess (a small pool of long-lived workers, ``RLIMIT_AS`` and ``RLIMIT_CPU`` set in the
 worker) with a per-file wall-clock limit. A worker that dies (segfault, abort, OOM kill) or hangs
 is recorded as ``crash`` / ``hang`` for that file and replaced. Outcomes: ``ok`` (decoded),
@@ -544,7 +544,7 @@ _WORKER = r"""
 import importlib, json, os, resource, sys, time
 mem = int(sys.argv[1]); cpu = int(sys.argv[2])
 sys.path.insert(0, sys.argv[3])
-from pipeline.audio import AudioLimits
+from pipeline.io.audio import AudioLimits
 from pipeline.errors import PipelineError
 mod, _, fn = sys.argv[6].partition(":")
 decode_audio = getattr(importlib.import_module(mod), fn)
@@ -581,7 +581,7 @@ class Result:
     wall_s: float = 0.0
 
 
-DEFAULT_TARGET = "pipeline.audio:decode_audio"
+DEFAULT_TARGET = "pipeline.io.audio:decode_audio"
 
 
 class _Worker:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,8 +18,10 @@ from pathlib import Path
 import lance
 import pytest
 
-from pipeline.embed import EmbedJob, run_embed
+from pipeline.runs.embed import run_embed
+from pipeline.runs.settings import EmbedJob
 from tests.conftest import AUDIO, GOLDEN, REPO
+from tests.support.net import free_port
 
 JOB = str(REPO / "jobs" / "embed_catalog.py")
 CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")
@@ -108,15 +109,8 @@ def test_help_documents_every_flag() -> None:
 
 
 def test_end_to_end_on_s3(ray_cluster, s3_server, tmp_path) -> None:
-    import boto3
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    s3 = s3_server.client()
     s3.create_bucket(Bucket="music")
     picks = ["hw_fruit", "lc_lincity", "fb_introzik"]
     with open(AUDIO / "catalog.csv") as f:
@@ -172,12 +166,6 @@ def test_end_to_end_on_s3(ray_cluster, s3_server, tmp_path) -> None:
 # --------------------------------------------------------------------------- ray job submit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_head(temp: str) -> None:
     """Stop the head started by the test: every process whose command line names its temp dir."""
     for proc in Path("/proc").iterdir():
@@ -199,7 +187,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path) -> None:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
     }
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
     # Teardown kills the processes of THIS head only (found by its temp dir): `ray stop` would kill
     # every Ray cluster on the machine, the test session's one included.
@@ -216,13 +204,13 @@ def test_ray_job_submit_against_a_local_head(tmp_path) -> None:
             "--include-dashboard=true",
             f"--temp-dir={temp}",
             # own agent ports: the defaults are taken by the test session's cluster on this machine
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--node-manager-port={_free_port()}",
-            f"--object-manager-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats",
         ],
         capture_output=True,

@@ -2,7 +2,7 @@
 
 These need no model pass (dry runs and catalogs whose objects are all missing), so they run
 without Ray. The embedding paths, crash recovery, SIGKILL and concurrent runs are covered by
-tests/pipeline/test_refresh.py.
+tests/runs/test_refresh.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import lance
 import pytest
 
 from jobs.refresh_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, build_parser, main
-from pipeline.refresh import StoreLock
-from pipeline.store import Store
+from pipeline.store.lease import StoreLock
+from pipeline.store.tables import StoreWriter
 from tests.conftest import GOLDEN
-from tests.pipeline.test_refresh import write_catalog, write_tone
+from tests.support.stores import write_catalog, write_tone
 
 MODEL = ["--checkpoint", str(GOLDEN / "checkpoint.pt"), "--stats", str(GOLDEN / "stats.json"), "--layers", "1,3",
          "--precision", "fp32", "--window-s", "1", "--no-progress"]  # fmt: skip
@@ -92,7 +92,7 @@ def test_failed_lookups_exit_3_with_a_run_record_and_a_lock_exits_4(tmp_path: Pa
         *MODEL,
     ]
 
-    holder = StoreLock(Store(str(store)), "someone-else", ttl_s=60).acquire()
+    holder = StoreLock(StoreWriter(str(store)), "someone-else", ttl_s=60).acquire()
     try:
         assert main(args) == EXIT_LOCKED
         err = capsys.readouterr().err
@@ -111,7 +111,7 @@ def test_failed_lookups_exit_3_with_a_run_record_and_a_lock_exits_4(tmp_path: Pa
     assert json.loads(run["report_json"])["plan"]["lookup_failed"] == 2
     errs = lance.dataset(str(store / "errors.lance")).to_table().to_pylist()
     assert {e["track_id"] for e in errs} == {"m1", "m2"} and {e["stage"] for e in errs} == {"lookup"}
-    assert StoreLock(Store(str(store)), "probe").holder() is None  # released after the run
+    assert StoreLock(StoreWriter(str(store)), "probe").holder() is None  # released after the run
 
 
 def test_parquet_stores_are_refused(tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.query.synthetic import write_synthetic_store
+from pipeline.search.synthetic import write_synthetic_store
 from tests.conftest import REPO
 
 DIM = 32

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.parse
 
@@ -11,19 +10,14 @@ import numpy as np
 import pytest
 import requests
 
-from pipeline.query.synthetic import tracks_table, write_synthetic_store
-from pipeline.search import open_store
+from pipeline.search.reader import open_store
+from pipeline.search.synthetic import tracks_table, write_synthetic_store
 from tests.conftest import AUDIO, GOLDEN
+from tests.support.net import free_port
 
 DIM = 48  # the golden model's width, so audio queries can be embedded
 CLIP = AUDIO / "clips" / "hw_fruit.ogg"
 LIMIT = 400_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     from ray import serve
 
     from musicfm import MusicFM25Hz
-    from pipeline.query.service import serve_app
+    from pipeline.search.service import serve_app
 
     model = MusicFM25Hz.from_checkpoint(str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json"))
     root = tmp_path_factory.mktemp("serve-store")
@@ -51,7 +45,7 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
         model_id=model.model_id,
         run_args=args,
     )
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         cfg = {"store": str(root), "max_upload_bytes": LIMIT, "refresh_s": 0.2}

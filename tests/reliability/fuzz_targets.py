@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.audio import decode_audio
+from pipeline.io.audio import decode_audio
 
 
 def misbehaving_decode(path: str, limits=None, deadline_s: float | None = None):

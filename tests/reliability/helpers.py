@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.stages import DecodeStage
+from pipeline.flow.stages import DecodeStage
 from tests.conftest import GOLDEN, REPO
 
 CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")
@@ -77,9 +77,9 @@ def job_kwargs(**kw: Any) -> dict[str, Any]:
 def store_tables(root: str, storage_options: dict | None = None, version: dict | None = None) -> dict:
     """Every table of a Lance store as pyarrow tables (None when absent)."""
     from pipeline.schemas import TABLES
-    from pipeline.store import Store
+    from pipeline.store.tables import StoreWriter
 
-    st = Store(root, storage_options)
+    st = StoreWriter(root, storage_options)
     out = {}
     for t in TABLES:
         ds = st.open(t, (version or {}).get(t))

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from pipeline.embed import EmbedJob, probe_model
+from pipeline.runs.model_info import probe_model
+from pipeline.runs.settings import EmbedJob
 from tests.conftest import REPO
 from tests.reliability.helpers import CKPT, JOB, STATS, job_kwargs, tone
 

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import pipeline.stages
-from pipeline.audio import AudioLimits
-from pipeline.embed import ACTOR_MAX_TASK_RETRIES, DECODE_MAX_CRASHES, EmbedJob, run_embed
+import pipeline.flow.stages
+from pipeline.flow.runtime import ACTOR_MAX_TASK_RETRIES, DECODE_MAX_CRASHES
+from pipeline.io.audio import AudioLimits
+from pipeline.runs.embed import run_embed
+from pipeline.runs.settings import EmbedJob
 from tests.reliability.helpers import (
     ActorKiller,
     CrashingDecodeStage,
@@ -100,7 +102,7 @@ def fault_run(ray_cluster, tmp_path_factory):
         ),
     )
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline.stages, "DecodeStage", CrashingDecodeStage)
+    mp.setattr(pipeline.flow.stages, "DecodeStage", CrashingDecodeStage)
     killers = [ActorKiller("DecodeStage", delay_s=0.2), ActorKiller("EmbedStage", delay_s=1.0)]
     for k in killers:
         k.start()
@@ -188,11 +190,11 @@ def test_input_limits_give_clear_error_rows(fault_run) -> None:
 def test_crash_markers_count_deaths_per_track(tmp_path) -> None:
     """The marker logic alone (no Ray): a death leaves the marker, the next attempt counts it, after
     DECODE_MAX_CRASHES the track is an error row; a normal attempt removes its marker."""
-    from pipeline.inference import EmbedSettings
+    from pipeline.flow.inference import EmbedSettings
 
     sf.write(tmp_path / "a.wav", tone(2.0), 24000)
     row = {"track_id": "a", "uri": str(tmp_path / "a.wav"), "metadata_json": "{}"}
-    stage = pipeline.stages.DecodeStage(
+    stage = pipeline.flow.stages.DecodeStage(
         EmbedSettings(layers=(1,), window_s=1.0, hop_s=1.0),
         AudioLimits(),
         None,
@@ -207,7 +209,7 @@ def test_crash_markers_count_deaths_per_track(tmp_path) -> None:
     assert [(r["kind"], r["error_type"]) for r in rows] == [("error", "WorkerCrashed")]
     other = {**row, "track_id": "b"}  # same uri, other track: its own count
     assert stage._marker(other) != str(marker)
-    unguarded = pipeline.stages.DecodeStage(
+    unguarded = pipeline.flow.stages.DecodeStage(
         EmbedSettings(layers=(1,), window_s=1.0, hop_s=1.0), AudioLimits(), None
     )
     assert unguarded._marker(row) is None and len(unguarded._guarded(row)) == 2

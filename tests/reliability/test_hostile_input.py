@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.catalog import UriPolicy, read_catalog, resolve_uri
 from pipeline.errors import CatalogError, UriRefused
+from pipeline.io.catalog import read_catalog
+from pipeline.io.uris import UriPolicy, resolve_uri
 from tests.conftest import REPO
 from tests.reliability.helpers import write_catalog
 
@@ -180,13 +181,13 @@ def test_missing_columns_and_broken_rows(tmp_path) -> None:
 
 def test_input_limit_flags_reach_the_job(tmp_path) -> None:
     from jobs.embed_catalog import build_parser
-    from pipeline.embed import job_from_args
+    from pipeline.runs.settings import embed_job_from_args
 
     args = build_parser().parse_args(
         ["--catalog", "c.csv", "--output", "o", "--max-file-mb", "1.5", "--max-duration-s", "30"]
         + ["--max-channels", "4", "--max-row-chars", "2000", "--decode-timeout-s", "5"]
     )
-    job = job_from_args(args)
+    job = embed_job_from_args(args)
     assert job.limits.max_bytes == int(1.5 * 1024 * 1024) and job.limits.max_duration_s == 30.0
     assert job.limits.max_channels == 4 and job.max_row_chars == 2000 and job.decode_timeout_s == 5.0
     for bad in (["--max-row-chars", "0"], ["--max-channels", "-1"], ["--max-file-mb", "nan"]):
@@ -214,7 +215,7 @@ def test_input_limit_flags_reach_the_job(tmp_path) -> None:
 _MEASURE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[3])
-from pipeline.catalog import CatalogEntry, iter_catalog
+from pipeline.io.catalog import CatalogEntry, iter_catalog
 import pyarrow, pyarrow.csv, pyarrow.compute  # imported before the baseline: not the catalog's cost
 def status(key):  # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec (the parent's peak)
     with open("/proc/self/status") as f:

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from pipeline.embed import EmbedJob, run_embed
+from pipeline.runs.embed import run_embed
+from pipeline.runs.settings import EmbedJob
 from tests.reliability.helpers import PeakRss, job_kwargs, write_catalog, write_tracks
 
 DRIVER_GROWTH_MAX = 96 * 1024**2

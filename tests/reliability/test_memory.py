@@ -26,9 +26,9 @@ _SCRIPT = r"""
 import gc, json, resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, soundfile as sf
-from pipeline.audio import AudioLimits
-from pipeline.inference import EmbedSettings
-from pipeline.stages import DecodeStage
+from pipeline.io.audio import AudioLimits
+from pipeline.flow.inference import EmbedSettings
+from pipeline.flow.stages import DecodeStage
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -101,9 +101,9 @@ def test_block_decode_fits_where_a_naive_decode_does_not(tmp_path) -> None:
 def test_out_of_memory_while_copying_windows_is_an_error_row(tmp_path, monkeypatch) -> None:
     """MemoryError after decoding (copying the windows out) stays this track's error row; before
     the fix it escaped the stage and failed the whole run."""
-    import pipeline.stages as stages
-    from pipeline.audio import AudioLimits, decode_audio
-    from pipeline.inference import EmbedSettings
+    import pipeline.flow.stages as stages
+    from pipeline.flow.inference import EmbedSettings
+    from pipeline.io.audio import AudioLimits, decode_audio
 
     class _Samples(np.ndarray):
         def tobytes(self, order="C"):  # type: ignore[override]

@@ -21,7 +21,6 @@ import time
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 import soundfile as sf
 
@@ -39,7 +38,7 @@ def _free_port() -> int:
 def test_runtime_env_secret_never_reaches_output_logs_or_store(s3_server, tmp_path) -> None:
     canary = f"canary-runtime-env-{uuid.uuid4().hex[:12]}"
     key_id = f"CANARYRTKEY{uuid.uuid4().hex[:8]}"
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3 = s3_server.client()
     s3.create_bucket(Bucket="rt-env-secrets")
     for i in range(2):
         buf = tmp_path / f"a{i}.flac"

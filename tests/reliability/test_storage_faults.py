@@ -25,11 +25,11 @@ import sys
 import time
 import uuid
 
-import boto3
 import pytest
 import soundfile as sf
 
-from pipeline.embed import EmbedJob, run_embed
+from pipeline.runs.embed import run_embed
+from pipeline.runs.settings import EmbedJob
 from tests.conftest import REPO
 from tests.reliability.helpers import CKPT, JOB, STATS, check_store, grep_tree, job_kwargs, store_tables, tone
 from tools.fault_proxy import FaultConfig, FaultProxy, classify
@@ -51,13 +51,7 @@ CANARY = {
 
 @pytest.fixture(scope="module")
 def s3_music(s3_server):
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    s3 = s3_server.client()
     s3.create_bucket(Bucket=BUCKET)
     rows = []
     for i in range(N_GOOD + 2):
@@ -229,26 +223,27 @@ def test_commits_survive_a_broken_connection_without_duplicates(s3_music, kind: 
     import lance
     import pyarrow as pa
 
-    from pipeline.embed import _error_table, append_once, commit_overwrite
-    from pipeline.store import Store
+    from pipeline.runs.report import error_table
+    from pipeline.store.commits import append_once, commit_overwrite
+    from pipeline.store.tables import StoreWriter
 
     s3_server, _s3 = s3_music
     root = f"s3://{BUCKET}/commits-{kind}"
-    direct = Store(root, _opts(s3_server))
+    direct = StoreWriter(root, _opts(s3_server))
     schema = pa.schema([("x", pa.int64())])
     frags = lance.fragment.write_fragments(
         pa.table({"x": [1, 2, 3]}), direct.uri("t"), schema=schema, storage_options=direct.lance_options
     )
     commit_overwrite(direct, "t", schema, frags)
-    append_once(direct, "errors", _error_table([{"track_id": "a", "message": "m"}], "run-1"), "run-1")
+    append_once(direct, "errors", error_table([{"track_id": "a", "message": "m"}], "run-1"), "run-1")
     cfg = FaultConfig(rates={"get": 0.0, "list": 0.0, "put": 1.0}, kinds=(kind,), max_consecutive=1)
     with FaultProxy(s3_server, cfg) as proxy:
-        faulty = Store(root, _opts(proxy.url))
+        faulty = StoreWriter(root, _opts(proxy.url))
         frags = lance.fragment.write_fragments(
             pa.table({"x": [4, 5]}), direct.uri("t"), schema=schema, storage_options=direct.lance_options
         )
         commit_overwrite(faulty, "t", schema, frags)
-        rows = _error_table([{"track_id": "b", "message": "m"}, {"track_id": "c", "message": "m"}], "run-2")
+        rows = error_table([{"track_id": "b", "message": "m"}, {"track_id": "c", "message": "m"}], "run-2")
         append_once(faulty, "errors", rows, "run-2")
         stats = proxy.snapshot()
     assert stats.get(f"put.fault.{kind}", 0) >= 2, stats
@@ -263,8 +258,9 @@ def test_refresh_on_s3_with_broken_commits_converges(ray_cluster, s3_music) -> N
     equal (track set, windows) to a refresh without faults, with no duplicate rows."""
     import lance
 
-    from pipeline.refresh import RefreshJob, run_refresh
-    from pipeline.store import Store
+    from pipeline.runs.refresh import run_refresh
+    from pipeline.runs.settings import RefreshJob
+    from pipeline.store.tables import StoreWriter
 
     s3_server, s3 = s3_music
     direct = _opts(s3_server)
@@ -300,6 +296,8 @@ def test_refresh_on_s3_with_broken_commits_converges(ray_cluster, s3_music) -> N
     assert rep.chunks == 2
     tables = store_tables(root, direct)
     check_store(tables, expect_tracks=[f"s{i:02d}" for i in range(2, N_GOOD)])
-    runs = lance.dataset(Store(root, direct).uri("runs"), storage_options=Store(root, direct).lance_options)
+    runs = lance.dataset(
+        StoreWriter(root, direct).uri("runs"), storage_options=StoreWriter(root, direct).lance_options
+    )
     rows = runs.to_table().to_pylist()
     assert sum(r["run_id"] == rep.run_id for r in rows) == 1  # the run row once, despite lost answers

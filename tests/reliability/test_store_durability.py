@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.embed import EmbedJob, RunFailed, run_embed
-from pipeline.store import Store
+from pipeline.errors import RunFailed
+from pipeline.runs.embed import run_embed
+from pipeline.runs.settings import EmbedJob
+from pipeline.store.tables import StoreWriter
 from tests.conftest import REPO
 from tests.reliability.helpers import (
     CKPT,
@@ -104,7 +106,7 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
         clean = run_embed(job, progress=False)
         v1 = store_tables(str(out))
         check_store(v1, expect_tracks=good)
-        versions1, rows1 = Store(str(out)).versions(), _row_counts(v1)
+        versions1, rows1 = StoreWriter(str(out)).versions(), _row_counts(v1)
 
         # 2. driver SIGKILLed after its first data files, before any commit. It joins the
         # session cluster, as a driver under `ray job submit` would.
@@ -127,7 +129,7 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        assert Store(str(out)).versions() == versions1
+        assert StoreWriter(str(out)).versions() == versions1
         after_kill = store_tables(str(out))
         assert _row_counts(after_kill) == rows1
         assert after_kill["tracks"].equals(v1["tracks"]) and after_kill["windows"].equals(v1["windows"])
@@ -144,7 +146,7 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
             assert "No space left on device" in msg, msg
             print(f"disk full: failed after {took:.1f} s: {msg}")
             filler.unlink()
-            assert Store(str(out)).versions() == versions1
+            assert StoreWriter(str(out)).versions() == versions1
             after_full = store_tables(str(out))
             assert _row_counts(after_full) == rows1 and after_full["tracks"].equals(v1["tracks"])
             check_store(after_full, expect_tracks=good)

@@ -1,0 +1,311 @@
+"""Model side of the pipeline: loading MusicFM from flags and embedding windows of audio.
+
+Shared by the Ray model stage (:class:`pipeline.flow.stages.EmbedStage`), query-by-audio in search,
+and tests: one code path from decoded samples to pooled vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.io.windows import Window, WindowSpec, plan_windows
+
+if TYPE_CHECKING:  # torch and the model load only where a model runs (not in decode workers)
+    import torch
+
+    from musicfm import MusicFM25Hz
+
+PRESETS = ("msd", "fma")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What is embedded and how: the parts that change the stored vectors."""
+
+    layers: tuple[int, ...] = (7, 12)
+    window_s: float = 30.0
+    hop_s: float = 30.0
+    frames_hz: float | None = None
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (never "auto")
+
+    def __post_init__(self) -> None:
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be distinct and non-empty, got {self.layers}")
+        if any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must be >= 0, got {self.layers}")
+        if self.precision not in PRECISIONS[1:]:
+            raise ValueError(f"precision must be one of fp32, bf16, fp16 here, got {self.precision!r}")
+        if self.frames_hz is not None and not self.frames_hz > 0:
+            raise ValueError(f"frames_hz must be > 0, got {self.frames_hz}")
+        self.window_spec()  # validates window/hop
+
+    def window_spec(self) -> WindowSpec:
+        return WindowSpec(window_s=self.window_s, hop_s=self.hop_s)
+
+    def settings_id(self, model_id: str) -> str:
+        """Fingerprint of everything that determines the stored vectors."""
+        payload = json.dumps(
+            {
+                "model_id": model_id,
+                "layers": list(self.layers),
+                "window_s": self.window_s,
+                "hop_s": self.hop_s,
+                "frames_hz": self.frames_hz,
+                "precision": self.precision,
+            },
+            sort_keys=True,
+        )
+        return "s-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    import torch
+
+    """``auto`` -> bf16 on CUDA, fp32 on CPU; fp16 is refused off CUDA."""
+    dev = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return precision
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _local_copy(uri: str, storage_options: dict | None) -> str:
+    """Download a remote checkpoint/stats file once into a local cache; return the local path."""
+    from pipeline.io.objects import open_uri
+
+    cache = os.environ.get("MUSICFM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "musicfm"))
+    os.makedirs(cache, exist_ok=True)
+    fs, path = open_uri(uri, storage_options)
+    info = fs.info(path)
+    tag = hashlib.sha256(f"{uri}|{info.get('ETag') or info.get('size')}".encode()).hexdigest()[:16]
+    local = os.path.join(cache, f"{tag}-{os.path.basename(path)}")
+    if not os.path.exists(local):
+        tmp = f"{local}.partial-{os.getpid()}"
+        fs.get(path, tmp)
+        os.replace(tmp, local)
+    return local
+
+
+def _is_remote(uri: str | None) -> bool:
+    return bool(uri) and "://" in uri and not uri.startswith("file://")
+
+
+def load_model(
+    checkpoint: str = "msd",
+    stats: str | None = None,
+    model_config: str | None = None,
+    device: str | None = None,
+    storage_options: dict | None = None,
+) -> MusicFM25Hz:
+    """Build the model the job flags describe, in eval mode on ``device``.
+
+    ``checkpoint``: ``msd`` / ``fma`` (released weights via the Hugging Face cache), a local path
+    or ``s3://`` / ``gs://`` URI of a ``.pt`` (needs ``stats``) or ``.safetensors``, or
+    ``random`` / ``random:SEED`` for a deterministic random-weight model (demo and tests; sizes
+    from ``model_config``; such a model's id starts with ``random-``).
+    """
+    from musicfm import MusicFM25Hz, MusicFMConfig
+
+    cfg = MusicFMConfig.from_json(model_config) if model_config else None
+    if checkpoint in PRESETS:
+        if stats:
+            raise ValueError("--stats is only for checkpoint files; presets bring their own stats")
+        model = MusicFM25Hz.from_pretrained(checkpoint)
+        if cfg is not None and cfg != model.config:
+            raise ValueError("--model-config does not match the preset's sizes")
+    elif checkpoint == "random" or checkpoint.startswith("random:"):
+        seed = int(checkpoint.split(":", 1)[1]) if ":" in checkpoint else 0
+        mean, std = (0.0, 1.0)
+        if stats:
+            from musicfm.checkpoint import read_stats
+
+            mean, std = read_stats(
+                _local_copy(stats, storage_options) if _is_remote(stats) else stats, cfg or MusicFMConfig()
+            )
+        model = MusicFM25Hz(cfg, mean, std, seed=seed)
+    else:
+        ckpt = _local_copy(checkpoint, storage_options) if _is_remote(checkpoint) else checkpoint
+        st = _local_copy(stats, storage_options) if _is_remote(stats) else stats
+        model = MusicFM25Hz.from_checkpoint(ckpt, st, cfg)
+    return model.to(pick_device(device)).eval()
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class WindowResult:
+    """Pooled output of one window: per-layer mean over its tokens, optional frames."""
+
+    means: dict[int, np.ndarray]  # layer -> (D,) float32
+    n_tokens: int
+    frames: dict[int, np.ndarray] | None = None  # layer -> (n_frames, D) float32
+    frame_times: np.ndarray | None = None  # (n_frames,) seconds from the window start (centres)
+
+
+class WindowEmbedder:
+    """Runs windows through the model, batching windows of equal length (no padding: the model has
+    no mask, so padding would change the embeddings of the real frames)."""
+
+    def __init__(self, model: MusicFM25Hz, settings: EmbedSettings, max_batch: int = 8) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        bad = [i for i in settings.layers if i > model.config.encoder_depth]
+        if bad:
+            raise ValueError(f"layers {bad} exceed the model depth {model.config.encoder_depth}")
+        self.model = model
+        self.settings = settings
+        self.max_batch = max_batch
+        self.device = model.device
+        self.model_seconds = 0.0
+
+    def _to_device(self, x: np.ndarray) -> torch.Tensor:
+        import torch
+
+        t = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
+        """``audio``: 1-D float32 arrays at 24 kHz, any lengths. Results in input order."""
+        import torch
+
+        with torch.inference_mode():
+            return self._embed(audio)
+
+    def _embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
+        from musicfm import frame_pool
+        from musicfm.pooling import num_frames
+
+        out: list[WindowResult | None] = [None] * len(audio)
+        by_len: dict[int, list[int]] = {}
+        for i, a in enumerate(audio):
+            by_len.setdefault(int(a.shape[0]), []).append(i)
+        sr = self.model.config.sample_rate
+        for n, idx in by_len.items():
+            for s in range(0, len(idx), self.max_batch):
+                chunk = idx[s : s + self.max_batch]
+                x = np.stack([np.asarray(audio[i], dtype=np.float32) for i in chunk])  # (B, N)
+                t0 = time.perf_counter()
+                hs = self.model.hidden_states(
+                    self._to_device(x), self.settings.layers, precision=self.settings.precision
+                )  # L x (B, T, D)
+                means = [h.mean(dim=1).cpu().numpy() for h in hs]  # L x (B, D)
+                frames = None
+                if self.settings.frames_hz:
+                    nf = num_frames(n / sr, self.settings.frames_hz)
+                    frames = [frame_pool(h, nf).cpu().numpy() for h in hs]  # L x (B, nf, D)
+                    times = (np.arange(nf) + 0.5) * (n / sr) / nf
+                self.model_seconds += time.perf_counter() - t0
+                n_tok = hs[0].shape[1]
+                for b, i in enumerate(chunk):
+                    out[i] = WindowResult(
+                        means={lay: means[k][b] for k, lay in enumerate(self.settings.layers)},
+                        n_tokens=n_tok,
+                        frames=None
+                        if frames is None
+                        else {lay: frames[k][b] for k, lay in enumerate(self.settings.layers)},
+                        frame_times=None if frames is None else times,
+                    )
+        return out  # type: ignore[return-value]
+
+
+def track_mean(window_means: Sequence[np.ndarray], n_tokens: Sequence[int]) -> np.ndarray:
+    """Mean over all tokens of all windows, from per-window means weighted by token counts."""
+    w = np.asarray(n_tokens, dtype=np.float64)
+    m = np.stack([np.asarray(v, dtype=np.float64) for v in window_means])  # (W, D)
+    return ((w[:, None] * m).sum(0) / w.sum()).astype(np.float32)
+
+
+def frame_ownership(windows: Sequence[Window], num_samples: int) -> list[tuple[int, int]]:
+    """Sample range each window owns for frame output, so overlapping windows give no duplicate
+    frames: a window owns from its start (or its predecessor's end, if later) to the next
+    window's start (or its own end, if earlier); the last window owns up to the track end."""
+    own = []
+    prev_end = 0
+    for k, w in enumerate(windows):
+        start = max(w.start, prev_end)
+        end = num_samples if k == len(windows) - 1 else min(w.end, windows[k + 1].start)
+        own.append((start, max(start, end)))
+        prev_end = max(start, end)
+    return own
+
+
+@dataclass
+class TrackEmbedding:
+    """Embedding of one track: per-layer track vectors and per-window vectors."""
+
+    track: dict[int, np.ndarray]  # layer -> (D,)
+    windows: list[tuple[float, float, dict[int, np.ndarray]]] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def embed_samples(embedder: WindowEmbedder, samples: np.ndarray) -> TrackEmbedding:
+    """Window, embed and pool one decoded track (mono float32 at 24 kHz)."""
+    spec = embedder.settings.window_spec()
+    sr = spec.sample_rate
+    wins = plan_windows(int(samples.shape[0]), spec)
+    results = embedder.embed([samples[w.start : w.end] for w in wins])
+    layers = embedder.settings.layers
+    track = {
+        lay: track_mean([r.means[lay] for r in results], [r.n_tokens for r in results]) for lay in layers
+    }
+    return TrackEmbedding(
+        track=track,
+        windows=[(w.start / sr, w.end / sr, r.means) for w, r in zip(wins, results, strict=True)],
+        duration_s=samples.shape[0] / sr,
+    )
+
+
+def embed_uri(
+    uri: str,
+    model: MusicFM25Hz,
+    layers: Sequence[int],
+    window_s: float = 30.0,
+    hop_s: float = 30.0,
+    storage_options: dict | None = None,
+    precision: str = "fp32",
+) -> TrackEmbedding:
+    """Fetch, decode, window, embed and pool one audio file or object (the pipeline's path)."""
+    from pipeline.io.audio import decode_audio
+    from pipeline.io.objects import fetch_bytes
+
+    if "://" in uri and not uri.startswith("file://"):
+        data, _ = fetch_bytes(uri, storage_options)
+    else:
+        data = uri[len("file://") :] if uri.startswith("file://") else uri
+    decoded = decode_audio(data)
+    settings = EmbedSettings(
+        layers=tuple(layers),
+        window_s=window_s,
+        hop_s=hop_s,
+        precision=resolve_precision(precision, model.device),
+    )
+    return embed_samples(WindowEmbedder(model, settings), decoded.samples)

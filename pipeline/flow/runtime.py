@@ -1,0 +1,202 @@
+"""Ray runtime: connecting to / starting a cluster, the Ray Data context of a run, actor pool
+sizing on clusters without GPUs, and the only uses of Ray internals in the package.
+
+Ray internals used here, each with the public alternative and why it is not used:
+
+* ``ray._private.state.actors()`` (the GCS actor table: restart counts, alive actors of this
+  job). Public alternative: ``ray.util.state.list_actors`` — it needs the dashboard, which
+  local clusters of this project run without.
+* ``core_worker.kill_actor`` on Ray Data's ``MapWorker`` actors of an abandoned stream.
+  Public alternative: ``ray.kill(handle)`` — Ray Data does not hand out the handles of its
+  pool actors, and has no public "stop this stream's pools" call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ACTOR_MAX_RESTARTS",
+    "ACTOR_MAX_TASK_RETRIES",
+    "DECODE_MAX_CRASHES",
+    "TASK_MAX_RETRIES",
+    "CpuModelPlan",
+    "actor_ids",
+    "actor_restarts",
+    "cluster_gpus",
+    "configure_data_context",
+    "cpu_model_plan",
+    "ensure_ray",
+    "stop_stage_actors",
+]
+
+# ---- fault tolerance: every retry/restart knob the job relies on, set explicitly (Ray Data's
+# defaults have changed between releases). Per-record failures never reach these: the stages
+# turn them into error rows. These cover worker *processes* dying (OOM kill, segfault, node loss).
+
+
+#: Decode and model actors are restarted without limit when their process dies; a restart costs
+#: one model load (model actors) and never loses rows: the batch in flight is retried.
+ACTOR_MAX_RESTARTS = -1
+
+
+#: A batch whose actor died is retried at most this many times, then the run fails (no hang).
+ACTOR_MAX_TASK_RETRIES = 4
+
+
+#: A track on which the decode worker died this many times becomes a ``WorkerCrashed`` error row
+#: (must stay below ACTOR_MAX_TASK_RETRIES, so a poison file never fails the run).
+DECODE_MAX_CRASHES = 2
+
+
+#: Task-based steps (splitting, writing data files) are retried this often on worker death.
+TASK_MAX_RETRIES = 4
+
+
+#: Actors dying *during* ``__init__`` (e.g. OOM while loading the model) tolerated in a row per pool.
+MAX_CONSECUTIVE_ACTOR_INIT_DEATHS = 3
+
+
+def configure_data_context(progress: bool = True) -> Any:
+    """Set the Ray Data context for a run (progress bars and every retry setting), return it."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.enable_operator_progress_bars = progress
+    settings = {
+        # an exception escaping a stage is a bug, not a flaky record: fail the run, do not retry
+        "actor_task_retry_on_errors": False,
+        "retried_map_errors": False,
+        "max_map_retries": 0,
+        "actor_init_retry_on_errors": False,
+        # a block whose task failed is never dropped: the run fails instead (nothing lost silently)
+        "max_errored_blocks": 0,
+        "max_consecutive_actor_init_deaths": MAX_CONSECUTIVE_ACTOR_INIT_DEATHS,
+    }
+    for name, value in settings.items():
+        if hasattr(ctx, name):  # older Ray releases lack some of them
+            setattr(ctx, name, value)
+    # the tracks groupby: Ray 2.60's default hash shuffle starts a pool of aggregator actors
+    # (seconds per run, and CPUs reserved beside the decode pool); the sort-based shuffle runs as
+    # plain tasks. Measured on the 200-track refresh benchmark: write stage 10.8 s -> 2.6 s.
+    from ray.data.context import ShuffleStrategy
+
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ctx
+
+
+def ensure_ray(num_gpus_hint: int | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("LANCE_LOG", "error")  # workers inherit it; Lance warns on every new table
+    kwargs: dict[str, Any] = {
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:  # never attach to some other cluster found on this machine: start our own
+        ray.init(address="local", include_dashboard=False, **kwargs)
+
+
+def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
+    """Restarts of this cluster's decode / model actors created after ``before`` (actor ids), from
+    the GCS actor table; ``{}`` when it cannot be read. ``before=None``: all of them."""
+    try:
+        import ray._private.state  # the public state API needs the dashboard
+
+        table = ray._private.state.actors()
+    except Exception:
+        return {}
+    out = {"decode": 0, "model": 0}
+    for aid, a in table.items():
+        if before is not None and aid in before:
+            continue
+        name = str(a.get("ActorClassName") or "")
+        kind = "decode" if "DecodeStage" in name else "model" if "EmbedStage" in name else None
+        if kind:
+            out[kind] += int(a.get("NumRestarts") or 0)
+    return out
+
+
+def stop_stage_actors(before: set[str]) -> int:
+    """Kill this driver's Ray Data stage actors (``MapWorker``) created after ``before`` that are
+    still alive; returns how many. Other jobs' actors on a shared cluster are never touched."""
+    try:
+        import ray
+        import ray._private.state
+
+        me = ray.get_runtime_context().get_job_id()
+        table = ray._private.state.actors()
+        core = ray._private.worker.global_worker.core_worker
+    except Exception:
+        return 0
+    n = 0
+    for aid, a in table.items():
+        alive = a.get("State") != "DEAD" and aid not in before
+        if alive and a.get("JobID") == me and str(a.get("ActorClassName") or "").startswith("MapWorker("):
+            with contextlib.suppress(Exception):  # already gone
+                core.kill_actor(ray.ActorID.from_hex(aid), True)
+                n += 1
+    return n
+
+
+def actor_ids() -> set[str]:
+    """Ids of every actor in the cluster's GCS table (empty when it cannot be read)."""
+    try:
+        import ray._private.state
+
+        return set(ray._private.state.actors())
+    except Exception:
+        return set()
+
+
+@dataclass(frozen=True)
+class CpuModelPlan:
+    """How model actors share a node's cores on a cluster without GPUs."""
+
+    reserve: int  # CPUs each model actor reserves with Ray (scheduling)
+    threads: int  # torch threads per model actor
+    decode_niceness: int  # OS niceness of the decode actors
+
+
+#: Decode actors run at this niceness when the model runs on CPU: the model's torch threads keep
+#: the cores while they compute and the decoders fill the gaps (decoding is ~1 % of the CPU the
+#: full-size model needs per audio second, so the model is the resource to keep busy).
+CPU_DECODE_NICENESS = 10
+
+
+def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
+    """Model actors on a cluster without GPUs: each reserves what the largest node has left beside
+    the decode actors (the writer tasks reserve none), and runs torch on its share of all the
+    node's cores, with the decoders niced below it. Without
+    this a model actor's torch threads and the decoders fight for the same cores."""
+    import ray
+
+    node = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1))
+    actors = max(1, model_actors)
+    return CpuModelPlan(
+        reserve=max(0, (node - decode_cpus) // actors),  # 0: it can always be scheduled
+        threads=max(1, node // actors),
+        decode_niceness=CPU_DECODE_NICENESS,
+    )
+
+
+def cluster_gpus(stage_s: dict[str, float]) -> int:
+    """GPUs of the cluster (connecting first; the time is added to ``stage_s["ray_init"]``)."""
+    import ray
+
+    t0 = time.perf_counter()
+    ensure_ray()
+    stage_s["ray_init"] = stage_s.get("ray_init", 0.0) + time.perf_counter() - t0
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,509 @@
+"""Ray Data stages: small callable classes over pyarrow batches.
+
+    catalog rows ──DecodeStage (CPU actors)──▶ window rows (audio) | error rows
+                 ──EmbedStage (GPU actors)───▶ window rows (pooled vectors) | error rows
+                 ──ChunkWriter (CPU tasks)───▶ windows / frames data files per chunk (Lance store;
+                                               pipeline.flow.streaming) — or, for --format parquet,
+                 ──ToWindows / ToFrames / ToTrack (groupby track_id)──▶ tables
+
+Every stage turns a failure of one record into an error row (stage, error_type, message) and
+keeps going; nothing is dropped silently. Rows between stages follow ``schemas.task_schema``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schemas
+from pipeline.errors import PipelineError, WorkerCrashed, error_type, redact
+from pipeline.flow.inference import EmbedSettings, WindowEmbedder, frame_ownership, load_model, track_mean
+from pipeline.io.audio import AudioLimits, decode_audio
+from pipeline.io.objects import fetch_bytes
+from pipeline.io.windows import plan_windows
+
+_DECODE_COLS = [f.name for f in schemas.TASK_BASE_FIELDS]
+
+
+def _error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
+    msg = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    out = {name: None for name in _DECODE_COLS}
+    out.update(
+        kind="error",
+        track_id=row.get("track_id"),
+        uri=redact(row["uri"]) if row.get("uri") else row.get("uri"),  # error rows never keep a secret
+        stage=stage,
+        error_type=error_type(exc),
+        message=msg[:2000],
+        chunk=row.get("chunk"),
+        # a window's error (model stage) says which window of how many: the track is complete
+        # (and failed) once every window is accounted for
+        window_ix=row.get("window_ix"),
+        num_windows=row.get("num_windows"),
+    )
+    return out
+
+
+class DecodeStage:
+    """Catalog rows (track_id, uri, metadata_json) -> one row per window with its audio, or an error row.
+
+    Poison files: with ``attempts_dir`` set, a marker file per track is written before the track
+    is read and removed once it is done. If the worker process dies meanwhile (a segfault in a
+    decoder library, an OOM kill), Ray restarts the actor and retries the batch; the marker
+    then counts the deaths, and after ``max_crashes`` the track becomes a ``WorkerCrashed``
+    error row instead of killing the worker again (Ray's own retries are bounded, so without
+    this one poison file would fail the whole run). Use one directory per run.
+    """
+
+    WINDOWS_PER_BLOCK = 16
+
+    def __init__(
+        self,
+        settings: EmbedSettings,
+        limits: AudioLimits,
+        storage_options: dict | None,
+        decode_timeout_s: float | None = None,
+        attempts_dir: str | None = None,
+        max_crashes: int = 2,
+        niceness: int = 0,
+    ) -> None:
+        if (
+            niceness > 0
+        ):  # below a model computing on the same cores (see pipeline.flow.runtime.cpu_model_plan)
+            with contextlib.suppress(OSError, AttributeError):  # an actor has its own process
+                os.nice(niceness)
+        self.spec = settings.window_spec()
+        self.limits = limits
+        self.storage_options = storage_options
+        self.decode_timeout_s = decode_timeout_s
+        self.max_crashes = max_crashes
+        self.attempts_dir = attempts_dir
+        if attempts_dir:
+            try:
+                os.makedirs(attempts_dir, exist_ok=True)
+            except OSError:  # no local scratch space: decode without the guard
+                self.attempts_dir = None
+
+    def _marker(self, row: dict[str, Any]) -> str | None:
+        if not self.attempts_dir:
+            return None
+        key = f"{row.get('track_id')}\0{row.get('uri')}".encode("utf-8", "surrogatepass")
+        return os.path.join(self.attempts_dir, hashlib.sha256(key).hexdigest()[:32])
+
+    def _guarded(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`_one`, counting worker deaths on this row in its marker file."""
+        marker = self._marker(row)
+        if marker is None:
+            return self._one(row)
+        try:
+            with open(marker) as f:
+                deaths = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            deaths = 0
+        if deaths >= self.max_crashes:
+            exc = WorkerCrashed(
+                f"the decode worker died {deaths} times while reading this file "
+                "(crash in the decoder, or killed for memory); skipped"
+            )
+            return [_error_row(row, "decode", exc)]
+        try:
+            with open(marker, "w") as f:  # counts as a death unless removed below
+                f.write(str(deaths + 1))
+        except OSError:
+            marker = None
+        try:
+            return self._one(row)
+        finally:
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(marker)
+
+    def _one(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        stage = "fetch"
+        t0 = time.perf_counter()
+        try:
+            data, version = fetch_bytes(row["uri"], self.storage_options, max_bytes=self.limits.max_bytes)
+            stage = "decode"
+            audio = decode_audio(data, self.limits, deadline_s=self.decode_timeout_s)
+            del data
+            wins = plan_windows(audio.samples.shape[0], self.spec)
+        except PipelineError as e:
+            return [_error_row(row, e.stage or stage, e)]
+        except Exception as e:  # an unexpected failure of one file must not stop the catalog
+            return [_error_row(row, stage, e)]
+        sr = self.spec.sample_rate
+        own = frame_ownership(wins, audio.samples.shape[0])
+        decode_s = time.perf_counter() - t0
+        rows = []
+        try:
+            for w, (o0, o1) in zip(wins, own, strict=True):
+                rows.append(
+                    {
+                        "kind": "window",
+                        "track_id": row["track_id"],
+                        "uri": row["uri"],
+                        "metadata_json": row.get("metadata_json"),
+                        "content_version": version,
+                        "duration_s": audio.duration_s,
+                        "sample_rate_in": audio.sample_rate_in,
+                        "channels_in": audio.channels_in,
+                        "num_windows": len(wins),
+                        "warnings": "; ".join(audio.warnings) or None,
+                        "window_ix": w.ix,
+                        "start_s": w.start / sr,
+                        "end_s": w.end / sr,
+                        "own_start_s": o0 / sr,
+                        "own_end_s": o1 / sr,
+                        "audio": audio.samples[w.start : w.end].tobytes(),
+                        "decode_s": decode_s / len(wins),
+                        "stage": None,
+                        "error_type": None,
+                        "message": None,
+                        "chunk": row.get("chunk"),
+                    }
+                )
+        except MemoryError as e:  # copying this track's windows ran out of memory: this track only
+            rows.clear()
+            return [_error_row(row, "decode", e)]
+        return rows
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        # Yield bounded blocks: a 2-hour track becomes many ~50 MB blocks, not one 700 MB block.
+        for row in batch.to_pylist():
+            rows = self._guarded(row)
+            for k in range(0, len(rows), self.WINDOWS_PER_BLOCK):
+                yield pa.Table.from_pylist(rows[k : k + self.WINDOWS_PER_BLOCK], schema=schemas.TASK_SCHEMA)
+
+
+class EmbedStage:
+    """Window rows with audio -> window rows with per-layer pooled vectors (audio dropped).
+
+    Loads the model once per actor (GPU when the actor has one, else CPU), batches windows of
+    equal length, and records a model failure as error rows for the windows concerned.
+    """
+
+    def __init__(
+        self,
+        model_args: dict[str, Any],
+        settings: EmbedSettings,
+        batch_size: int,
+        dim: int,
+        cpu_threads: int | None = None,
+    ) -> None:
+        self.model = load_model(**model_args)
+        if cpu_threads and self.model.device.type == "cpu":  # the CPUs this actor reserved, not all cores
+            import torch
+
+            torch.set_num_threads(cpu_threads)
+        self.settings = settings
+        self.embedder = WindowEmbedder(self.model, settings, max_batch=batch_size)
+        self.dim = dim
+        self.schema = schemas.embedded_schema(settings.layers, dim, frames=settings.frames_hz is not None)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [i for i, r in enumerate(rows) if r["kind"] == "window"]
+        results: dict[int, Any] = {}
+        t0 = self.embedder.model_seconds
+        try:
+            audio = [np.frombuffer(rows[i]["audio"], dtype=np.float32) for i in todo]
+            for i, res in zip(todo, self.embedder.embed(audio), strict=True):
+                results[i] = res
+        except Exception as e:  # e.g. out of device memory: these windows become error rows
+            for i in todo:
+                rows[i] = _error_row(rows[i], "model", e)
+            todo = []
+        spent = (self.embedder.model_seconds - t0) / max(1, len(todo))
+        out = []
+        for i, r in enumerate(rows):
+            r.pop("audio", None)
+            r.setdefault("model_s", None)
+            if i in results:
+                res = results[i]
+                r["model_s"] = spent
+                r["n_tokens"] = res.n_tokens
+                for lay in self.settings.layers:
+                    r[schemas.layer_column(lay)] = res.means[lay]
+                if self.settings.frames_hz:
+                    keep = (res.frame_times + r["start_s"] >= r["own_start_s"]) & (
+                        res.frame_times + r["start_s"] < r["own_end_s"]
+                    )
+                    r["frame_times"] = (res.frame_times[keep] + r["start_s"]).tolist()
+                    for lay in self.settings.layers:
+                        r["frames_" + schemas.layer_column(lay)] = res.frames[lay][keep].reshape(-1)
+            else:
+                r["n_tokens"] = None
+                for lay in self.settings.layers:
+                    r[schemas.layer_column(lay)] = None
+                if self.settings.frames_hz:
+                    r["frame_times"] = None
+                    for lay in self.settings.layers:
+                        r["frames_" + schemas.layer_column(lay)] = None
+            out.append(r)
+        return _embedded_table(out, self.schema, self.settings.layers, self.dim)
+
+
+def _embedded_table(
+    rows: list[dict[str, Any]], schema: pa.Schema, layers: Sequence[int], dim: int
+) -> pa.Table:
+    cols: dict[str, Any] = {}
+    for f in schema:
+        vals = [r.get(f.name) for r in rows]
+        if f.name.startswith("layer_"):
+            flat = (
+                np.concatenate(
+                    [np.asarray(v, np.float32) if v is not None else np.zeros(dim, np.float32) for v in vals]
+                )
+                if vals
+                else np.zeros(0, np.float32)
+            )
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+            mask = pa.array([v is None for v in vals])
+            cols[f.name] = (
+                pa.compute.if_else(mask, pa.scalar(None, f.type), arr)
+                if any(v is None for v in vals)
+                else arr
+            )
+        elif f.name.startswith("frames_layer_"):
+            cols[f.name] = pa.array([None if v is None else np.asarray(v, np.float32) for v in vals], f.type)
+        else:
+            cols[f.name] = pa.array(vals, f.type)
+    return pa.table(cols, schema=schema)
+
+
+# --------------------------------------------------------------------------- splitting and writing
+
+
+def only_kind(batch: pa.Table, kind: str) -> pa.Table:
+    return batch.filter(pa.compute.equal(batch["kind"], kind))
+
+
+class ToWindows:
+    """Embedded window rows -> ``windows`` table rows."""
+
+    def __init__(self, layers: Sequence[int], dim: int, settings_id: str, run_id: str) -> None:
+        self.schema = schemas.windows_schema(layers, dim)
+        self.settings_id, self.run_id = settings_id, run_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        b = only_kind(batch, "window")
+        n = b.num_rows
+        cols = {
+            "track_id": b["track_id"],
+            "window_ix": b["window_ix"],
+            "start_s": b["start_s"],
+            "end_s": b["end_s"],
+            **{f.name: b[f.name] for f in self.schema if f.name.startswith("layer_")},
+            "settings_id": pa.array([self.settings_id] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+        }
+        return pa.table(cols, schema=self.schema)
+
+
+class ToFrames:
+    """Embedded window rows -> ``frames`` rows (one per output frame; overlaps removed upstream)."""
+
+    def __init__(
+        self, layers: Sequence[int], dim: int, frames_hz: float, settings_id: str, run_id: str
+    ) -> None:
+        self.layers, self.dim, self.hz = list(layers), dim, frames_hz
+        self.schema = schemas.frames_schema(layers, dim)
+        self.settings_id, self.run_id = settings_id, run_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        b = only_kind(batch, "window").to_pylist()
+        tid, fix, times = [], [], []
+        vecs: dict[int, list[np.ndarray]] = {lay: [] for lay in self.layers}
+        for r in b:
+            t = np.asarray(r["frame_times"], np.float64)
+            tid += [r["track_id"]] * len(t)
+            fix += np.floor(t * self.hz).astype(np.int64).tolist()
+            times += t.tolist()
+            for lay in self.layers:
+                vecs[lay].append(
+                    np.asarray(r["frames_" + schemas.layer_column(lay)], np.float32).reshape(-1, self.dim)
+                )
+        n = len(tid)
+        cols: dict[str, Any] = {
+            "track_id": pa.array(tid, pa.string()),
+            "frame_ix": pa.array(fix, pa.int32()),
+            "time_s": pa.array(times, pa.float64()),
+        }
+        for lay in self.layers:
+            flat = np.concatenate(vecs[lay]).reshape(-1) if vecs[lay] else np.zeros(0, np.float32)
+            cols[schemas.layer_column(lay)] = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat, pa.float32()), self.dim
+            )
+        cols["settings_id"] = pa.array([self.settings_id] * n, pa.string())
+        cols["run_id"] = pa.array([self.run_id] * n, pa.string())
+        return pa.table(cols, schema=self.schema)
+
+
+class ToTrack:
+    """All embedded windows of one track (a group) -> one ``tracks`` row: token-weighted mean per layer."""
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        dim: int,
+        metadata: Sequence[str],
+        model_id: str,
+        settings_id: str,
+        run_id: str,
+        embedded_at: Any,
+    ) -> None:
+        self.layers, self.dim, self.metadata = list(layers), dim, list(metadata)
+        self.schema = schemas.tracks_schema(layers, dim, metadata)
+        self.model_id, self.settings_id, self.run_id, self.embedded_at = (
+            model_id,
+            settings_id,
+            run_id,
+            embedded_at,
+        )
+
+    def as_function(self):
+        """A plain function (``map_groups`` wants a named callable, not an instance)."""
+
+        def to_track(group: pa.Table) -> pa.Table:
+            return self(group)
+
+        return to_track
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        g = only_kind(group, "window")
+        if g.num_rows == 0:
+            return self.schema.empty_table()
+        rows = sorted(g.to_pylist(), key=lambda r: r["window_ix"])
+        first = rows[0]
+        meta = json.loads(first["metadata_json"] or "{}")
+        out: dict[str, Any] = {
+            "track_id": first["track_id"],
+            "uri": first["uri"],
+            "content_version": first["content_version"],
+            "duration_s": first["duration_s"],
+            "sample_rate_in": first["sample_rate_in"],
+            "channels_in": first["channels_in"],
+            "num_windows": len(rows),
+            **{m: meta.get(m) for m in self.metadata},
+            "warnings": first["warnings"],
+            "model_id": self.model_id,
+            "settings_id": self.settings_id,
+            "run_id": self.run_id,
+            "embedded_at": self.embedded_at,
+        }
+        tokens = [r["n_tokens"] for r in rows]
+        for lay in self.layers:
+            out[schemas.layer_column(lay)] = track_mean([r[schemas.layer_column(lay)] for r in rows], tokens)
+        if len(rows) != first["num_windows"]:  # some windows failed in the model stage
+            return self.schema.empty_table()
+        cols = {}
+        for f in self.schema:
+            v = out[f.name]
+            if f.name.startswith("layer_"):
+                cols[f.name] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.asarray(v, np.float32)), self.dim
+                )
+            else:
+                cols[f.name] = pa.array([v], f.type)
+        return pa.table(cols, schema=self.schema)
+
+
+class StageTimes:
+    """Per-track totals used for the run report (decode and model seconds, audio seconds)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        b = only_kind(batch, "window")
+        return pa.table(
+            {
+                "track_id": b["track_id"],
+                "window_ix": b["window_ix"],
+                "duration_s": b["duration_s"],
+                "decode_s": b["decode_s"],
+                "model_s": b["model_s"],
+                "num_windows": b["num_windows"],
+            }
+        )
+
+
+def without_frames(batch: pa.Table) -> pa.Table:
+    """Embedded rows without the frame-level columns (what a track row is made of)."""
+    return batch.select([n for n in batch.schema.names if n != "frame_times" and not n.startswith("frames_")])
+
+
+class ChunkWriter:
+    """Embedded rows -> the data files of their ``windows`` (and ``frames``) rows, written here in
+    the worker per commit group (``chunk``), plus what the driver needs to commit them.
+
+    Output: one row per chunk present in the block (:data:`schemas.CHUNK_PART_SCHEMA`): the
+    fragment metadata of each table (Lance's ``FragmentMetadata.to_json``, as JSON text) (data files only, invisible until the driver commits
+    them) and the block's rows of that chunk without frames (window rows with their pooled vectors,
+    and error rows) as Arrow IPC bytes, from which the driver makes the ``tracks`` rows.
+    """
+
+    def __init__(
+        self,
+        windows_uri: str,
+        frames_uri: str | None,
+        layers: Sequence[int],
+        dim: int,
+        frames_hz: float | None,
+        settings_id: str,
+        run_id: str,
+        storage_options: dict[str, str] | None,
+    ) -> None:
+        if (frames_uri is None) != (frames_hz is None):
+            raise ValueError("frames_uri and frames_hz go together")
+        self.windows_uri, self.frames_uri, self.storage_options = windows_uri, frames_uri, storage_options
+        self.to_windows = ToWindows(layers, dim, settings_id, run_id)
+        self.to_frames = ToFrames(layers, dim, frames_hz, settings_id, run_id) if frames_hz else None
+
+    def _write(self, uri: str, tbl: pa.Table) -> str:
+        import lance
+
+        if not tbl.num_rows:
+            return "[]"
+        frags = lance.fragment.write_fragments(
+            tbl, uri, schema=tbl.schema, storage_options=self.storage_options
+        )
+        return json.dumps([f.to_json() for f in frags])  # Lance's public serialised form
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for c in pa.compute.unique(batch["chunk"]).to_pylist():
+            if c is None:
+                raise ValueError("ChunkWriter got rows without a chunk")
+            sub = batch.filter(pa.compute.equal(batch["chunk"], c))
+            rows = without_frames(sub)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, rows.schema) as w:
+                w.write_table(rows)
+            out.append(
+                {
+                    "chunk": c,
+                    "rows": sink.getvalue().to_pybytes(),
+                    "windows_fragments": self._write(self.windows_uri, self.to_windows(sub)),
+                    "frames_fragments": (
+                        self._write(self.frames_uri, self.to_frames(sub)) if self.to_frames else None
+                    ),
+                }
+            )
+        return pa.Table.from_pylist(out, schema=schemas.CHUNK_PART_SCHEMA)
+
+    @staticmethod
+    def read_part(part: dict[str, Any]) -> tuple[pa.Table, list[Any], list[Any]]:
+        """Driver side: (rows, windows fragments, frames fragments) of one output row."""
+        from lance.fragment import FragmentMetadata
+
+        def frags(text: str | None) -> list[Any]:
+            return [FragmentMetadata.from_json(json.dumps(d)) for d in json.loads(text or "[]")]
+
+        rows = pa.ipc.open_stream(part["rows"]).read_all()
+        return rows, frags(part["windows_fragments"]), frags(part["frames_fragments"])

@@ -1,0 +1,360 @@
+"""One streaming Ray pass from catalog rows to uncommitted data files, handed over chunk by chunk.
+
+Both jobs use it: the embed job collects every chunk and commits each table once at the end
+(Overwrite); the refresh job commits each chunk as it arrives (its commit protocol).
+
+    catalog rows (+ chunk index) ──DecodeStage (CPU actors)──▶ windows with audio | errors
+        ──EmbedStage (GPU actors)──▶ windows with pooled vectors (and frames) | errors
+        ──ChunkWriter (CPU tasks)──▶ windows / frames data files, per chunk, written in the worker
+        ──driver──▶ a chunk is complete when each of its tracks has all its windows (ok or failed
+                    in the model) or its fetch/decode error: ``on_chunk(ChunkOutput)``
+
+Nothing is materialized: blocks flow through the object store once, the actor pools start once
+(one model load per actor) however many chunks there are, and the data files are written while
+decoding and embedding go on. The driver holds, per incomplete chunk, the pooled window vectors
+(no audio, no frames) it needs to make the chunk's ``tracks`` rows (token-weighted means).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schemas
+from pipeline.errors import redact
+from pipeline.flow.runtime import (
+    ACTOR_MAX_RESTARTS,
+    ACTOR_MAX_TASK_RETRIES,
+    DECODE_MAX_CRASHES,
+    TASK_MAX_RETRIES,
+    actor_ids,
+    actor_restarts,
+    cpu_model_plan,
+    stop_stage_actors,
+)
+from pipeline.store.tables import StoreWriter
+
+#: Columns of the per-window timings kept for the run report.
+TIME_COLUMNS = ["track_id", "window_ix", "num_windows", "duration_s", "decode_s", "model_s"]
+
+
+@dataclass
+class Chunk:
+    """What the driver has received of one chunk from the stream, until every track is accounted for."""
+
+    ix: int
+    expected: int  # tracks in the chunk
+    parts: list[pa.Table] = field(default_factory=list)  # window + error rows, no frames
+    fragments: dict[str, list[Any]] = field(default_factory=lambda: {"windows": [], "frames": []})
+    seen: dict[str, set[int]] = field(default_factory=dict)  # window_ix accounted for (ok or failed)
+    done: set[str] = field(default_factory=set)
+
+    def add(self, rows: pa.Table, windows: list[Any], frames: list[Any]) -> None:
+        self.parts.append(rows)
+        self.fragments["windows"] += windows
+        self.fragments["frames"] += frames
+        cols = [rows[k].to_pylist() for k in ("track_id", "kind", "window_ix", "num_windows")]
+        for tid, kind, wix, n in zip(*cols, strict=True):
+            if kind == "error" and wix is None:  # fetch/decode error: the track has no windows
+                self.done.add(tid)
+                continue
+            got = self.seen.setdefault(tid, set())
+            got.add(wix)
+            if n is not None and len(got) >= n:
+                self.done.add(tid)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) >= self.expected
+
+
+@dataclass
+class ChunkOutput:
+    """A complete chunk, ready to commit."""
+
+    ix: int
+    fragments: dict[str, list[Any]]  # uncommitted data files: windows, frames
+    tracks: pa.Table  # tracks rows of the chunk's tracks that embedded fine
+    times: pa.Table  # per-window timings of those tracks (TIME_COLUMNS)
+    error_rows: list[dict[str, Any]]  # fetch / decode / model errors (+ tracks lost in the pipeline)
+    failed: set[str]  # tracks with an error; their windows, if any, are in the fragments: delete them
+
+
+@dataclass
+class StreamResult:
+    """What a whole pass leaves besides its chunks."""
+
+    restarts: dict[str, int]  # decode / model actor restarts during the pass
+    times: pa.Table | None  # per-window timings (TIME_COLUMNS) of every track embedded fine
+
+
+@dataclass
+class EmbedStream:
+    """The lazy decode -> model pipeline of :func:`embed_stream` and what its caller cleans up."""
+
+    ds: Any  # ray.data.Dataset of embedded rows (kind window | error), not yet executed
+    attempts_dir: str
+    actors_before: set[str]
+
+    def finish(self, failed: bool = False) -> dict[str, int]:
+        """After the stream ran: remove the crash-marker scratch; actor restarts during the run.
+        ``failed``: the stream was left early; stop its actors now (they hold the GPUs and CPUs
+        the next run needs, and references kept by the exception would keep them alive)."""
+        shutil.rmtree(self.attempts_dir, ignore_errors=True)
+        restarts = actor_restarts(self.actors_before)
+        if failed:
+            stop_stage_actors(self.actors_before)
+        return restarts
+
+
+def embed_stream(
+    rows: list[dict[str, Any]],
+    job: Any,
+    info: Any,
+    decode_actors: int,
+    model_actors: int,
+    model_stage: type | None = None,
+) -> EmbedStream:
+    """Decode (``decode_actors`` CPU actors) and embed (``model_actors`` model actors) catalog
+    rows: a lazy Ray dataset. ``job`` (a :class:`pipeline.runs.settings.EmbedJob`) gives the model
+    source, limits and batch size; ``info`` (:class:`pipeline.flow.inference.ModelInfo`) the
+    settings. ``model_stage`` replaces :class:`pipeline.flow.stages.EmbedStage` (benchmarks)."""
+    import ray
+
+    from pipeline.flow.stages import DecodeStage, EmbedStage
+
+    model_args = dict(
+        checkpoint=job.checkpoint,
+        stats=job.stats,
+        model_config=job.model_config,
+        device="auto",  # CUDA when the actor has a GPU, else CPU
+        storage_options=job.storage_options or None,
+    )
+    actors_before = actor_ids()
+    # per-run scratch for DecodeStage's crash markers (on each node that runs a decode actor)
+    attempts_dir = os.path.join(tempfile.gettempdir(), "musicfm-decode-attempts", uuid.uuid4().hex)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * decode_actors)))
+    # max_restarts / max_task_retries go through **ray_remote_args, which Ray 2.60 marks deprecated
+    # (removal planned for 2.64, with no named replacement yet): kept explicit on purpose.
+    warnings.filterwarnings(
+        "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.flow\.streaming"
+    )
+    cpu_plan = None if info.gpus > 0 else cpu_model_plan(decode_actors, model_actors)
+    decoded = ds.map_batches(
+        DecodeStage,
+        fn_constructor_kwargs=dict(
+            settings=info.settings,
+            limits=job.limits,
+            storage_options=job.storage_options or None,
+            decode_timeout_s=job.decode_timeout_s,
+            attempts_dir=attempts_dir,
+            max_crashes=DECODE_MAX_CRASHES,
+            niceness=0 if cpu_plan is None else cpu_plan.decode_niceness,
+        ),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=decode_actors),
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
+    )
+    embedded = decoded.map_batches(
+        model_stage or EmbedStage,
+        fn_constructor_kwargs=dict(
+            model_args=model_args,
+            settings=info.settings,
+            batch_size=job.batch_size,
+            dim=info.dim,
+            cpu_threads=None if cpu_plan is None else cpu_plan.threads,
+        ),
+        batch_size=job.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if info.gpus > 0 else 0,
+        num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
+        compute=ray.data.ActorPoolStrategy(size=model_actors),
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
+    )
+    return EmbedStream(embedded, attempts_dir, actors_before)
+
+
+def add_worker_seconds(stage_s: dict[str, float], times: pa.Table | None) -> None:
+    """Sum the per-window decode and model seconds of ``times`` into ``stage_s``."""
+    if times is not None and times.num_rows:
+        for col, key in (("decode_s", "decode_worker"), ("model_s", "model_worker")):
+            stage_s[key] = stage_s.get(key, 0.0) + float(pa.compute.sum(times[col]).as_py() or 0.0)
+
+
+def track_rows(
+    windows: pa.Table, info: Any, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
+) -> pa.Table:
+    """``tracks`` rows from embedded window rows (every window of each track, no frames), made on
+    the driver by the ``ToTrack`` stage; a chunk is bounded, so its pooled vectors fit."""
+    from pipeline.flow.stages import ToTrack
+
+    to_track = ToTrack(
+        info.settings.layers, info.dim, meta_cols, info.model_id, info.settings_id, run_id, embedded_at
+    )
+    if not windows.num_rows:
+        return to_track.schema.empty_table()
+    windows = windows.take(
+        pa.compute.sort_indices(windows, [("track_id", "ascending"), ("window_ix", "ascending")])
+    )
+    ids = windows["track_id"].to_numpy(zero_copy_only=False)
+    bounds = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
+    rows = [to_track(windows.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    rows = [r for r in rows if r.num_rows]
+    return pa.concat_tables(rows) if rows else to_track.schema.empty_table()
+
+
+def finish_chunk(
+    ch: Chunk,
+    info: Any,
+    meta_cols: Sequence[str],
+    run_id: str,
+    embedded_at: dt.datetime,
+    rows: Sequence[Mapping[str, Any]] | None = None,
+) -> ChunkOutput:
+    """Errors, track rows and timings of a chunk. ``rows`` (the stream's input) is given for a
+    chunk that never completed: its tracks not accounted for become error rows, not silence."""
+    from pipeline.flow.stages import only_kind
+
+    got = pa.concat_tables(ch.parts) if ch.parts else None
+    errors = only_kind(got, "error") if got is not None else None
+    error_rows = (
+        errors.select(["track_id", "uri", "stage", "error_type", "message"]).to_pylist()
+        if errors is not None
+        else []
+    )
+    failed = {e["track_id"] for e in error_rows}
+    if rows is not None:
+        lost = [r for r in rows if r["chunk"] == ch.ix and r["track_id"] not in ch.done]
+        error_rows += [{"track_id": r["track_id"], "uri": redact(r["uri"]), "stage": "pipeline",
+                        "error_type": "Incomplete", "message": "not every window of the track came out of "
+                        "the pipeline; not stored (a rerun retries it)"} for r in lost]  # fmt: skip
+        failed |= {r["track_id"] for r in lost}
+    windows = only_kind(got, "window") if got is not None else None
+    if windows is None:
+        tracks = track_rows(pa.table({}), info, meta_cols, run_id, embedded_at)
+        return ChunkOutput(
+            ch.ix, ch.fragments, tracks, pa.table({c: [] for c in TIME_COLUMNS}), error_rows, failed
+        )
+    if failed:
+        windows = windows.filter(
+            pa.compute.invert(pa.compute.is_in(windows["track_id"], pa.array(sorted(failed), pa.string())))
+        )
+    tracks = track_rows(windows, info, meta_cols, run_id, embedded_at)
+    ok = windows.filter(pa.compute.is_in(windows["track_id"], tracks["track_id"]))
+    return ChunkOutput(ch.ix, ch.fragments, tracks, ok.select(TIME_COLUMNS), error_rows, failed)
+
+
+def stream_chunks(
+    rows: Sequence[Mapping[str, Any]],
+    job: Any,
+    info: Any,
+    store: StoreWriter,
+    run_id: str,
+    meta_cols: Sequence[str],
+    chunk_size: int,
+    on_chunk: Callable[[ChunkOutput], None],
+    stage_s: dict[str, float],
+    embedded_at: dt.datetime | None = None,
+    model_stage: type | None = None,
+) -> StreamResult:
+    """Embed ``rows`` (catalog rows) in one streaming pass; call ``on_chunk`` for each chunk of
+    ``chunk_size`` tracks as soon as all of it has come out of the stream. Returns the actor
+    restarts and the per-window timings of the pass (their decode and model seconds are also
+    added to ``stage_s``). ``model_stage`` replaces ``EmbedStage`` (benchmarks)."""
+    from pipeline.flow.stages import ChunkWriter
+
+    chunks: dict[int, Chunk] = {}
+    tagged: list[dict[str, Any]] = []
+    for ci, start in enumerate(range(0, len(rows), chunk_size)):
+        part = rows[start : start + chunk_size]
+        chunks[ci] = Chunk(ci, len(part))
+        tagged += [{**r, "chunk": ci} for r in part]
+    # a small run (a quiet night) does not need every actor the cluster could hold
+    decode_actors = max(1, min(job.decode_cpus, len(tagged)))
+    model_actors = max(1, min(job.gpu_actors or max(1, info.gpus), len(tagged)))
+    frames_hz = info.settings.frames_hz
+    writer = ChunkWriter(
+        windows_uri=store.uri("windows"),
+        frames_uri=store.uri("frames") if frames_hz else None,
+        layers=info.settings.layers,
+        dim=info.dim,
+        frames_hz=frames_hz,
+        settings_id=info.settings_id,
+        run_id=run_id,
+        storage_options=store.lance_options,
+    )
+    t0 = time.perf_counter()
+    stream = embed_stream(tagged, job, info, decode_actors, model_actors, model_stage=model_stage)
+    # Writer tasks (a retried task rewrites its files; only the driver commits). They reserve no
+    # CPU, so the stream can never stall behind actors holding every CPU of a small node, and a
+    # bounded pool of them keeps up with the decoders (writing is a fraction of decoding's cost).
+    import ray
+
+    parts = stream.ds.map_batches(
+        writer,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=max(2, decode_actors)),
+        max_retries=TASK_MAX_RETRIES,
+    )
+    times: list[pa.Table] = []
+
+    def done(out: ChunkOutput) -> None:
+        if out.times.num_rows:
+            times.append(out.times)
+        on_chunk(out)
+
+    batches = iter(parts.iter_batches(batch_size=None, batch_format="pyarrow"))
+    failed = True
+    try:
+        for batch in batches:
+            for part in batch.to_pylist():
+                ch = chunks[part["chunk"]]
+                ch.add(*ChunkWriter.read_part(part))
+                if ch.complete:
+                    done(
+                        finish_chunk(
+                            chunks.pop(ch.ix), info, meta_cols, run_id, embedded_at or schemas.utc_now()
+                        )
+                    )
+        for ch in list(chunks.values()):  # tracks that never came out of the stream (not expected)
+            done(
+                finish_chunk(
+                    chunks.pop(ch.ix), info, meta_cols, run_id, embedded_at or schemas.utc_now(), rows=tagged
+                )
+            )
+        failed = False
+    finally:
+        # leaving early (a failed commit, an injected failure, Ctrl-C) must stop the pass now: its
+        # actors hold the GPUs and CPUs the next run needs
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        restarts = stream.finish(failed)
+        stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
+    all_times = pa.concat_tables(times) if times else None
+    add_worker_seconds(stage_s, all_times)
+    return StreamResult(restarts, all_times)
+
+
+def table_schema(info: Any, name: str) -> pa.Schema:
+    """Schema of the ``windows`` or ``frames`` table for these settings."""
+    if name == "windows":
+        return schemas.windows_schema(info.settings.layers, info.dim)
+    return schemas.frames_schema(info.settings.layers, info.dim)

@@ -1,0 +1,209 @@
+"""The embed, refresh and export commands: flags, and the run with one-line errors and exit
+codes. ``jobs/embed_catalog.py``, ``jobs/refresh_catalog.py`` and ``jobs/export_store.py`` (for
+``ray job submit``) and the ``musicfm-*`` console scripts call these."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cli import (
+    OneLineParser,
+    add_model_args,
+    add_run_args,
+    add_window_args,
+    fraction,
+    non_negative,
+    positive_int,
+    run_main,
+)
+
+EMBED_DOC = """Embed a music catalog with MusicFM into a Lance (or Parquet) store.
+
+python jobs/embed_catalog.py --catalog s3://bucket/catalog.csv --output s3://bucket/store
+ray job submit --working-dir . -- python jobs/embed_catalog.py --catalog ... --output ...
+python jobs/embed_catalog.py --demo          # offline demo: synthetic audio, random weights
+"""
+
+REFRESH_DOC = """Bring an embedding store in line with a catalog: embed new and changed tracks, re-embed
+tracks whose settings changed, delete tracks gone from the catalog, leave the rest untouched.
+
+    python jobs/refresh_catalog.py --catalog s3://bucket/catalog.csv --store s3://bucket/store
+    python jobs/refresh_catalog.py --catalog ... --store ... --dry-run      # plan only, writes nothing
+    ray job submit --working-dir . -- python jobs/refresh_catalog.py --catalog ... --store ...
+
+Commits every --chunk-size tracks (a rerun after a crash resumes where it stopped), holds a
+lease on the store (a second concurrent refresh exits with code 4), then compacts, optimises
+indices and removes versions older than --retention-days. See docs/refresh.md.
+
+Exit codes: 0 ok; 1 error (the run stopped; rerun to resume); 2 bad flags; 3 more failed
+tracks than --max-error-rate; 4 another refresh holds the store.
+"""
+
+EXIT_OK, EXIT_ERROR_RATE, EXIT_LOCKED = 0, 3, 4
+
+# --------------------------------------------------------------------------- embed
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="embed_catalog", description=EMBED_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--catalog",
+        help="CSV / Parquet / JSON-lines file with a `uri` column, or a directory/prefix "
+        "of audio files (local, s3://, gs://)",
+    )
+    p.add_argument("--output", help="store root (local path or s3://...)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="offline demo: generate a small catalog and a random-weight model, embed into ./demo_store",
+    )
+    p.add_argument("--demo-dir", default="demo_store", help="where --demo writes (default ./demo_store)")
+    p.add_argument("--build-index", action="store_true", help="build ANN indexes after embedding")
+    add_model_args(p)
+    add_window_args(p)
+    add_run_args(p)
+    return p
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    parser = embed_parser()
+
+    def run(args: argparse.Namespace) -> int:
+        if args.demo:
+            from pipeline.runs.demo import run_demo
+
+            return run_demo(args)
+        if not args.catalog or not args.output:
+            parser.error("--catalog and --output are required (or use --demo)")
+        from pipeline.runs.embed import run_embed
+        from pipeline.runs.settings import embed_job_from_args
+
+        job = embed_job_from_args(args)
+        report = run_embed(job, progress=not args.no_progress)
+        print(report.summary())
+        if args.build_index and report.status == "ok":
+            from pipeline.search.index import build_indexes
+
+            for rep in build_indexes(job.output, storage_options=job.storage_options or None):
+                print(f"  index    {rep}")
+        return 0 if report.status == "ok" else 3
+
+    return run_main(run, parser, argv)
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+def refresh_parser() -> argparse.ArgumentParser:
+    """The refresh job's flags: its own, plus the embed job's model/window/execution flags."""
+    p = OneLineParser(
+        prog="refresh_catalog", description=REFRESH_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--catalog", required=True, help="CSV / Parquet / JSON-lines catalog, or a directory/prefix of audio"
+    )
+    p.add_argument(
+        "--store", required=True, help="store root (local path or s3://...), as written by embed_catalog"
+    )
+    g = p.add_argument_group("refresh")
+    g.add_argument(
+        "--dry-run", action="store_true", help="print the plan (counts and samples); write nothing"
+    )
+    miss = g.add_mutually_exclusive_group()
+    miss.add_argument("--delete-missing", dest="delete_missing", action="store_true", default=True,
+                      help="delete tracks that are no longer in the catalog (default)")  # fmt: skip
+    miss.add_argument("--keep-missing", dest="delete_missing", action="store_false",
+                      help="keep tracks that are no longer in the catalog")  # fmt: skip
+    g.add_argument("--chunk-size", type=positive_int, default=1000,
+                   help="tracks per commit; a rerun redoes at most one chunk (default 1000)")  # fmt: skip
+    g.add_argument("--retention-days", type=non_negative, default=7.0,
+                   help="remove table versions older than this after the refresh (default 7)")  # fmt: skip
+    g.add_argument("--max-delete-fraction", type=fraction, default=0.5,
+                   help="refuse a plan deleting more than this fraction of the stored tracks (default 0.5)")  # fmt: skip
+    g.add_argument("--lock-ttl-s", type=non_negative, default=600.0,
+                   help="lease length; a killed run's lease frees after this (default 600)")  # fmt: skip
+    g.add_argument("--lock-wait-s", type=non_negative, default=0.0,
+                   help="wait up to this long for another refresh to finish (default 0: fail at once)")  # fmt: skip
+    g.add_argument("--lookup-threads", type=positive_int, default=32,
+                   help="concurrent object-metadata lookups per process (default 32)")  # fmt: skip
+    g.add_argument("--no-maintenance", action="store_true", help="skip compaction/cleanup after the refresh")
+    add_model_args(p)
+    add_window_args(p)
+    add_run_args(p)
+    return p
+
+
+def refresh_main(argv: list[str] | None = None) -> int:
+    """Run the refresh job; returns the exit code (see the module docstring)."""
+    parser = refresh_parser()
+
+    def run(args: argparse.Namespace) -> int:
+        from pipeline.errors import RefreshLocked
+        from pipeline.runs.refresh import run_refresh
+        from pipeline.runs.settings import RefreshJob, embed_job_from_args
+
+        if args.format != "lance":
+            parser.error("--format: refresh works on Lance stores only")
+        if args.lock_ttl_s <= 0:
+            parser.error("--lock-ttl-s must be > 0")
+        args.output = args.store
+        job = RefreshJob(
+            embed=embed_job_from_args(args), dry_run=args.dry_run, delete_missing=args.delete_missing,
+            chunk_size=args.chunk_size, retention_days=args.retention_days,
+            max_delete_fraction=args.max_delete_fraction, lock_ttl_s=args.lock_ttl_s,
+            lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads, maintenance=not args.no_maintenance,
+        )  # fmt: skip
+        try:
+            report = run_refresh(job, progress=not args.no_progress)
+        except RefreshLocked as e:
+            print(f"{parser.prog}: locked: {e}", file=sys.stderr)
+            return EXIT_LOCKED
+        print(report.summary())
+        return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
+
+    return run_main(run, parser, argv)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="export_store",
+        description="Export a store's committed Lance tables as Parquet ({TABLE}.parquet/ directories).",
+    )
+    p.add_argument("--store", required=True, help="store root (local path or s3://...)")
+    p.add_argument("--out", default=None, help="where to write (default: the store root itself)")
+    p.add_argument("--tables", default="tracks,windows,frames,errors,runs", help="comma-separated tables")
+    p.add_argument("--storage-options", type=_storage_options, default=None, help="JSON storage options")
+    return p
+
+
+def _storage_options(text: str) -> dict:
+    from pipeline.io.objects import parse_storage_options
+
+    try:
+        return parse_storage_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = export_parser()
+
+    def run(args: argparse.Namespace) -> int:
+        from pipeline.runs.export import export_parquet
+
+        tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+        done = export_parquet(args.store, args.storage_options, out=args.out, tables=tables)
+        for name, uri in done.items():
+            print(f"  {name:<8} {uri}")
+        if not done:
+            print(f"{parser.prog}: error: no tables to export at {args.store}", file=sys.stderr)
+            return 2
+        return 0
+
+    return run_main(run, parser, argv)

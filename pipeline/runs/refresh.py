@@ -1,0 +1,386 @@
+"""Nightly catalog refresh: incremental, atomic per chunk, resumable, one writer at a time.
+
+:func:`run_refresh` brings an embedding store in line with a catalog without redoing what is
+already there. It shares the embed job's steps (catalog reading, model probe, the one streaming
+pass of :mod:`pipeline.flow.streaming`) and adds:
+
+Plan (:func:`pipeline.runs.plan.make_plan`)
+    Every catalog row is compared with ``tracks.lance`` by ``track_id`` on three things: the
+    object's ``content_version`` (ETag, or size+mtime, read from object metadata in parallel:
+    a thread pool on the driver, a Ray map for large catalogs; no audio is downloaded), its
+    ``uri``, and the settings fingerprint ``settings_id`` (model, layers, window/hop, frame
+    rate, precision). Kinds: ``new``, ``changed`` (content or uri), ``settings`` (fingerprint),
+    ``metadata`` (only catalog columns differ: the track row is updated, no model work),
+    ``unchanged`` (not touched at all), ``removed`` (in the store, not in the catalog: deleted
+    with ``delete_missing``, else ``kept``) and ``lookup_failed`` (object metadata unreadable:
+    an error row; the stored embedding, if any, is kept).
+
+Apply, per chunk of ``chunk_size`` tracks (the commit protocol; see ``docs/refresh.md``)
+    1. append the chunk's ``windows`` rows (then ``frames``), tagged with this run's ``run_id``;
+    2. ``merge_insert`` the chunk's ``tracks`` rows on ``track_id`` (they now carry the run_id);
+    3. delete the chunk's superseded ``frames``, then ``windows`` rows (same track, other run_id).
+    Readers join ``tracks`` to ``windows``/``frames`` on ``(track_id, run_id)``, so at every
+    version a track row points at exactly one complete set of windows. Removed tracks lose their
+    ``tracks`` row first, then their frames and windows. A final *sweep* deletes every
+    ``windows``/``frames`` row whose ``(track_id, run_id)`` is not a track row (what a killed run
+    left behind), so a rerun after a crash at any point converges to the clean result.
+
+One writer
+    :class:`pipeline.store.lease.StoreLock`: a lease in ``_refresh_lock.lance`` taken and renewed by Lance conditional
+    commits (an ``Overwrite`` based on the version read, committed without retry: of two writers
+    that read the same version exactly one commits, on S3 through Lance's put-if-absent of the
+    manifest). A second refresh fails fast with :class:`RefreshLocked`, or waits ``lock_wait_s``.
+
+Maintenance (after the changes; :mod:`pipeline.store.maintenance`)
+    Compaction of small fragments, index optimisation where a table has indices, and removal of
+    versions older than ``retention_days``. Everything, with the version pins of each table, is
+    recorded in the ``runs.lance`` row (``kind="refresh"``).
+
+Test hook: ``MUSICFM_FAIL_AT=<step>[:<chunk>]`` raises :class:`InjectedFailure` at a named step
+(:data:`FAIL_STEPS`), to test that reruns converge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import schemas
+from pipeline.errors import InjectedFailure, RefreshError
+from pipeline.flow.runtime import cluster_gpus, configure_data_context
+from pipeline.flow.streaming import ChunkOutput, stream_chunks, table_schema
+from pipeline.runs.model_info import ModelInfo, model_info_for_plan
+from pipeline.runs.plan import catalog_rows, check_schemas, lookup_versions, make_plan, read_stored
+from pipeline.runs.report import (
+    RefreshReport,
+    audio_seconds,
+    error_table,
+    finish_report,
+    new_run_id,
+    write_run_row,
+)
+from pipeline.runs.settings import RefreshJob
+from pipeline.store.commits import append_fragments_once, append_once, delete_rows, merge_tracks, retry_write
+from pipeline.store.lease import StoreLock
+from pipeline.store.maintenance import maintain, sweep
+from pipeline.store.tables import StoreWriter, in_list, in_lists, sql_str
+
+log = logging.getLogger("musicfm.refresh")
+
+
+FAIL_ENV = "MUSICFM_FAIL_AT"
+
+
+#: Steps where ``MUSICFM_FAIL_AT`` can inject a failure, in the order a run reaches them.
+FAIL_STEPS = (
+    "lock_acquired",  # lease taken, nothing read yet
+    "planned",  # plan made, nothing written
+    "tracks_deleted",  # removed tracks' rows deleted from tracks, their windows/frames not yet
+    "metadata_updated",  # metadata-only track rows updated (per chunk)
+    "windows_appended",  # chunk's windows committed, frames/tracks not yet (per chunk)
+    "frames_appended",  # chunk's frames committed, tracks not yet (per chunk)
+    "tracks_merged",  # chunk's tracks merged, superseded windows/frames not yet deleted (per chunk)
+    "chunk_done",  # chunk fully committed, next chunk not started (per chunk)
+    "swept",  # orphan windows/frames deleted, maintenance not yet done
+    "maintained",  # maintenance done, run row not yet written
+)
+
+
+def failpoint(step: str, chunk: int | None = None) -> None:
+    """Raise :class:`InjectedFailure` when ``MUSICFM_FAIL_AT`` is ``step`` or ``step:chunk``."""
+    want = os.environ.get(FAIL_ENV, "").strip()
+    if not want:
+        return
+    name, _, at = want.partition(":")
+    if name != step:
+        return
+    if at and (chunk is None or int(at) != chunk):
+        return
+    raise InjectedFailure(f"injected failure at {want}")
+
+
+def _event(msg: str, run_id: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One log event; with ``--log-format json`` one JSON line carrying ``fields``."""
+    fields = {"run_id": run_id, **fields}
+    log.log(level, msg + "".join(f" {k}={v}" for k, v in fields.items() if not isinstance(v, dict | list)),
+            extra={"fields": {"step": msg, **fields}})  # fmt: skip
+
+
+def _batches(values: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(values), n):
+        yield values[i : i + n]
+
+
+@dataclass
+class _Ctx:
+    job: RefreshJob
+    store: StoreWriter
+    run_id: str
+    report: RefreshReport
+    lease: StoreLock
+    stage_s: dict[str, float]
+    error_rows: list[dict[str, Any]]
+
+    def timed(self, key: str) -> _Timer:
+        return _Timer(self.stage_s, key)
+
+
+class _Timer:
+    def __init__(self, stage_s: dict[str, float], key: str) -> None:
+        self.stage_s, self.key = stage_s, key
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stage_s[self.key] = self.stage_s.get(self.key, 0.0) + time.perf_counter() - self.t0
+
+
+def delete_tracks(c: _Ctx, track_ids: Sequence[str]) -> int:
+    """Removed tracks: their ``tracks`` rows first, then their frames, then their windows."""
+    if not track_ids:
+        return 0
+    n = 0
+    ids = sorted(track_ids)
+    ds = c.store.open("tracks")
+    for pred in in_lists("track_id", ids):
+        c.lease.check()
+        n += delete_rows(ds, pred)
+    failpoint("tracks_deleted")
+    for name in ("frames", "windows"):  # frames first: frames rows never outlive their windows rows
+        tds = c.store.open(name)
+        if tds is None:
+            continue
+        for pred in in_lists("track_id", ids):
+            c.lease.check()
+            delete_rows(tds, pred)
+    return n
+
+
+def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequence[str]) -> int:
+    """Metadata-only changes: rewrite those track rows with the catalog's values (same run_id,
+    same vectors, so their windows stay valid). No model work."""
+    n = 0
+    for ci, part in enumerate(_batches(list(items), c.job.chunk_size)):
+        ids = [it["row"]["track_id"] for it in part]
+        new_meta = {it["row"]["track_id"]: json.loads(it["row"].get("metadata_json") or "{}") for it in part}
+        ds = c.store.open("tracks")
+        cur = ds.to_table(filter=in_list("track_id", ids))
+        cols = {name: cur[name] for name in cur.schema.names}
+        for m in meta_cols:
+            cols[m] = pa.array(
+                [new_meta[t].get(m) for t in cur["track_id"].to_pylist()], cur.schema.field(m).type
+            )
+        tbl = pa.table(cols, schema=cur.schema)
+        c.lease.check()
+        retry_write("metadata update of tracks",
+                    lambda ds=ds, tbl=tbl: ds.merge_insert("track_id").when_matched_update_all().execute(tbl))  # fmt: skip
+        n += tbl.num_rows
+        failpoint("metadata_updated", ci)
+    return n
+
+
+def embed_and_commit(
+    c: _Ctx, todo: Sequence[Mapping[str, Any]], info: ModelInfo, meta_cols: Sequence[str]
+) -> None:
+    """Embed every track to do in one streaming Ray pass (:func:`pipeline.flow.streaming.stream_chunks`)
+    and commit it chunk by chunk as each chunk's tracks come out of the stream (decode and model
+    keep running while the driver commits), in the order of the commit protocol (:func:`commit_chunk`).
+    One pass means one actor-pool start (one model load per actor) however many chunks there are."""
+    res = stream_chunks(
+        list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
+        lambda out: commit_chunk(c, out, info), c.stage_s,
+    )  # fmt: skip
+    c.report.extra["actor_restarts"] = res.restarts
+    c.report.audio_s = audio_seconds(res.times)
+
+
+def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
+    """One chunk of the commit protocol: windows/frames append, tracks merge, superseded delete.
+    This run's rows of failed tracks (a window failed in the model) are left to the sweep."""
+    store, run_id = c.store, c.run_id
+    c.error_rows += out.error_rows
+    with c.timed("commit"):
+        for name in ("windows", "frames"):  # (1) new rows, tagged with this run_id
+            frags = out.fragments[name]
+            if frags:
+                c.lease.check()
+                append_fragments_once(store, name, table_schema(info, name), frags)
+                failpoint(f"{name}_appended", out.ix)
+        c.lease.check()
+        ids = out.tracks["track_id"].to_pylist()
+        if ids:  # (2) the tracks now point at the new rows
+            merge_tracks(store, out.tracks)
+        failpoint("tracks_merged", out.ix)
+        for name in ("frames", "windows"):  # (3) the superseded rows of those tracks, frames first
+            ds = store.open(name)
+            if ds is None or not ids:
+                continue
+            for pred in in_lists("track_id", ids):
+                c.lease.check()
+                delete_rows(ds, f"{pred} AND run_id != {sql_str(run_id)}")
+    c.report.tracks_ok += len(ids)
+    c.report.windows += out.times.num_rows
+    c.report.frames += sum(f.physical_rows for f in out.fragments["frames"])
+    c.report.chunks += 1
+    _event("chunk committed", run_id, chunk=out.ix, tracks=len(ids), failed=len(out.failed),
+           embedded_total=c.report.tracks_ok, versions=store.versions())  # fmt: skip
+    failpoint("chunk_done", out.ix)
+
+
+def run_refresh(job: RefreshJob, progress: bool = False) -> RefreshReport:
+    """Run a refresh (or plan one with ``dry_run``) and return its report, also stored in
+    ``runs.lance`` (``kind="refresh"``) unless dry.
+
+    Raises:
+        RefreshLocked: another refresh holds the store (nothing was written).
+        RefreshError: the settings would change a table schema, or the plan deletes more than
+            ``max_delete_fraction`` of the store (nothing was written).
+    """
+    t_start, started_at = time.perf_counter(), schemas.utc_now()
+    run_id = job.embed.run_id or new_run_id()
+    stage_s: dict[str, float] = {}
+    report = RefreshReport(run_id=run_id, status="running", dry_run=job.dry_run)
+    local_missing = "://" not in job.store and not os.path.isdir(job.store)
+    if job.dry_run and local_missing:
+        store = None  # nothing to read, and a dry run creates nothing
+    else:
+        store = StoreWriter(job.store, job.embed.storage_options)
+    lease = (
+        StoreLock(store, run_id, job.lock_ttl_s, job.lock_wait_s)
+        if store is not None and not job.dry_run
+        else None
+    )
+    if lease is not None:
+        t0 = time.perf_counter()
+        lease.acquire()
+        stage_s["lock"] = time.perf_counter() - t0
+        _event("lock acquired", run_id, store=job.store, ttl_s=job.lock_ttl_s)
+    try:
+        failpoint("lock_acquired")
+        return _run_locked(job, store, lease, run_id, report, stage_s, t_start, started_at, progress)
+    except BaseException as e:
+        if lease is not None and not isinstance(e, RefreshError):
+            _record_failure(job, store, report, stage_s, t_start, started_at, e)
+        raise
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _record_failure(job: RefreshJob, store: StoreWriter, report: RefreshReport, stage_s: dict[str, float],
+                    t_start: float, started_at: dt.datetime, exc: BaseException) -> None:  # fmt: skip
+    """Best effort: a run row with ``status="failed"`` for a run that stopped on an exception."""
+    with contextlib.suppress(Exception):
+        report.status = "failed"
+        report.extra["reason"] = f"{type(exc).__name__}: {exc}"[:500]
+        report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
+        _fill_extra(job, report)
+        write_run_row(store, job.embed, report, started_at, kind="refresh")
+        _event("refresh failed", report.run_id, logging.ERROR, reason=report.extra["reason"])
+
+
+def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
+    report.extra.update(
+        plan=report.plan, deleted=report.deleted, metadata_updated=report.metadata_updated, chunks=report.chunks,
+        garbage_rows=report.garbage_rows, maintenance=report.maintenance, refresh_args=job.public_args(),
+        samples=report.samples,
+    )  # fmt: skip
+
+
+def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | None, run_id: str, report: RefreshReport,
+                stage_s: dict[str, float], t_start: float, started_at: dt.datetime,
+                progress: bool = False) -> RefreshReport:  # fmt: skip
+    ej = job.embed
+    t0 = time.perf_counter()
+    rows, rejected, _catalog_meta = catalog_rows(ej)
+    stage_s["catalog"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info = model_info_for_plan(ej)
+    report.model_id, report.settings_id = info.model_id, info.settings_id
+    stage_s["model_probe"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tracks_ds, stored = read_stored(store) if store is not None else (None, None)
+    meta_cols = schemas.metadata_columns(tracks_ds.schema) if tracks_ds is not None else _catalog_meta
+    dropped = [m for m in _catalog_meta if m not in meta_cols]
+    if dropped:
+        _event("catalog columns not in tracks.lance are ignored", run_id, logging.WARNING, columns=dropped)
+    if store is not None:
+        check_schemas(store, info, meta_cols)
+    versions = lookup_versions(rows, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows)
+    stage_s["lookup"] = time.perf_counter() - t0
+    delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
+    plan = make_plan(rows, stored, versions, info.settings_id, meta_cols, delete_missing,
+                     present_ids=[r.track_id for r in rejected if r.track_id])  # fmt: skip
+    plan.rejected = [{"track_id": r.track_id, "uri": r.uri, "stage": "catalog", "error_type": r.error_type,
+                      "message": r.message} for r in rejected]  # fmt: skip
+    report.plan, report.samples = plan.counts(), plan.samples(job.sample)
+    report.tracks_total = len(rows) + len(rejected)
+    _event("plan", run_id, **report.plan, settings_id=info.settings_id, dry_run=job.dry_run)
+    error_rows: list[dict[str, Any]] = plan.rejected + plan.lookup_failed
+    if job.dry_run:
+        finish_report(report, error_rows, ej.max_error_rate)
+        report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
+        return report
+    assert store is not None and lease is not None
+    failpoint("planned")
+    if plan.stored_tracks and len(plan.removed) > job.max_delete_fraction * plan.stored_tracks:
+        raise RefreshError(
+            f"the plan deletes {len(plan.removed)} of {plan.stored_tracks} stored tracks (more than "
+            f"--max-delete-fraction {job.max_delete_fraction}); is the catalog complete? Use --keep-missing, or "
+            "raise --max-delete-fraction if this is intended"
+        )
+
+    c = _Ctx(job, store, run_id, report, lease, stage_s, error_rows)
+    with c.timed("delete"):
+        report.deleted = delete_tracks(c, plan.removed)
+        report.metadata_updated = update_metadata(c, plan.metadata, meta_cols)
+    if plan.removed or plan.metadata:
+        _event(
+            "deleted and updated", run_id, deleted=report.deleted, metadata_updated=report.metadata_updated
+        )
+    todo = plan.todo
+    if todo:
+        info = dataclasses.replace(info, gpus=cluster_gpus(stage_s))
+        configure_data_context(progress)  # the embed job's retry and shuffle settings
+        embed_and_commit(c, todo, info, meta_cols)
+    with c.timed("sweep"):
+        report.garbage_rows, without_windows = sweep(store, lease)
+    failpoint("swept")
+    if any(report.garbage_rows.values()):
+        _event("orphans swept", run_id, rows=report.garbage_rows)
+    report.extra["tracks_without_windows"] = len(without_windows)
+    if without_windows:
+        _event("tracks without windows (a stale writer?): delete their rows and refresh", run_id,
+               logging.WARNING, count=len(without_windows), sample=without_windows[: job.sample])  # fmt: skip
+    if job.maintenance:
+        with c.timed("maintenance"):
+            report.maintenance = maintain(store, job.retention_days)
+        _event("maintenance", run_id, tables=report.maintenance)
+    failpoint("maintained")
+
+    finish_report(report, error_rows, ej.max_error_rate)
+    if error_rows:
+        report.versions["errors"] = append_once(store, "errors", error_table(error_rows, run_id), run_id)
+    report.versions.update(
+        {k: v for k, v in store.versions().items() if k in ("tracks", "windows", "frames")}
+    )
+    report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
+    _fill_extra(job, report)
+    write_run_row(store, ej, report, started_at, kind="refresh")
+    _event("refresh finished", run_id, status=report.status, **report.plan, embedded=report.tracks_ok,
+           windows=report.windows, deleted=report.deleted, failed=report.tracks_failed,
+           wall_s=round(report.wall_s, 3), x_realtime=round(report.x_realtime, 2), stage_s=report.stage_s,
+           versions=report.versions)  # fmt: skip
+    return report

@@ -1,0 +1,141 @@
+"""The jobs' settings: :class:`EmbedJob` and :class:`RefreshJob` (frozen dataclasses built from
+the command line by :func:`embed_job_from_args` / the refresh job's entry script)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.io.audio import AudioLimits
+from pipeline.io.objects import redacted
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """Everything one run needs; built from the command line by ``pipeline.cli``."""
+
+    catalog: str
+    output: str
+    checkpoint: str = "msd"
+    stats: str | None = None
+    model_config: str | None = None
+    layers: tuple[int, ...] = (7, 12)
+    window_s: float = 30.0
+    hop_s: float = 30.0
+    frames_hz: float | None = None
+    precision: str = "auto"
+    batch_size: int = 8
+    gpu_actors: int | None = None
+    decode_cpus: int = 2
+    format: str = "lance"
+    limit: int | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    allowed_prefixes: tuple[str, ...] = ()
+    limits: AudioLimits = AudioLimits()
+    decode_timeout_s: float | None = 600.0
+    max_error_rate: float = 1.0
+    max_row_chars: int = 65536
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in ("lance", "parquet"):
+            raise ValueError(f"--format must be lance or parquet, got {self.format!r}")
+        if (
+            self.batch_size < 1
+            or self.decode_cpus < 1
+            or (self.gpu_actors is not None and self.gpu_actors < 1)
+        ):
+            raise ValueError("--batch-size, --decode-cpus and --gpu-actors must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        if self.max_row_chars < 1:
+            raise ValueError("--max-row-chars must be >= 1")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError("--max-error-rate must be within [0, 1]")
+
+    def public_args(self) -> dict[str, Any]:
+        """Arguments as stored in ``runs.lance`` (secrets redacted)."""
+        d = asdict(self)
+        d["storage_options"] = redacted(self.storage_options)
+        d["limits"] = asdict(self.limits)
+        return d
+
+
+#: Catalogs with at least this many rows have their object metadata read by a Ray map.
+LOOKUP_RAY_MIN_ROWS = 20_000
+
+
+@dataclass(frozen=True)
+class RefreshJob:
+    """A refresh: what to embed and how (``embed``, whose ``output`` is the store) plus the
+    refresh's own settings."""
+
+    embed: EmbedJob
+    dry_run: bool = False
+    delete_missing: bool = True
+    chunk_size: int = 1000
+    retention_days: float = 7.0
+    max_delete_fraction: float = 0.5
+    lock_ttl_s: float = 600.0
+    lock_wait_s: float = 0.0
+    lookup_threads: int = 32
+    lookup_ray_min_rows: int = LOOKUP_RAY_MIN_ROWS
+    maintenance: bool = True
+    sample: int = 5
+
+    def __post_init__(self) -> None:
+        if self.embed.format != "lance":
+            raise ValueError("refresh works on Lance stores only (--format lance)")
+        if self.chunk_size < 1:
+            raise ValueError("--chunk-size must be >= 1")
+        if self.retention_days < 0:
+            raise ValueError("--retention-days must be >= 0")
+        if not 0.0 <= self.max_delete_fraction <= 1.0:
+            raise ValueError("--max-delete-fraction must be within [0, 1]")
+        if self.lock_ttl_s <= 0 or self.lock_wait_s < 0:
+            raise ValueError("--lock-ttl-s must be > 0 and --lock-wait-s >= 0")
+        if self.lookup_threads < 1:
+            raise ValueError("--lookup-threads must be >= 1")
+
+    @property
+    def store(self) -> str:
+        return self.embed.output
+
+    def public_args(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "embed"}
+        return d
+
+
+def embed_job_from_args(args: Any) -> EmbedJob:
+    """Build an :class:`EmbedJob` from parsed ``embed_catalog`` flags (ValueError on bad combinations)."""
+    from pipeline.cli import window_settings
+
+    window_s, hop_s, frames_hz = window_settings(args)
+    return EmbedJob(
+        catalog=args.catalog,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        stats=args.stats,
+        model_config=args.model_config,
+        layers=tuple(args.layers),
+        window_s=window_s,
+        hop_s=hop_s,
+        frames_hz=frames_hz,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        gpu_actors=args.gpu_actors,
+        decode_cpus=args.decode_cpus,
+        format=args.format,
+        limit=args.limit,
+        storage_options=dict(args.storage_options or {}),
+        allowed_prefixes=tuple(args.allowed_prefixes),
+        limits=AudioLimits(
+            max_bytes=int(args.max_file_mb * 1024 * 1024),
+            max_duration_s=args.max_duration_s,
+            max_channels=args.max_channels,
+        ),
+        decode_timeout_s=args.decode_timeout_s,
+        max_error_rate=args.max_error_rate,
+        max_row_chars=getattr(args, "max_row_chars", 65536),
+    )
