@@ -26,7 +26,7 @@ Everything is measured in ONE run, on the same synthetic audio, on the same mach
 
     * in-process: one process, one loop over the files (``decode_audio`` as the stage calls it);
       per-core rate = audio seconds / CPU seconds of the process (``time.process_time``);
-    * Ray: the embed job's own streaming path (``pipeline.runs.embed.embed_into_lance``: ``DecodeStage``
+    * Ray: the embed job's own streaming path (``pipeline.flow.streaming.stream_chunks``: ``DecodeStage``
       actor pool -> a ``PoolOnlyStage`` actor that shares ``EmbedStage``'s row handling -> writer
       tasks -> tracks rows and commits on the driver); per-core rate = x realtime / Ray CPUs.
       It runs over the catalog repeated ``--dp-scale`` times so that fixed Ray costs are amortised.
@@ -530,10 +530,10 @@ def pipeline_run(
 def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) -> dict[str, Any]:
     import ray
 
-    from pipeline.runs.embed import embed_into_lance
+    from pipeline.flow.streaming import stream_chunks
     from pipeline.runs.model_info import ModelInfo
     from pipeline.runs.plan import catalog_rows
-    from pipeline.runs.report import RunReport
+    from pipeline.runs.report import audio_seconds
     from pipeline.runs.settings import EmbedJob
     from pipeline.store.tables import StoreWriter
 
@@ -559,21 +559,27 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
     meter = Meter(tree=True).__enter__()
     rows, _rejected, meta_cols = catalog_rows(job)
     store = StoreWriter(job.output)
-    report = RunReport(run_id="bench", status="running")
-    errors = embed_into_lance(
-        rows, job, info, store, meta_cols, "bench", report, stage_s, model_stage=PoolOnlyStage
+    counts = {"tracks_ok": 0, "windows": 0, "errors": 0}
+
+    def on_chunk(out: Any) -> None:  # the job's own pass; data files written, commits left out
+        counts["tracks_ok"] += out.tracks.num_rows
+        counts["windows"] += out.times.num_rows
+        counts["errors"] += len(out.error_rows)
+
+    res = stream_chunks(
+        rows, job, info, store, "bench", meta_cols, 1000, on_chunk, stage_s, model_stage=PoolOnlyStage
     )
     meter.__exit__(None, None, None)
     wall = meter.wall_s
-    audio_s = report.audio_s
+    audio_s = audio_seconds(res.times)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     x_rt = audio_s / wall if wall > 0 else 0.0
     dec = stage_s.get("decode_worker", 0.0)
     return {
         "tracks": len(rows),
-        "tracks_ok": report.tracks_ok,
-        "windows": report.windows,
-        "errors": len(errors),
+        "tracks_ok": counts["tracks_ok"],
+        "windows": counts["windows"],
+        "errors": counts["errors"],
         "audio_s": audio_s,
         **meter.as_dict(),
         "ray_cpus": cpus,

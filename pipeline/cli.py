@@ -54,6 +54,19 @@ fraction = number_arg(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 _rate = fraction
 
 
+def pool_size(text: str) -> tuple[int, int]:
+    """argparse type of an actor pool size: ``N`` (fixed) or ``MIN:MAX`` (autoscaling), as
+    ``(min, max)`` with ``1 <= min <= max``."""
+    parts = text.split(":")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if 1 <= len(parts) <= 2 else (0, -1)
+    except ValueError:
+        lo, hi = 0, -1
+    if lo < 1 or hi < lo:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         v = json.loads(text)
@@ -104,9 +117,28 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call (default 8)")
-    g.add_argument("--gpu-actors", type=positive_int, help="model actors (default: one per GPU, or 1)")
     g.add_argument(
-        "--decode-cpus", type=positive_int, default=2, help="decode actors, one CPU each (default 2)"
+        "--gpu-actors",
+        type=pool_size,
+        help="model actors: N, or MIN:MAX to autoscale with the work (default: one per GPU, or 1)",
+    )
+    g.add_argument(
+        "--decode-cpus",
+        type=pool_size,
+        help="decode actors, one CPU each: N, or MIN:MAX to autoscale (default: 1 to the cluster's "
+        "CPUs less one per model actor with GPUs; 1:2 without GPUs)",
+    )
+    g.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=1000,
+        help="tracks per commit; a rerun after a crash redoes at most the chunks in flight (default 1000)",
+    )
+    g.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over the store's lease even if its holder is not proven gone (only when you know "
+        "that run is dead: two writers at once corrupt nothing but waste work)",
     )
     g.add_argument(
         "--format", choices=["lance", "parquet"], default="lance", help="store format (default lance)"
@@ -136,6 +168,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-channels", type=positive_int, default=32, help="most channels accepted (default 32)"
+    )
+    g.add_argument(
+        "--min-duration-s",
+        type=non_negative,
+        default=0.0,
+        help="shorter audio becomes an error row (default 0: one STFT frame, 0.043 s, is the floor)",
     )
     g.add_argument(
         "--max-row-chars",

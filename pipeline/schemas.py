@@ -239,6 +239,9 @@ LOCK_SCHEMA = pa.schema(
         pa.field("token", pa.string()),  # random per acquisition
         pa.field("host", pa.string()),
         pa.field("pid", pa.int64()),
+        pa.field("proc_start", pa.string()),  # the holder process's start time (Linux /proc), pid reuse guard
+        pa.field("ray_session", pa.string()),  # the Ray cluster session of the holder's driver
+        pa.field("ray_job", pa.string()),  # the holder driver's Ray job id (hex)
         pa.field("acquired_at", TIMESTAMP),
         pa.field("heartbeat_at", TIMESTAMP),
         pa.field("expires_at", TIMESTAMP),

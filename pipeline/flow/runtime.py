@@ -9,6 +9,10 @@ Ray internals used here, each with the public alternative and why it is not used
 * ``core_worker.kill_actor`` on Ray Data's ``MapWorker`` actors of an abandoned stream.
   Public alternative: ``ray.kill(handle)`` — Ray Data does not hand out the handles of its
   pool actors, and has no public "stop this stream's pools" call.
+* ``ray._private.state.jobs()`` (the GCS job table) and the node's ``session_name``: whether
+  the holder of a store lease, a driver of this cluster, has ended. Public alternative:
+  ``ray.job_submission.JobSubmissionClient.list_jobs`` — it needs the dashboard's HTTP address
+  and only knows jobs submitted through it, not plain drivers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "CpuModelPlan",
     "actor_ids",
     "actor_restarts",
+    "actors_started",
     "cluster_gpus",
     "configure_data_context",
     "cpu_model_plan",
@@ -129,6 +134,24 @@ def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
     return out
 
 
+def actors_started(before: set[str]) -> dict[str, int]:
+    """Decode / model actors created after ``before`` (actor ids): how large the (autoscaling)
+    pools grew during a run, from the GCS actor table; ``{}`` when it cannot be read."""
+    try:
+        import ray._private.state
+
+        table = ray._private.state.actors()
+    except Exception:
+        return {}
+    out = {"decode": 0, "model": 0}
+    for aid, a in table.items():
+        name = str(a.get("ActorClassName") or "")
+        kind = "decode" if "DecodeStage" in name else "model" if "EmbedStage" in name else None
+        if kind and aid not in before:
+            out[kind] += 1
+    return out
+
+
 def stop_stage_actors(before: set[str]) -> int:
     """Kill this driver's Ray Data stage actors (``MapWorker``) created after ``before`` that are
     still alive; returns how many. Other jobs' actors on a shared cluster are never touched."""
@@ -200,3 +223,55 @@ def cluster_gpus(stage_s: dict[str, float]) -> int:
     ensure_ray()
     stage_s["ray_init"] = stage_s.get("ray_init", 0.0) + time.perf_counter() - t0
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def driver_identity() -> dict[str, str]:
+    """This driver's Ray session and job id (recorded in the store lease), ``{}`` without Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        import ray._private.worker
+
+        session = ray._private.worker.global_worker.node.session_name
+        return {"ray_session": str(session), "ray_job": ray.get_runtime_context().get_job_id()}
+    except Exception:  # an identity is a bonus: the lease works without it
+        return {}
+
+
+def ray_job_ended(row: Any) -> bool:
+    """Whether the lease holder ``row`` was a driver of *this* Ray cluster (same session) whose
+    job has ended. ``False`` when that cannot be proven (other cluster, no Ray, no job table)."""
+    mine = driver_identity()
+    if not mine or not row.get("ray_job") or row.get("ray_session") != mine.get("ray_session"):
+        return False
+    try:
+        import ray._private.state
+
+        for job in ray._private.state.jobs():
+            if job.get("JobID") == row["ray_job"]:
+                return bool(job.get("IsDead"))
+    except Exception:  # no job table: not proven
+        return False
+    return False
+
+
+def pool_bounds(lo: int | None, hi: int, work: int) -> tuple[int, int]:
+    """(min, max) actors of a pool of at most ``hi`` (``lo`` None: fixed size), never more than
+    ``work`` items need: a quiet night's run does not start every actor the cluster could hold."""
+    hi = max(1, min(int(hi), max(1, work)))
+    lo = hi if lo is None else max(1, min(int(lo), hi))
+    return lo, hi
+
+
+def default_decode_cpus(gpus: int, model_actors: int) -> int:
+    """Most decode actors when ``--decode-cpus`` is not given: with GPUs, every CPU of the
+    cluster but one per model actor (the pool starts at 1 and grows with the work); without
+    GPUs the model's torch threads want the cores, and decoding costs ~1 % of the model: 2."""
+    if gpus <= 0:
+        return 2
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus - model_actors)

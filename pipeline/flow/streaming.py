@@ -40,7 +40,10 @@ from pipeline.flow.runtime import (
     TASK_MAX_RETRIES,
     actor_ids,
     actor_restarts,
+    actors_started,
     cpu_model_plan,
+    default_decode_cpus,
+    pool_bounds,
     stop_stage_actors,
 )
 from pipeline.store.tables import StoreWriter
@@ -97,6 +100,7 @@ class StreamResult:
 
     restarts: dict[str, int]  # decode / model actor restarts during the pass
     times: pa.Table | None  # per-window timings (TIME_COLUMNS) of every track embedded fine
+    actors: dict[str, int] = field(default_factory=dict)  # decode / model actors the pools started
 
 
 @dataclass
@@ -106,6 +110,7 @@ class EmbedStream:
     ds: Any  # ray.data.Dataset of embedded rows (kind window | error), not yet executed
     attempts_dir: str
     actors_before: set[str]
+    actors: dict[str, int] = field(default_factory=dict)  # stage actors started (after finish)
 
     def finish(self, failed: bool = False) -> dict[str, int]:
         """After the stream ran: remove the crash-marker scratch; actor restarts during the run.
@@ -113,6 +118,7 @@ class EmbedStream:
         the next run needs, and references kept by the exception would keep them alive)."""
         shutil.rmtree(self.attempts_dir, ignore_errors=True)
         restarts = actor_restarts(self.actors_before)
+        self.actors = actors_started(self.actors_before)
         if failed:
             stop_stage_actors(self.actors_before)
         return restarts
@@ -122,12 +128,12 @@ def embed_stream(
     rows: list[dict[str, Any]],
     job: Any,
     info: Any,
-    decode_actors: int,
-    model_actors: int,
+    decode_actors: tuple[int, int],
+    model_actors: tuple[int, int],
     model_stage: type | None = None,
 ) -> EmbedStream:
-    """Decode (``decode_actors`` CPU actors) and embed (``model_actors`` model actors) catalog
-    rows: a lazy Ray dataset. ``job`` (a :class:`pipeline.runs.settings.EmbedJob`) gives the model
+    """Decode (a pool of ``decode_actors`` = (min, max) CPU actors) and embed (``model_actors``
+    model actors; min < max autoscales with the work) catalog rows: a lazy Ray dataset. ``job`` (a :class:`pipeline.runs.settings.EmbedJob`) gives the model
     source, limits and batch size; ``info`` (:class:`pipeline.flow.inference.ModelInfo`) the
     settings. ``model_stage`` replaces :class:`pipeline.flow.stages.EmbedStage` (benchmarks)."""
     import ray
@@ -144,13 +150,13 @@ def embed_stream(
     actors_before = actor_ids()
     # per-run scratch for DecodeStage's crash markers (on each node that runs a decode actor)
     attempts_dir = os.path.join(tempfile.gettempdir(), "musicfm-decode-attempts", uuid.uuid4().hex)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * decode_actors)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * decode_actors[1])))
     # max_restarts / max_task_retries go through **ray_remote_args, which Ray 2.60 marks deprecated
     # (removal planned for 2.64, with no named replacement yet): kept explicit on purpose.
     warnings.filterwarnings(
         "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.flow\.streaming"
     )
-    cpu_plan = None if info.gpus > 0 else cpu_model_plan(decode_actors, model_actors)
+    cpu_plan = None if info.gpus > 0 else cpu_model_plan(decode_actors[1], model_actors[1])
     decoded = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs=dict(
@@ -165,7 +171,7 @@ def embed_stream(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=decode_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=decode_actors[0], max_size=decode_actors[1]),
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
@@ -182,7 +188,7 @@ def embed_stream(
         batch_format="pyarrow",
         num_gpus=1 if info.gpus > 0 else 0,
         num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
-        compute=ray.data.ActorPoolStrategy(size=model_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=model_actors[0], max_size=model_actors[1]),
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
@@ -285,8 +291,9 @@ def stream_chunks(
         chunks[ci] = Chunk(ci, len(part))
         tagged += [{**r, "chunk": ci} for r in part]
     # a small run (a quiet night) does not need every actor the cluster could hold
-    decode_actors = max(1, min(job.decode_cpus, len(tagged)))
-    model_actors = max(1, min(job.gpu_actors or max(1, info.gpus), len(tagged)))
+    model_actors = pool_bounds(job.gpu_actors_min, job.gpu_actors or max(1, info.gpus), len(tagged))
+    decode_max = job.decode_cpus or default_decode_cpus(info.gpus, model_actors[1])
+    decode_actors = pool_bounds(job.decode_cpus_min if job.decode_cpus else 1, decode_max, len(tagged))
     frames_hz = info.settings.frames_hz
     writer = ChunkWriter(
         windows_uri=store.uri("windows"),
@@ -310,7 +317,7 @@ def stream_chunks(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=max(2, decode_actors)),
+        compute=ray.data.TaskPoolStrategy(size=max(2, decode_actors[1])),
         max_retries=TASK_MAX_RETRIES,
     )
     times: list[pa.Table] = []
@@ -350,7 +357,7 @@ def stream_chunks(
         stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
     all_times = pa.concat_tables(times) if times else None
     add_worker_seconds(stage_s, all_times)
-    return StreamResult(restarts, all_times)
+    return StreamResult(restarts, all_times, stream.actors)
 
 
 def table_schema(info: Any, name: str) -> pa.Schema:

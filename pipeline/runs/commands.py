@@ -78,18 +78,25 @@ def embed_main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if not args.catalog or not args.output:
             parser.error("--catalog and --output are required (or use --demo)")
+        from pipeline.errors import RefreshLocked
         from pipeline.runs.embed import run_embed
         from pipeline.runs.settings import embed_job_from_args
 
         job = embed_job_from_args(args)
-        report = run_embed(job, progress=not args.no_progress)
+        try:
+            report = run_embed(
+                job, progress=not args.no_progress, chunk_size=args.chunk_size, break_lease=args.break_lease
+            )
+        except RefreshLocked as e:
+            print(f"{parser.prog}: locked: {e}", file=sys.stderr)
+            return EXIT_LOCKED
         print(report.summary())
         if args.build_index and report.status == "ok":
             from pipeline.search.index import build_indexes
 
             for rep in build_indexes(job.output, storage_options=job.storage_options or None):
                 print(f"  index    {rep}")
-        return 0 if report.status == "ok" else 3
+        return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
 
     return run_main(run, parser, argv)
 
@@ -117,8 +124,6 @@ def refresh_parser() -> argparse.ArgumentParser:
                       help="delete tracks that are no longer in the catalog (default)")  # fmt: skip
     miss.add_argument("--keep-missing", dest="delete_missing", action="store_false",
                       help="keep tracks that are no longer in the catalog")  # fmt: skip
-    g.add_argument("--chunk-size", type=positive_int, default=1000,
-                   help="tracks per commit; a rerun redoes at most one chunk (default 1000)")  # fmt: skip
     g.add_argument("--retention-days", type=non_negative, default=7.0,
                    help="remove table versions older than this after the refresh (default 7)")  # fmt: skip
     g.add_argument("--max-delete-fraction", type=fraction, default=0.5,
@@ -155,6 +160,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size, retention_days=args.retention_days,
             max_delete_fraction=args.max_delete_fraction, lock_ttl_s=args.lock_ttl_s,
             lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads, maintenance=not args.no_maintenance,
+            break_lease=args.break_lease,
         )  # fmt: skip
         try:
             report = run_refresh(job, progress=not args.no_progress)

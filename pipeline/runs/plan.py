@@ -164,15 +164,16 @@ def make_plan(
         seen.add(tid)
         v = versions.get(tid) or {}
         cur = by_id.get(tid)
+        if cur is None:  # new whatever its version: the decode stage records the version it fetched
+            plan.new.append({**r, "content_version": v.get("content_version")})
+            continue
         if v.get("content_version") is None:
             plan.lookup_failed.append({"track_id": tid, "uri": r["uri"], "stage": "lookup",
                                        "error_type": v.get("error_type") or "FetchError",
                                        "message": v.get("message") or "no content version"})  # fmt: skip
             continue
         row = {**r, "content_version": v["content_version"]}
-        if cur is None:
-            plan.new.append(row)
-        elif cur.get("content_version") != v["content_version"] or cur.get("uri") != r["uri"]:
+        if cur.get("content_version") != v["content_version"] or cur.get("uri") != r["uri"]:
             plan.changed.append(row)
         elif cur.get("settings_id") != settings_id:
             plan.settings.append(row)

@@ -56,8 +56,14 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schemas
-from pipeline.errors import InjectedFailure, RefreshError
-from pipeline.flow.runtime import cluster_gpus, configure_data_context
+from pipeline.errors import InjectedFailure, RefreshError, RunFailed, root_cause
+from pipeline.flow.runtime import (
+    cluster_gpus,
+    configure_data_context,
+    driver_identity,
+    ensure_ray,
+    ray_job_ended,
+)
 from pipeline.flow.streaming import ChunkOutput, stream_chunks, table_schema
 from pipeline.runs.model_info import ModelInfo, model_info_for_plan
 from pipeline.runs.plan import catalog_rows, check_schemas, lookup_versions, make_plan, read_stored
@@ -191,17 +197,33 @@ def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequ
 
 
 def embed_and_commit(
-    c: _Ctx, todo: Sequence[Mapping[str, Any]], info: ModelInfo, meta_cols: Sequence[str]
+    c: _Ctx,
+    todo: Sequence[Mapping[str, Any]],
+    info: ModelInfo,
+    meta_cols: Sequence[str],
+    model_stage: type | None = None,
 ) -> None:
     """Embed every track to do in one streaming Ray pass (:func:`pipeline.flow.streaming.stream_chunks`)
     and commit it chunk by chunk as each chunk's tracks come out of the stream (decode and model
     keep running while the driver commits), in the order of the commit protocol (:func:`commit_chunk`).
     One pass means one actor-pool start (one model load per actor) however many chunks there are."""
-    res = stream_chunks(
-        list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
-        lambda out: commit_chunk(c, out, info), c.stage_s,
-    )  # fmt: skip
+    try:
+        res = stream_chunks(
+            list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
+            lambda out: commit_chunk(c, out, info), c.stage_s, model_stage=model_stage,
+        )  # fmt: skip
+    except (InjectedFailure, RefreshError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        what = "writing the store" if "ChunkWriter" in str(e) or isinstance(e, OSError) else "decode/embed"
+        where = (
+            "before any commit (the previous version is intact)"
+            if c.report.chunks == 0
+            else f"after {c.report.chunks} committed chunk(s) (the same command resumes from there)"
+        )
+        raise RunFailed(f"{what} failed {where}: {root_cause(e)}") from e
     c.report.extra["actor_restarts"] = res.restarts
+    c.report.extra["actors"] = res.actors
     c.report.audio_s = audio_seconds(res.times)
 
 
@@ -238,7 +260,7 @@ def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
     failpoint("chunk_done", out.ix)
 
 
-def run_refresh(job: RefreshJob, progress: bool = False) -> RefreshReport:
+def run_refresh(job: RefreshJob, progress: bool = False, model_stage: type | None = None) -> RefreshReport:
     """Run a refresh (or plan one with ``dry_run``) and return its report, also stored in
     ``runs.lance`` (``kind="refresh"``) unless dry.
 
@@ -250,25 +272,42 @@ def run_refresh(job: RefreshJob, progress: bool = False) -> RefreshReport:
     t_start, started_at = time.perf_counter(), schemas.utc_now()
     run_id = job.embed.run_id or new_run_id()
     stage_s: dict[str, float] = {}
-    report = RefreshReport(run_id=run_id, status="running", dry_run=job.dry_run)
+    report = RefreshReport(run_id=run_id, status="running", dry_run=job.dry_run, kind=job.kind)
     local_missing = "://" not in job.store and not os.path.isdir(job.store)
     if job.dry_run and local_missing:
         store = None  # nothing to read, and a dry run creates nothing
     else:
         store = StoreWriter(job.store, job.embed.storage_options)
+    if os.environ.get("RAY_ADDRESS") and not job.dry_run:
+        ensure_ray()  # on a cluster: the lease records this driver's Ray job (see holder_gone)
     lease = (
-        StoreLock(store, run_id, job.lock_ttl_s, job.lock_wait_s)
+        StoreLock(
+            store,
+            run_id,
+            job.lock_ttl_s,
+            job.lock_wait_s,
+            holder_info=driver_identity(),
+            is_dead=ray_job_ended,
+            break_lease=job.break_lease,
+        )  # fmt: skip
         if store is not None and not job.dry_run
         else None
     )
     if lease is not None:
         t0 = time.perf_counter()
-        lease.acquire()
+        try:
+            lease.acquire()
+        except OSError as e:  # an unreachable or full store: one line, nothing changed
+            raise RunFailed(f"cannot take the store's lease (nothing was written): {root_cause(e)}") from e
         stage_s["lock"] = time.perf_counter() - t0
         _event("lock acquired", run_id, store=job.store, ttl_s=job.lock_ttl_s)
+        if lease.took_over:
+            report.extra["lease_taken_over"] = lease.took_over
     try:
         failpoint("lock_acquired")
-        return _run_locked(job, store, lease, run_id, report, stage_s, t_start, started_at, progress)
+        return _run_locked(
+            job, store, lease, run_id, report, stage_s, t_start, started_at, progress, model_stage
+        )
     except BaseException as e:
         if lease is not None and not isinstance(e, RefreshError):
             _record_failure(job, store, report, stage_s, t_start, started_at, e)
@@ -286,13 +325,13 @@ def _record_failure(job: RefreshJob, store: StoreWriter, report: RefreshReport, 
         report.extra["reason"] = f"{type(exc).__name__}: {exc}"[:500]
         report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
         _fill_extra(job, report)
-        write_run_row(store, job.embed, report, started_at, kind="refresh")
+        write_run_row(store, job.embed, report, started_at, kind=job.kind)
         _event("refresh failed", report.run_id, logging.ERROR, reason=report.extra["reason"])
 
 
 def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
     report.extra.update(
-        plan=report.plan, deleted=report.deleted, metadata_updated=report.metadata_updated, chunks=report.chunks,
+        plan=report.plan, already_stored=report.already_stored, deleted=report.deleted, metadata_updated=report.metadata_updated, chunks=report.chunks,
         garbage_rows=report.garbage_rows, maintenance=report.maintenance, refresh_args=job.public_args(),
         samples=report.samples,
     )  # fmt: skip
@@ -300,7 +339,7 @@ def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
 
 def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | None, run_id: str, report: RefreshReport,
                 stage_s: dict[str, float], t_start: float, started_at: dt.datetime,
-                progress: bool = False) -> RefreshReport:  # fmt: skip
+                progress: bool = False, model_stage: type | None = None) -> RefreshReport:  # fmt: skip
     ej = job.embed
     t0 = time.perf_counter()
     rows, rejected, _catalog_meta = catalog_rows(ej)
@@ -318,7 +357,10 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
         _event("catalog columns not in tracks.lance are ignored", run_id, logging.WARNING, columns=dropped)
     if store is not None:
         check_schemas(store, info, meta_cols)
-    versions = lookup_versions(rows, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows)
+    # only tracks already in the store need their object's version: every other row is new
+    stored_ids = set(stored["track_id"].to_pylist()) if stored is not None else set()
+    to_check = [r for r in rows if r["track_id"] in stored_ids]
+    versions = lookup_versions(to_check, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows)
     stage_s["lookup"] = time.perf_counter() - t0
     delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
     plan = make_plan(rows, stored, versions, info.settings_id, meta_cols, delete_missing,
@@ -354,7 +396,7 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
     if todo:
         info = dataclasses.replace(info, gpus=cluster_gpus(stage_s))
         configure_data_context(progress)  # the embed job's retry and shuffle settings
-        embed_and_commit(c, todo, info, meta_cols)
+        embed_and_commit(c, todo, info, meta_cols, model_stage)
     with c.timed("sweep"):
         report.garbage_rows, without_windows = sweep(store, lease)
     failpoint("swept")
@@ -371,14 +413,14 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
     failpoint("maintained")
 
     finish_report(report, error_rows, ej.max_error_rate)
-    if error_rows:
+    if error_rows or not store.exists("errors"):  # a store always has its (maybe empty) errors table
         report.versions["errors"] = append_once(store, "errors", error_table(error_rows, run_id), run_id)
     report.versions.update(
         {k: v for k, v in store.versions().items() if k in ("tracks", "windows", "frames")}
     )
     report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
     _fill_extra(job, report)
-    write_run_row(store, ej, report, started_at, kind="refresh")
+    write_run_row(store, ej, report, started_at, kind=job.kind)
     _event("refresh finished", run_id, status=report.status, **report.plan, embedded=report.tracks_ok,
            windows=report.windows, deleted=report.deleted, failed=report.tracks_failed,
            wall_s=round(report.wall_s, 3), x_realtime=round(report.x_realtime, 2), stage_s=report.stage_s,

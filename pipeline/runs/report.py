@@ -80,8 +80,25 @@ class RefreshReport(RunReport):
     garbage_rows: dict[str, int] = field(default_factory=dict)
     maintenance: dict[str, Any] = field(default_factory=dict)
     dry_run: bool = False
+    kind: str = "refresh"
+
+    @property
+    def already_stored(self) -> int:
+        """Catalog tracks that were in the store already with these settings (not embedded again)."""
+        return int(self.plan.get("unchanged", 0)) + int(self.plan.get("metadata", 0))
 
     def summary(self) -> str:
+        if self.kind == "embed" and not self.dry_run:
+            lines = super().summary().splitlines()
+            lines[1] = (
+                f"  tracks   {self.tracks_ok} embedded, {self.tracks_failed} failed, {self.already_stored} "
+                f"already in the store (of {self.tracks_total}); {self.chunks} chunk(s) committed"
+            )
+            if self.deleted:
+                lines.insert(2, f"  deleted  {self.deleted} tracks no longer in the catalog")
+            if self.extra.get("lease_taken_over"):
+                lines.append(f"  lease    taken over from {self.extra['lease_taken_over']}")
+            return "\n".join(lines)
         p = self.plan
         lines = [
             f"refresh {self.run_id}: {self.status}" + (" (dry run: nothing written)" if self.dry_run else ""),

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.io.audio import AudioLimits
+from pipeline.io.audio import TARGET_SR, AudioLimits
 from pipeline.io.objects import redacted
 
 
@@ -26,8 +26,10 @@ class EmbedJob:
     frames_hz: float | None = None
     precision: str = "auto"
     batch_size: int = 8
-    gpu_actors: int | None = None
-    decode_cpus: int = 2
+    gpu_actors: int | None = None  # model actors (the pool's maximum); None: one per GPU, or 1
+    decode_cpus: int | None = 2  # decode actors (the pool's maximum); None: from the cluster
+    gpu_actors_min: int | None = None  # set (< gpu_actors): the model pool autoscales from here
+    decode_cpus_min: int | None = None  # set (< decode_cpus): the decode pool autoscales from here
     format: str = "lance"
     limit: int | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -43,10 +45,14 @@ class EmbedJob:
             raise ValueError(f"--format must be lance or parquet, got {self.format!r}")
         if (
             self.batch_size < 1
-            or self.decode_cpus < 1
+            or (self.decode_cpus is not None and self.decode_cpus < 1)
             or (self.gpu_actors is not None and self.gpu_actors < 1)
         ):
             raise ValueError("--batch-size, --decode-cpus and --gpu-actors must be >= 1")
+        for lo, hi, name in ((self.decode_cpus_min, self.decode_cpus, "--decode-cpus"),
+                             (self.gpu_actors_min, self.gpu_actors, "--gpu-actors")):  # fmt: skip
+            if lo is not None and (lo < 1 or (hi is not None and lo > hi)):
+                raise ValueError(f"{name}: MIN must be within 1..MAX")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be >= 1")
         if self.max_row_chars < 1:
@@ -83,6 +89,8 @@ class RefreshJob:
     lookup_ray_min_rows: int = LOOKUP_RAY_MIN_ROWS
     maintenance: bool = True
     sample: int = 5
+    break_lease: bool = False
+    kind: str = "refresh"  # "embed" when the embed job runs on this engine (runs.lance kind, report)
 
     def __post_init__(self) -> None:
         if self.embed.format != "lance":
@@ -124,8 +132,10 @@ def embed_job_from_args(args: Any) -> EmbedJob:
         frames_hz=frames_hz,
         precision=args.precision,
         batch_size=args.batch_size,
-        gpu_actors=args.gpu_actors,
-        decode_cpus=args.decode_cpus,
+        gpu_actors=args.gpu_actors[1] if args.gpu_actors else None,
+        gpu_actors_min=args.gpu_actors[0] if args.gpu_actors else None,
+        decode_cpus=args.decode_cpus[1] if args.decode_cpus else None,
+        decode_cpus_min=args.decode_cpus[0] if args.decode_cpus else None,
         format=args.format,
         limit=args.limit,
         storage_options=dict(args.storage_options or {}),
@@ -134,6 +144,7 @@ def embed_job_from_args(args: Any) -> EmbedJob:
             max_bytes=int(args.max_file_mb * 1024 * 1024),
             max_duration_s=args.max_duration_s,
             max_channels=args.max_channels,
+            min_samples=max(AudioLimits.min_samples, round(getattr(args, "min_duration_s", 0.0) * TARGET_SR)),
         ),
         decode_timeout_s=args.decode_timeout_s,
         max_error_rate=args.max_error_rate,

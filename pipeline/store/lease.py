@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -40,11 +41,31 @@ class StoreLock:
       wrote last; if that fails someone took the expired lease over: the lease is lost.
     * :meth:`check` before every data commit raises :class:`LeaseLost` if the lease is lost or
       about to expire.
-    * release: CAS ``state="released"``. A killed holder's lease expires after ``ttl_s``.
+    * release: CAS ``state="released"``.
+    * a holder that died without releasing (SIGKILL, OOM, a lost node): its lease is taken over
+      at once when it is *proven* gone (:func:`holder_gone`: same host and its process no
+      longer exists, or ``is_dead(row)`` of the caller says so, e.g. its Ray job has ended in this
+      cluster), else it expires after ``ttl_s``. ``break_lease=True`` takes any lease over (the
+      manual way out: the user asserts the holder is gone). A live holder is never overridden
+      otherwise.
     """
 
-    def __init__(self, store: StoreWriter, run_id: str, ttl_s: float = 600.0, wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        store: StoreWriter,
+        run_id: str,
+        ttl_s: float = 600.0,
+        wait_s: float = 0.0,
+        *,
+        holder_info: Mapping[str, str] | None = None,
+        is_dead: Callable[[Mapping[str, Any]], bool] | None = None,
+        break_lease: bool = False,
+    ) -> None:
         self.store, self.run_id, self.ttl_s, self.wait_s = store, run_id, float(ttl_s), float(wait_s)
+        self.holder_info = dict(holder_info or {})
+        self.is_dead = is_dead
+        self.break_lease = break_lease
+        self.took_over: str | None = None  # why a held lease was taken over, if it was
         self.token = uuid.uuid4().hex
         self.version: int | None = None
         self.expires_at: dt.datetime | None = None
@@ -61,7 +82,9 @@ class StoreLock:
     def _row(self, state: str, now: dt.datetime) -> pa.Table:
         return pa.Table.from_pylist(
             [{"state": state, "holder": self.run_id, "token": self.token, "host": socket.gethostname(),
-              "pid": os.getpid(), "acquired_at": self.acquired_at or now, "heartbeat_at": now,
+              "pid": os.getpid(), "proc_start": process_start(os.getpid()),
+              "ray_session": self.holder_info.get("ray_session"), "ray_job": self.holder_info.get("ray_job"),
+              "acquired_at": self.acquired_at or now, "heartbeat_at": now,
               "expires_at": now + dt.timedelta(seconds=self.ttl_s)}],
             schema=LOCK_SCHEMA,
         )  # fmt: skip
@@ -121,13 +144,19 @@ class StoreLock:
             now = utc_now()
             busy = cur and cur["state"] == "held" and cur["expires_at"] and cur["expires_at"] > now
             if busy:
+                gone = "--break-lease was given" if self.break_lease else holder_gone(cur, self.is_dead)
+                if gone:
+                    busy = False
+                    self.took_over = f"run {cur['holder']}: {gone}"
+            if busy:
                 if time.monotonic() < deadline:
                     time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
                     continue
                 raise RefreshLocked(
                     f"the store is being refreshed by run {cur['holder']} (host {cur['host']}, pid {cur['pid']}, "
                     f"since {cur['acquired_at']:%Y-%m-%d %H:%M:%S} UTC); its lease expires at "
-                    f"{cur['expires_at']:%Y-%m-%d %H:%M:%S} UTC unless renewed. Not starting a second refresh."
+                    f"{cur['expires_at']:%Y-%m-%d %H:%M:%S} UTC unless renewed. Not starting a second refresh "
+                    "(if that run is gone for sure, rerun with --break-lease)."
                 )
             self.acquired_at = now
             try:
@@ -135,7 +164,9 @@ class StoreLock:
             except CommitConflictError:
                 continue  # someone committed first: read again
             self.expires_at = now + dt.timedelta(seconds=self.ttl_s)
-            if cur and cur["state"] == "held":
+            if self.took_over:
+                log.warning("took over the lease of %s", self.took_over)
+            elif cur and cur["state"] == "held":
                 log.warning("took over the expired lease of run %s", cur["holder"])
             break
         self._stop.clear()
@@ -187,3 +218,44 @@ class StoreLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def process_start(pid: int) -> str | None:
+    """Start time of process ``pid`` in clock ticks since boot, with the boot id (Linux), or
+    ``None`` where ``/proc`` does not tell. Distinguishes a live holder from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None
+
+
+def holder_gone(
+    row: Mapping[str, Any], is_dead: Callable[[Mapping[str, Any]], bool] | None = None
+) -> str | None:
+    """Why the lease holder ``row`` is proven gone, or ``None`` if it may be alive.
+
+    Proven gone: it ran on this host and its process no longer exists (or the pid now belongs to
+    a process started later); or ``is_dead(row)`` says so (the caller's knowledge, e.g. the
+    holder's Ray job has ended in this very cluster).
+    """
+    pid = row.get("pid")
+    if row.get("host") == socket.gethostname() and pid:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return f"its process {pid} on this host is gone"
+        except PermissionError:
+            pass  # exists, another user's
+        else:
+            started = row.get("proc_start")
+            now_started = process_start(int(pid))
+            if started and now_started and started != now_started:
+                return f"its process {pid} on this host is gone (the pid was reused)"
+    if is_dead is not None and is_dead(row):
+        return "its Ray job has ended"
+    return None

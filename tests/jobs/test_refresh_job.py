@@ -62,15 +62,12 @@ def test_dry_run_prints_the_plan_logs_json_and_writes_nothing(tmp_path: Path, ca
     args = ["--catalog", cat, "--store", str(store), "--dry-run", "--log-format", "json", *MODEL]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert (
-        "dry run: nothing written" in out and "new 2" in out and "lookup_failed 1" in out and "x1, x2" in out
-    )
+    # tracks not in the store are new whatever their object's version: no request is made for
+    # them (a missing object becomes a fetch error row when the run fetches it)
+    assert "dry run: nothing written" in out and "new 3" in out and "x1, x2, gone" in out
     events = _json_lines(err)
     plan = next(e for e in events if e["step"] == "plan")
-    assert plan["new"] == 2 and plan["lookup_failed"] == 1 and plan["dry_run"] is True and plan["run_id"]
-    assert not store.exists()
-    # 1 of 3 rows failed: above --max-error-rate 0.2 -> exit 3, still nothing written
-    assert main([*args, "--max-error-rate", "0.2"]) == EXIT_ERROR_RATE
+    assert plan["new"] == 3 and plan["lookup_failed"] == 0 and plan["dry_run"] is True and plan["run_id"]
     assert not store.exists()
     capsys.readouterr()
 
@@ -101,16 +98,16 @@ def test_failed_lookups_exit_3_with_a_run_record_and_a_lock_exits_4(tmp_path: Pa
     finally:
         holder.release()
 
-    assert main(args) == EXIT_ERROR_RATE  # nothing to embed: both objects are missing
+    assert main(args) == EXIT_ERROR_RATE  # both objects are missing: two fetch errors, rate 1 > 0.5
     out, err = capsys.readouterr()
     assert "failed 2" in out
     done = next(e for e in _json_lines(err) if e["step"] == "refresh finished")
-    assert done["status"] == "failed" and done["lookup_failed"] == 2 and "stage_s" in done
+    assert done["status"] == "failed" and done["new"] == 2 and done["failed"] == 2 and "stage_s" in done
     run = lance.dataset(str(store / "runs.lance")).to_table().to_pylist()[-1]
     assert run["run_id"] == done["run_id"] and run["kind"] == "refresh" and run["status"] == "failed"
-    assert json.loads(run["report_json"])["plan"]["lookup_failed"] == 2
+    assert json.loads(run["report_json"])["plan"]["new"] == 2
     errs = lance.dataset(str(store / "errors.lance")).to_table().to_pylist()
-    assert {e["track_id"] for e in errs} == {"m1", "m2"} and {e["stage"] for e in errs} == {"lookup"}
+    assert {e["track_id"] for e in errs} == {"m1", "m2"} and {e["stage"] for e in errs} == {"fetch"}
     assert StoreLock(StoreWriter(str(store)), "probe").holder() is None  # released after the run
 
 

@@ -101,7 +101,7 @@ def test_schemas_of_every_table(clips_store) -> None:
     run = lance.dataset(str(out / "runs.lance")).to_table().to_pylist()[-1]
     assert run["run_id"] == report.run_id and run["status"] == "ok" and run["tracks_ok"] == 12
     assert run["x_realtime"] > 0 and run["audio_hours"] > 0
-    assert {"decode+model", "write", "catalog"} <= set(json.loads(run["stage_times_json"]))
+    assert {"decode+model", "commit", "catalog"} <= set(json.loads(run["stage_times_json"]))
     versions = json.loads(run["report_json"])["versions"]
     assert versions["tracks"] == lance.dataset(str(out / "tracks.lance")).version
 
