@@ -346,9 +346,15 @@ def _reply(result: tuple[int, dict[str, Any]]) -> JSONResponse:
     return JSONResponse(payload, status_code=status)
 
 
-def create_api(service: SearchService) -> FastAPI:
-    """A plain FastAPI app serving ``service`` (for ``uvicorn`` or tests without Ray)."""
+def create_api(service: SearchService, web: Mapping[str, Any] | None = None) -> FastAPI:
+    """A plain FastAPI app serving ``service`` (for ``uvicorn`` or tests without Ray); with ``web``
+    (the config of :func:`pipeline.query.web.install_web`) also the catalog page."""
     api = FastAPI(title="MusicFM similarity search", version="1")
+    if web is not None:
+        from pipeline.query import web as web_mod
+
+        state = web_mod.WebState(service, web)
+        web_mod.install_web(api, lambda: state, web)
 
     @api.get("/similar/{track_id:path}")
     def similar(track_id: str, request: Request) -> JSONResponse:
@@ -369,18 +375,37 @@ def create_api(service: SearchService) -> FastAPI:
     return api
 
 
-def serve_app(config: Mapping[str, Any], num_cpus: float = 1.0, name: str = "SimilaritySearch") -> Any:
-    """The Ray Serve application: one replica holding a :class:`SearchService` built from ``config``
-    (the keyword arguments of :class:`SearchService`), with the routes of the module doc."""
+def serve_app(
+    config: Mapping[str, Any],
+    num_cpus: float = 1.0,
+    name: str = "SimilaritySearch",
+    options: Mapping[str, Any] | None = None,
+    web: Mapping[str, Any] | None = None,
+) -> Any:
+    """The Ray Serve application: replicas holding a :class:`SearchService` built from ``config``
+    (the keyword arguments of :class:`SearchService`), with the routes of the module doc.
+
+    ``options``: more ``serve.deployment`` options (``num_replicas``, ``max_ongoing_requests``,
+    ``max_queued_requests``, ``backpressure_config``, ``autoscaling_config``; see
+    :func:`pipeline.query.web.deployment_options`). ``web``: also serve the catalog page
+    (:func:`pipeline.query.web.install_web` config)."""
     from ray import serve
 
     api = FastAPI(title="MusicFM similarity search", version="1")
+    if web is not None:
+        from pipeline.query import web as web_mod
 
-    @serve.deployment(name=name, ray_actor_options={"num_cpus": num_cpus})
+        web_mod.install_web(api, web_mod.provider(name), web)
+
+    @serve.deployment(name=name, ray_actor_options={"num_cpus": num_cpus}, **dict(options or {}))
     @serve.ingress(api)
     class SearchDeployment:
         def __init__(self, cfg: Mapping[str, Any]) -> None:
             self.svc = SearchService(**dict(cfg))
+            if web is not None:
+                from pipeline.query import web as web_mod
+
+                web_mod.attach(name, self.svc, web)
 
         @api.get("/similar/{track_id:path}")
         def similar(self, track_id: str, request: Request) -> JSONResponse:
