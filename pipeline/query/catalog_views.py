@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import one_line, redact
-from pipeline.schemas import layer_column
+from pipeline.schemas import RESERVED_COLUMNS, layer_column
 from pipeline.search import InvalidQueryError, Store, UnknownTrackError, lance_storage_options
 from pipeline.store import sql_str
 
@@ -396,7 +396,7 @@ class CatalogViews:
         names = ds.schema.names
         if "map_x" not in names or "map_y" not in names:
             return {"available": False, "hint": MAP_HINT.format(store=self.store.root), "points": []}
-        skip = {"uri", "map_x", "map_y", "track_id", "model_id", "settings_id", "run_id", "warnings"}
+        skip = {*RESERVED_COLUMNS, "map_x", "map_y"}
         colorable = [
             f.name for f in ds.schema if str(f.type) in ("string", "large_string") and f.name not in skip
         ]

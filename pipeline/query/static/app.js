@@ -191,6 +191,7 @@ const runSimilar = guard(async () => {
   const p = searchParams();
   let doc;
   setStatus("searching…");
+  delete $("results").dataset.query;
   if ($("level").value === "window" && state.windowIx !== null) {
     p.set("window_ix", String(state.windowIx));
     p.delete("level");
@@ -198,12 +199,14 @@ const runSimilar = guard(async () => {
   } else {
     doc = await api("/similar/" + encodeURIComponent(q.trackId) + "?" + p.toString());
   }
-  renderResults(doc);
+  if (state.query !== q) return;  // another query started meanwhile
+  renderResults(doc, q.trackId + (state.windowIx !== null ? "@" + state.windowIx : ""));
 });
 
-function renderResults(doc) {
+function renderResults(doc, queryKey) {
   const list = $("results");
   clear(list);
+  list.dataset.query = queryKey;
   const how = doc.exact ? "exact" : (doc.index_type || "index");
   setStatus(`${doc.hits.length} results · layer ${doc.layer} · ${doc.level || "window"} level · ${how} · ${fmt(doc.elapsed_ms, 1)} ms`);
   for (const h of doc.hits) {
@@ -245,12 +248,13 @@ const uploadClip = guard(async (file) => {
   $("query").hidden = false;
   setStatus("embedding the clip…");
   clear($("results"));
+  delete $("results").dataset.query;
   const p = searchParams();
   p.set("filename", file.name);
   const doc = await api("/api/upload?" + p.toString(), {
     method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" },
   });
-  renderResults(doc);
+  renderResults(doc, "upload:" + file.name);
 });
 
 function setupDrop() {
