@@ -3,8 +3,6 @@ against a real Serve app; one app and one browser for the module."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
