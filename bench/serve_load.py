@@ -18,8 +18,8 @@ Configurations, deployed one after the other on the same Ray Serve instance and 
     and latencies reach seconds once the connections outnumber the slots several times.
 ``flags``
     :func:`pipeline.query.web.deployment_options` with the defaults of ``jobs/serve_search.py``
-    (``--max-ongoing 64 --max-queued 128``): the replica takes up to 64 requests at once (its
-    event loop and thread pool interleave them), 128 more wait in the proxy, the rest get a
+    (``--max-ongoing 64 --max-queued 64``): the replica takes up to 64 requests at once (its
+    event loop and thread pool interleave them), 64 more wait in the proxy, the rest get a
     fast 503 with ``Retry-After``.
 ``overload``
     the same with ``--max-ongoing 4 --max-queued 8``, loaded with 64 connections: what past
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     configs = {
         "serve-defaults": {},
-        "flags": deployment_options((1, 1), 64, 128),
+        "flags": deployment_options((1, 1), 64, 64),
         "overload": deployment_options((1, 1), 4, 8),
     }
     chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -373,23 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             sweep = levels if name != "overload" else [max(levels)]
             for path in ("/healthz", f"/similar/{ids[0]}?k=10&layer={layer}"):
                 for c in sweep:
-                    if use_wrk:
+                    # past capacity the python client is used: it reports Retry-After and 503 latency
+                    if use_wrk and name != "overload":
                         r = _wrk(port, path, c, args.duration, args.timeout)
                     else:
                         r = asyncio.run(
                             _load(port, _get(path), c, args.duration, args.max_requests, args.timeout)
                         )
-                    load = Load(
-                        name,
-                        path.split("?")[0],
-                        c,
-                        **{k: v for k, v in r.items() if k in Load.__dataclass_fields__},
-                    )
-                    if name == "overload":  # the python client reports Retry-After and 503 latency
-                        r = asyncio.run(
-                            _load(port, _get(path), c, args.duration, args.max_requests, args.timeout)
-                        )
-                        load = Load(name, path.split("?")[0], c, **r)
+                    fields = {k: v for k, v in r.items() if k in Load.__dataclass_fields__}
+                    load = Load(name, path.split("?")[0], c, **fields)
                     results.append(load)
                     _print(load)
             if name == "flags":
@@ -467,9 +459,10 @@ def _page_paths(port: int, ids: list[str], args: argparse.Namespace) -> list[Loa
     for label, make, conns, check in jobs:
         if label.startswith("/audio") and not audio_ids:
             continue
-        r = asyncio.run(
-            _load(port, make, conns, args.duration, args.max_requests, max(args.timeout, 60.0), check)
-        )
+        # one request first (the upload loads the model), then the measurement
+        asyncio.run(_load(port, make, 1, 0.001, 1, 120.0))
+        seconds = max(args.duration, 10.0) if label == "/api/upload" else args.duration
+        r = asyncio.run(_load(port, make, conns, seconds, args.max_requests, max(args.timeout, 60.0), check))
         load = Load("flags", label, conns, **r)
         out.append(load)
         _print(load)

@@ -30,7 +30,7 @@ from pipeline.query.cli import OneLineArgumentParser, positive_int, storage_opti
 from pipeline.query.service import DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402
 
 DEFAULT_MAX_ONGOING = 64
-DEFAULT_MAX_QUEUED = 128
+DEFAULT_MAX_QUEUED = 64
 
 
 def replicas_arg(text: str) -> tuple[int, int]:
