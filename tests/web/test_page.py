@@ -317,3 +317,24 @@ def test_errors_are_json_and_no_cors_without_the_flag(app) -> None:
     r = requests.get(url + "/api/tracks?q=rock", headers={"Origin": "http://elsewhere.example"}, timeout=10)
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert r.json()["tracks"][0]["track_id"] == "hw_rock"
+
+
+def test_audio_serves_only_stored_uris_within_the_runs_policy(app, web_store) -> None:
+    """Last in the module: it rewrites a stored URI. A URI outside the allowed prefixes, or a
+    symlink inside them that escapes, is 403; a path in the request is never a file path."""
+    url, store, _ = app
+    root = web_store[0].parent  # an allowed prefix of the run that built the store
+    (root / "escape.wav").symlink_to("/etc/hostname")
+    ds = lance.dataset(str(store / "tracks.lance"))
+    for uri, needle in (
+        ("/etc/hostname", "outside the allowed prefixes"),
+        (str(root / "escape.wav"), "symlink escape"),
+    ):
+        ds.update({"uri": "'" + uri + "'"}, where="track_id = 'hw_fruit'")
+        ds = lance.dataset(str(store / "tracks.lance"))
+        time.sleep(0.5)  # the app reopens tables every 0.3 s
+        r = requests.get(f"{url}/audio/hw_fruit", timeout=10)
+        assert r.status_code == 403 and needle in r.json()["error"], r.text
+    for path in ("/audio/..%2F..%2Fetc%2Fhostname", "/audio//etc/hostname", "/audio/%2Fetc%2Fhostname"):
+        r = requests.get(url + path, timeout=10)
+        assert r.status_code == 404 and r.json()["status"] == 404, (path, r.text)
