@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="serve-load-")
     ray.init(
+        address="local",  # our own cluster, never one left running by `ray start`
         num_cpus=os.cpu_count() or 2,
         include_dashboard=False,
         log_to_driver=False,

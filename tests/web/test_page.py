@@ -338,3 +338,35 @@ def test_audio_serves_only_stored_uris_within_the_runs_policy(app, web_store) ->
     for path in ("/audio/..%2F..%2Fetc%2Fhostname", "/audio//etc/hostname", "/audio/%2Fetc%2Fhostname"):
         r = requests.get(url + path, timeout=10)
         assert r.status_code == 404 and r.json()["status"] == 404, (path, r.text)
+
+
+def test_create_api_serves_the_page_without_ray(web_store) -> None:
+    """The same routes on plain FastAPI (``create_api(..., web=...)``) under uvicorn."""
+    import threading
+
+    import uvicorn
+
+    from pipeline.query.service import SearchService, create_api
+    from tests.web.conftest import _free_port
+
+    store, _ = web_store
+    api = create_api(SearchService(str(store)), web={"cors_origins": ["http://ok.example"]})
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(url + "/", timeout=10).headers["content-type"].startswith("text/html")
+        r = requests.get(url + "/api/tracks?q=snow", headers={"Origin": "http://ok.example"}, timeout=10)
+        assert [t["track_id"] for t in r.json()["tracks"]] == ["hw_snow"]
+        assert r.headers["access-control-allow-origin"] == "http://ok.example"
+        r = requests.get(url + "/audio/hw_snow", headers={"Range": "bytes=0-9"}, timeout=10)
+        assert r.status_code == 206 and len(r.content) == 10 and r.headers["content-type"] == "audio/mpeg"
+        assert r.content == (AUDIO / "clips" / "hw_snow.mp3").read_bytes()[:10]
+    finally:
+        server.should_exit = True
+        th.join(10)
