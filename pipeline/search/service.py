@@ -41,93 +41,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeline.errors import (
-    AudioQueryError,
-    InvalidQueryError,
-    ModelMismatchError,
-    ModelUnavailableError,
     SearchError,
-    StoreNotFoundError,
-    UnknownLayerError,
-    UnknownTrackError,
     one_line,
     redact,
 )
-from pipeline.search.reader import LEVELS, MAX_K, AudioQuery, TrackQuery, open_store
+from pipeline.search.http import HttpError, error_payload, parse_params, read_body, status_for
+from pipeline.search.reader import AudioQuery, TrackQuery, open_store
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "HttpError", "SearchService", "create_api", "serve_app", "status_for"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-MAX_WHERE_CHARS = 4096
 _PARAMS = ("k", "layer", "where", "level", "nprobes", "refine_factor")
-
-
-class HttpError(Exception):
-    """An error with its HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = one_line(redact(message))
-
-
-def status_for(exc: BaseException) -> int:
-    """HTTP status of a search error."""
-    if isinstance(exc, HttpError):
-        return exc.status
-    if isinstance(exc, UnknownTrackError):
-        return 404
-    if isinstance(exc, UnknownLayerError | InvalidQueryError):
-        return 400
-    if isinstance(exc, ModelMismatchError):
-        return 409
-    if isinstance(exc, AudioQueryError):
-        return 422
-    if isinstance(exc, ModelUnavailableError | StoreNotFoundError):
-        return 503
-    if isinstance(exc, SearchError):
-        return 400
-    return 500
-
-
-def _int_param(name: str, value: Any, lo: int, hi: int | None = None) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise HttpError(400, f"{name} must be an integer, got {value!r}")
-    try:
-        v = int(value)
-        if isinstance(value, float) and v != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise HttpError(400, f"{name} must be an integer, got {value!r}") from None
-    if v < lo or (hi is not None and v > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise HttpError(400, f"{name} must be in {bound}, got {v}")
-    return v
-
-
-def parse_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated search keyword arguments from query-string / JSON / form parameters."""
-    k = _int_param("k", params.get("k"), 1, MAX_K)
-    layer = _int_param("layer", params.get("layer"), 0)
-    where = params.get("where")
-    if where is not None and not isinstance(where, str):
-        raise HttpError(400, "where must be a string")
-    if where and len(where) > MAX_WHERE_CHARS:
-        raise HttpError(400, f"where is longer than {MAX_WHERE_CHARS} characters")
-    level = params.get("level") or "track"
-    if level not in LEVELS:
-        raise HttpError(400, f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-    return {
-        "k": 10 if k is None else k,
-        "layer": layer,
-        "where": where or None,
-        "level": level,
-        "nprobes": _int_param("nprobes", params.get("nprobes"), 1),
-        "refine_factor": _int_param("refine_factor", params.get("refine_factor"), 1),
-    }
 
 
 class SearchService:
@@ -188,11 +114,7 @@ class SearchService:
 
     @staticmethod
     def error(exc: BaseException) -> tuple[int, dict[str, Any]]:
-        status = status_for(exc)
-        msg = exc.message if isinstance(exc, HttpError) else one_line(redact(str(exc)))
-        if status == 500:
-            msg = f"internal error: {type(exc).__name__}: {msg}"
-        return status, {"error": msg, "status": status}
+        return error_payload(exc)
 
     # ---- routes
 
@@ -305,24 +227,6 @@ class SearchService:
 # --------------------------------------------------------------------------- FastAPI / Ray Serve
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise HttpError(413, f"body of {int(declared)} bytes is over the limit of {limit}")
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _search_route(svc: SearchService, request: Request) -> JSONResponse:
     try:
         body = await read_body(request, svc.max_upload_bytes)
@@ -343,9 +247,15 @@ def _reply(result: tuple[int, dict[str, Any]]) -> JSONResponse:
     return JSONResponse(payload, status_code=status)
 
 
-def create_api(service: SearchService) -> FastAPI:
-    """A plain FastAPI app serving ``service`` (for ``uvicorn`` or tests without Ray)."""
+def create_api(service: SearchService, web: Mapping[str, Any] | None = None) -> FastAPI:
+    """A plain FastAPI app serving ``service`` (for ``uvicorn`` or tests without Ray); with ``web``
+    (the config of :func:`pipeline.search.web.install_web`) also the catalog page."""
     api = FastAPI(title="MusicFM similarity search", version="1")
+    if web is not None:
+        from pipeline.search import web as web_mod
+
+        state = web_mod.WebState(service, web)
+        web_mod.install_web(api, lambda: state, web)
 
     @api.get("/similar/{track_id:path}")
     def similar(track_id: str, request: Request) -> JSONResponse:
@@ -366,18 +276,37 @@ def create_api(service: SearchService) -> FastAPI:
     return api
 
 
-def serve_app(config: Mapping[str, Any], num_cpus: float = 1.0, name: str = "SimilaritySearch") -> Any:
-    """The Ray Serve application: one replica holding a :class:`SearchService` built from ``config``
-    (the keyword arguments of :class:`SearchService`), with the routes of the module doc."""
+def serve_app(
+    config: Mapping[str, Any],
+    num_cpus: float = 1.0,
+    name: str = "SimilaritySearch",
+    options: Mapping[str, Any] | None = None,
+    web: Mapping[str, Any] | None = None,
+) -> Any:
+    """The Ray Serve application: replicas holding a :class:`SearchService` built from ``config``
+    (the keyword arguments of :class:`SearchService`), with the routes of the module doc.
+
+    ``options``: more ``serve.deployment`` options (``num_replicas``, ``max_ongoing_requests``,
+    ``max_queued_requests``, ``backpressure_config``, ``autoscaling_config``; see
+    :func:`pipeline.search.web.deployment_options`). ``web``: also serve the catalog page
+    (:func:`pipeline.search.web.install_web` config)."""
     from ray import serve
 
     api = FastAPI(title="MusicFM similarity search", version="1")
+    if web is not None:
+        from pipeline.search import web as web_mod
 
-    @serve.deployment(name=name, ray_actor_options={"num_cpus": num_cpus})
+        web_mod.install_web(api, web_mod.provider(name), web)
+
+    @serve.deployment(name=name, ray_actor_options={"num_cpus": num_cpus}, **dict(options or {}))
     @serve.ingress(api)
     class SearchDeployment:
         def __init__(self, cfg: Mapping[str, Any]) -> None:
             self.svc = SearchService(**dict(cfg))
+            if web is not None:
+                from pipeline.search import web as web_mod
+
+                web_mod.attach(name, self.svc, web)
 
         @api.get("/similar/{track_id:path}")
         def similar(self, track_id: str, request: Request) -> JSONResponse:

@@ -116,7 +116,18 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
         before = _data_files(out)
         env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
         cmd = [sys.executable, JOB, "--catalog", str(catalog), "--output", str(out), "--checkpoint", CKPT]
-        cmd += ["--stats", STATS, "--layers", "1,3", "--precision", "fp32", "--window-s", "1", "--hop-s", "0.5"]
+        cmd += [
+            "--stats",
+            STATS,
+            "--layers",
+            "1,3",
+            "--precision",
+            "fp32",
+            "--window-s",
+            "1",
+            "--hop-s",
+            "0.5",
+        ]
         cmd += ["--no-progress", "--decode-cpus", "1"]
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True

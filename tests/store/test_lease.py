@@ -28,7 +28,9 @@ def _plant(store: StoreWriter, **row) -> None:
             "proc_start": None, "ray_session": None, "ray_job": None, "acquired_at": now, "heartbeat_at": now,
             "expires_at": now + dt.timedelta(seconds=600)}  # fmt: skip
     base.update(row)
-    lance.write_dataset(pa.Table.from_pylist([base], schema=LOCK_SCHEMA), store.uri("_refresh_lock"), mode="overwrite")
+    lance.write_dataset(
+        pa.Table.from_pylist([base], schema=LOCK_SCHEMA), store.uri("_refresh_lock"), mode="overwrite"
+    )
 
 
 def _dead_pid() -> int:
