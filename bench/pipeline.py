@@ -498,7 +498,7 @@ def pipeline_run(
         ray_start_s = start_ray()
         rep = run_embed(job, progress=False)
     ray_init = ray_start_s + rep.stage_s.get("ray_init", 0.0)
-    model_load = rep.stage_s.get("model_load", 0.0)
+    model_load = rep.stage_s.get("model_probe", 0.0)  # the driver's one model load
     wall = rep.wall_s + ray_start_s  # the RunReport's wall plus the Ray start it did not see
     net = wall - ray_init - model_load
     return {

@@ -114,41 +114,45 @@ def ensure_ray(num_gpus_hint: int | None = None) -> None:
         ray.init(address="local", include_dashboard=False, **kwargs)
 
 
-def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
-    """Restarts of this cluster's decode / model actors created after ``before`` (actor ids), from
-    the GCS actor table; ``{}`` when it cannot be read. ``before=None``: all of them."""
+def _stage_actors(before: set[str] | None) -> list[tuple[str, dict[str, Any]]] | None:
+    """(kind, GCS row) of the decode / model actors created after ``before`` (actor ids; ``None``:
+    all of them), or ``None`` when the actor table cannot be read."""
     try:
         import ray._private.state  # the public state API needs the dashboard
 
         table = ray._private.state.actors()
     except Exception:
-        return {}
-    out = {"decode": 0, "model": 0}
+        return None
+    out = []
     for aid, a in table.items():
-        if before is not None and aid in before:
-            continue
         name = str(a.get("ActorClassName") or "")
         kind = "decode" if "DecodeStage" in name else "model" if "EmbedStage" in name else None
-        if kind:
-            out[kind] += int(a.get("NumRestarts") or 0)
+        if kind and (before is None or aid not in before):
+            out.append((kind, a))
+    return out
+
+
+def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
+    """Restarts of this cluster's decode / model actors created after ``before`` (actor ids), from
+    the GCS actor table; ``{}`` when it cannot be read. ``before=None``: all of them."""
+    actors = _stage_actors(before)
+    if actors is None:
+        return {}
+    out = {"decode": 0, "model": 0}
+    for kind, a in actors:
+        out[kind] += int(a.get("NumRestarts") or 0)
     return out
 
 
 def actors_started(before: set[str]) -> dict[str, int]:
     """Decode / model actors created after ``before`` (actor ids): how large the (autoscaling)
-    pools grew during a run, from the GCS actor table; ``{}`` when it cannot be read."""
-    try:
-        import ray._private.state
-
-        table = ray._private.state.actors()
-    except Exception:
+    pools grew during a run; ``{}`` when the actor table cannot be read."""
+    actors = _stage_actors(before)
+    if actors is None:
         return {}
     out = {"decode": 0, "model": 0}
-    for aid, a in table.items():
-        name = str(a.get("ActorClassName") or "")
-        kind = "decode" if "DecodeStage" in name else "model" if "EmbedStage" in name else None
-        if kind and aid not in before:
-            out[kind] += 1
+    for kind, _ in actors:
+        out[kind] += 1
     return out
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
 import re
 import threading
@@ -39,7 +38,7 @@ from typing import Any
 from pipeline.errors import InvalidQueryError, UnknownTrackError, one_line, redact
 from pipeline.io.objects import lance_options
 from pipeline.schemas import RESERVED_COLUMNS, layer_column
-from pipeline.search.reader import StoreReader as Store
+from pipeline.search.reader import StoreReader, json_safe
 from pipeline.store.tables import sql_str
 
 __all__ = [
@@ -151,14 +150,6 @@ class TitleIndex:
         return sorted(rows, key=rank)[:limit]
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    return v
-
-
 def _loads(text: Any) -> Any:
     if not isinstance(text, str) or not text:
         return None
@@ -169,14 +160,14 @@ def _loads(text: Any) -> Any:
 
 
 class CatalogViews:
-    """The page's data over the store of a :class:`pipeline.search.Store`.
+    """The page's data over the store of a :class:`pipeline.search.reader.StoreReader`.
 
     Args:
         store: the open store (the search service's).
         refresh_s: reopen tables at most this often.
     """
 
-    def __init__(self, store: Store, refresh_s: float = 30.0) -> None:
+    def __init__(self, store: StoreReader, refresh_s: float = 30.0) -> None:
         self.store = store
         self.refresh_s = float(refresh_s)
         self._lock = threading.Lock()
@@ -265,7 +256,7 @@ class CatalogViews:
         tbl = ds.to_table(columns=cols, filter=f"track_id = {sql_str(track_id)}", limit=1)
         if not tbl.num_rows:
             raise UnknownTrackError(f"unknown track_id {track_id!r}")
-        meta = {k: _json_value(v) for k, v in tbl.to_pylist()[0].items()}
+        meta = {k: json_safe(v) for k, v in tbl.to_pylist()[0].items()}
         windows: list[dict[str, Any]] = []
         win = self.table("windows")
         if win is not None:
@@ -328,7 +319,7 @@ class CatalogViews:
             report = _loads(r.pop("report_json", None)) or {}
             args = _loads(r.pop("args_json", None)) or {}
             stages = _loads(r.pop("stage_times_json", None)) or {}
-            item = {k: _json_value(v) for k, v in r.items()}
+            item = {k: json_safe(v) for k, v in r.items()}
             item["stage_times"] = stages if isinstance(stages, dict) else {}
             item["errors_by_type"] = report.get("errors_by_type") if isinstance(report, dict) else None
             item["catalog"] = args.get("catalog") if isinstance(args, dict) else None
@@ -361,7 +352,7 @@ class CatalogViews:
             ]
         limit = max(1, min(int(limit), MAX_ERROR_ROWS))
         return {
-            "errors": [{k: _json_value(v) for k, v in r.items()} for r in rows[:limit]],
+            "errors": [{k: json_safe(v) for k, v in r.items()} for r in rows[:limit]],
             "total": len(rows),
             "stages": stages,
         }
@@ -378,13 +369,13 @@ class CatalogViews:
         titles = self._titles(ids)
         groups: dict[Any, list[dict[str, Any]]] = {}
         for r in rows:
-            item = {k: _json_value(v) for k, v in r.items()}
+            item = {k: json_safe(v) for k, v in r.items()}
             item["title"] = titles.get(str(r.get("track_id")))
             item["match_title"] = titles.get(str(r.get("match_track_id")))
             groups.setdefault(r.get("group_id"), []).append(item)
         return {
             "available": True,
-            "groups": [{"group_id": _json_value(g), "pairs": p} for g, p in groups.items()],
+            "groups": [{"group_id": json_safe(g), "pairs": p} for g, p in groups.items()],
         }
 
     def _titles(self, ids: Sequence[str]) -> dict[str, str | None]:
@@ -408,9 +399,7 @@ class CatalogViews:
         if color and color not in cols:
             cols.append(color)
         tbl = ds.to_table(columns=cols, limit=MAX_MAP_POINTS)
-        points = [
-            {k: _json_value(v) for k, v in r.items()} for r in tbl.to_pylist() if r["map_x"] is not None
-        ]
+        points = [{k: json_safe(v) for k, v in r.items()} for r in tbl.to_pylist() if r["map_x"] is not None]
         return {"available": True, "color_by": color, "colorable": colorable, "points": points}
 
     # ---- audio

@@ -224,7 +224,8 @@ def _looks_like_audio(query: str) -> bool:
     return os.path.splitext(query)[1].lower() in AUDIO_EXTENSIONS or os.path.isfile(query)
 
 
-def _json_value(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """A value ready for JSON: non-finite floats become ``None``, dates ISO 8601 strings."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if hasattr(v, "isoformat"):
@@ -541,7 +542,7 @@ class StoreReader:
             return {}
         cols = ["track_id", *self._meta_columns()]
         tbl = self._tracks.to_table(columns=cols, filter=in_list("track_id", list(dict.fromkeys(track_ids))))
-        return {r.pop("track_id"): {k: _json_value(v) for k, v in r.items()} for r in tbl.to_pylist()}
+        return {r.pop("track_id"): {k: json_safe(v) for k, v in r.items()} for r in tbl.to_pylist()}
 
     def _meta_columns(self) -> list[str]:
         names = self._tracks.schema.names
@@ -785,7 +786,7 @@ class StoreReader:
             dist = row.pop("_distance")
             if tid == exclude or len(hits) == k:
                 continue
-            meta = {c: _json_value(row.get(c)) for c in self._meta_columns()}
+            meta = {c: json_safe(row.get(c)) for c in self._meta_columns()}
             hits.append(SearchHit(rank=len(hits) + 1, track_id=tid, score=_score(dist), metadata=meta))
         return hits, plan
 
@@ -864,8 +865,8 @@ class StoreReader:
                 track_id=r["track_id"],
                 score=_score(r["_distance"]),
                 metadata=meta.get(r["track_id"], {}),
-                start_s=_json_value(r["start_s"]),
-                end_s=_json_value(r["end_s"]),
+                start_s=json_safe(r["start_s"]),
+                end_s=json_safe(r["end_s"]),
                 window_ix=r["window_ix"],
             )
             for i, r in enumerate(top)

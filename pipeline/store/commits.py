@@ -125,8 +125,24 @@ def merge_tracks(store: StoreWriter, tbl: pa.Table) -> int:
 
     ds = store.open("tracks")
     if ds is None:
-        return lance.write_dataset(tbl, store.uri("tracks"), schema=tbl.schema, mode="create",
-                                   storage_options=store.lance_options).version  # fmt: skip
+
+        def landed() -> int | None:  # the create landed although its connection broke
+            now = store.open("tracks")
+            return now.version if now is not None else None
+
+        return retry_write(
+            "create of tracks",
+            lambda: (
+                lance.write_dataset(
+                    tbl,
+                    store.uri("tracks"),
+                    schema=tbl.schema,
+                    mode="create",
+                    storage_options=store.lance_options,
+                ).version
+            ),  # fmt: skip
+            landed,
+        )
     retry_write(  # an upsert of the same rows again is harmless
         "merge of tracks",
         lambda: (

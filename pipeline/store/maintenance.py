@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.schemas import LOCK_TABLE
-from pipeline.store.commits import delete_rows
+from pipeline.store.commits import delete_rows, retry_write
 from pipeline.store.lease import StoreLock
 from pipeline.store.tables import StoreWriter, in_lists, sql_str
 
@@ -74,17 +74,25 @@ def maintain(store: StoreWriter, retention_days: float) -> dict[str, Any]:
         rec: dict[str, Any] = {}
         t0 = time.perf_counter()
         if name != LOCK_TABLE and ds.describe_indices():
-            ds.optimize.optimize_indices()  # new rows into the existing indices, no retraining
+            # new rows into the existing indices, no retraining; a retry after a broken connection
+            # at worst optimises again
+            retry_write(f"index optimisation of {name}", lambda ds=ds: ds.optimize.optimize_indices())
             rec["indices"] = [d.name for d in ds.describe_indices()]
             ds = store.open(name)
         if name != LOCK_TABLE and len(ds.get_fragments()) > 1:
-            m = ds.optimize.compact_files(materialize_deletions_threshold=0.1)
+            m = retry_write(  # a compaction whose commit did land is followed by a no-op one
+                f"compaction of {name}",
+                lambda ds=ds: ds.optimize.compact_files(materialize_deletions_threshold=0.1),
+            )
             rec["fragments_removed"], rec["fragments_added"] = (
                 int(m.fragments_removed),
                 int(m.fragments_added),
             )
             ds = store.open(name)
-        stats = ds.cleanup_old_versions(older_than=dt.timedelta(days=retention_days))
+        stats = retry_write(  # idempotent
+            f"cleanup of {name}",
+            lambda ds=ds: ds.cleanup_old_versions(older_than=dt.timedelta(days=retention_days)),
+        )
         rec["old_versions_removed"] = int(getattr(stats, "old_versions", 0))
         rec["bytes_removed"] = int(getattr(stats, "bytes_removed", 0))
         rec["seconds"] = round(time.perf_counter() - t0, 3)

@@ -466,20 +466,25 @@ def test_embed_rayjob():
         "--checkpoint": "msd",
         "--layers": "7,12",
         "--precision": "bf16",
-        "--gpu-actors": "4",
-        "--decode-cpus": "2",
+        "--gpu-actors": "1:4",
+        "--decode-cpus": "2:32",
         "--batch-size": "8",
+        "--chunk-size": "1000",
     }
     for flag, value in expected.items():
         assert inv.value(flag) == value, f"{flag} should be {value}"
     assert inv.value("--catalog").startswith("s3://") and inv.value("--output").startswith("s3://")
-    # --gpu-actors must fit in the GPU group (one actor per GPU, one GPU per pod)
+    # the --gpu-actors pool's maximum must fit in the GPU group (one actor per GPU, one GPU per pod),
+    # which may scale to zero
+    from pipeline.cli import pool_size
+
     gpu_group = next(
         g
         for g in spec["rayClusterSpec"]["workerGroupSpecs"]
         if any(gpu_count(c) for c in g["template"]["spec"]["containers"])
     )
-    assert int(inv.value("--gpu-actors")) <= gpu_group["maxReplicas"]
+    assert pool_size(inv.value("--gpu-actors"))[1] <= gpu_group["maxReplicas"]
+    assert gpu_group["minReplicas"] == 0
 
 
 def test_refresh_cronjob():

@@ -283,7 +283,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path) -> None:
                 break
             time.sleep(3)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
-        assert "succeeded" in sub.stdout.lower() and "2 ok, 0 failed" in sub.stdout
+        assert "succeeded" in sub.stdout.lower() and "2 embedded, 0 failed" in sub.stdout
         tracks = lance.dataset(str(out / "tracks.lance")).to_table()
         assert tracks.num_rows == 2 and tracks.schema.field("layer_2").type.list_size == 48
     finally:

@@ -104,7 +104,7 @@ def test_runtime_env_secret_never_reaches_output_logs_or_store(s3_server, tmp_pa
                 break
             time.sleep(3)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
-        assert "2 ok, 1 failed" in sub.stdout
+        assert "2 embedded, 1 failed" in sub.stdout
         user_visible = sub.stdout + sub.stderr
         assert canary not in user_visible and key_id not in user_visible
         lo = {"endpoint_url": s3_server, "key": key_id, "secret": canary}

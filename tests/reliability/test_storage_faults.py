@@ -162,7 +162,7 @@ def test_transient_faults_lose_nothing_403_is_an_error_row_and_no_secret_leaks(r
             "access denied"
         )
     assert errors["creds_in_uri"]["stage"] == "catalog" and errors["signed_uri"]["stage"] == "fetch"
-    assert f"{N_GOOD} ok, 4 failed" in r.stdout
+    assert f"{N_GOOD} embedded, 4 failed" in r.stdout
     # no canary anywhere: process output, every table (all columns), every object, cluster logs
     canaries = list(CANARY.values())
     text = r.stdout + r.stderr
