@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ from pipeline import schemas
 from pipeline.errors import RefreshError, error_type, one_line, redact
 from pipeline.flow.runtime import ensure_ray
 from pipeline.io.catalog import RejectedRow, read_catalog
-from pipeline.io.objects import content_version
+from pipeline.io.objects import content_version, object_versions
 from pipeline.io.uris import UriPolicy
 from pipeline.runs.model_info import ModelInfo
 from pipeline.runs.settings import LOOKUP_RAY_MIN_ROWS, EmbedJob
@@ -41,6 +41,9 @@ def catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow]
             if k not in meta_cols:
                 meta_cols.append(k)
     rows = [{"track_id": e.track_id, "uri": e.uri, "metadata_json": json.dumps(e.metadata)} for e in entries]
+    if any(e.content_version is not None for e in entries):  # the catalog states versions
+        for r, e in zip(rows, entries, strict=True):
+            r["content_version"] = e.content_version
     return rows, rejected, meta_cols
 
 
@@ -67,28 +70,89 @@ def _lookup_batch(batch: pa.Table, storage_options: dict | None, threads: int) -
     return pa.Table.from_pylist(out, schema=schemas.LOOKUP_SCHEMA)
 
 
+@dataclass
+class Versions:
+    """Result of :func:`lookup_versions`: ``by_id`` maps track_id to ``{content_version,
+    error_type, message}``; ``requests`` counts the object-store requests made (LIST pages +
+    HEADs; 0 when the catalog states every version needed)."""
+
+    by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: int = 0
+    from_catalog: int = 0
+    listed_prefixes: int = 0
+    heads: int = 0
+
+
 def lookup_versions(
     rows: Sequence[Mapping[str, Any]],
     storage_options: dict | None,
     threads: int = 32,
     ray_min_rows: int = LOOKUP_RAY_MIN_ROWS,
-) -> dict[str, dict[str, Any]]:
-    """``track_id -> {content_version, error_type, message}`` for catalog rows, read from object
-    metadata (no download): a thread pool here, or a Ray map (blocks of 500 rows, each with its
-    own thread pool) when there are at least ``ray_min_rows`` rows."""
-    if len(rows) >= ray_min_rows and rows:
+    stored_ids: Container[str] | None = None,
+    min_per_prefix: int = 2,
+) -> Versions:
+    """The ``content_version`` of the catalog rows that need one, with as few requests as possible:
+
+    1. rows whose track_id is not in ``stored_ids`` need none (they are new whatever their
+       version; the fetch records it). ``stored_ids=None`` looks up every row;
+    2. a version the catalog states (``content_version`` in the row, from the catalog's version
+       columns: :func:`pipeline.io.catalog.catalog_version`) is trusted: no request;
+    3. the rest: their parent prefixes are listed (:func:`pipeline.io.objects.object_versions`,
+       one LIST per 1,000 objects), and only uris no listing covers get a HEAD each: a thread
+       pool here, or a Ray map (blocks of 500 rows, each with its own thread pool) when at least
+       ``ray_min_rows`` of them are left.
+    """
+    out = Versions()
+    need: list[Mapping[str, Any]] = []
+    for r in rows:
+        if stored_ids is not None and r["track_id"] not in stored_ids:
+            continue
+        cv = r.get("content_version")
+        if cv is not None:
+            out.by_id[r["track_id"]] = {"track_id": r["track_id"], "content_version": cv,
+                                        "error_type": None, "message": None}  # fmt: skip
+            out.from_catalog += 1
+        else:
+            need.append(r)
+    if not need:
+        return out
+    found = object_versions((r["uri"] for r in need), storage_options, min_per_prefix=min_per_prefix,
+                            threads=threads, head=False)  # fmt: skip
+    out.requests, out.listed_prefixes = found.lists, found.prefixes
+    unlisted = set(found.unlisted)
+    heads: list[Mapping[str, Any]] = []
+    for r in need:
+        uri, tid = r["uri"], r["track_id"]
+        if uri in unlisted:
+            heads.append(r)
+        elif uri in found.versions:
+            out.by_id[tid] = {
+                "track_id": tid,
+                "content_version": found.versions[uri],
+                "error_type": None,
+                "message": None,
+            }
+        else:
+            et, msg = found.errors[uri]
+            out.by_id[tid] = {"track_id": tid, "content_version": None, "error_type": et, "message": msg}
+    if not heads:
+        return out
+    if len(heads) >= ray_min_rows:
         import ray
 
         ensure_ray()
-        items = [{"track_id": r["track_id"], "uri": r["uri"]} for r in rows]
+        items = [{"track_id": r["track_id"], "uri": r["uri"]} for r in heads]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 500 + 1, 1000)))
         res = ds.map_batches(_lookup_batch, fn_kwargs={"storage_options": storage_options, "threads": threads},
                              batch_format="pyarrow", batch_size=None)  # fmt: skip
         parts = [t for t in ray.get(res.to_arrow_refs()) if t.num_rows]
-        out = pa.concat_tables(parts).to_pylist() if parts else []
+        looked = pa.concat_tables(parts).to_pylist() if parts else []
     else:
-        out = _lookup_many(rows, storage_options, threads)
-    return {r["track_id"]: r for r in out}
+        looked = _lookup_many(heads, storage_options, threads)
+    out.heads = len(heads)
+    out.requests += len(heads)
+    out.by_id.update((r["track_id"], r) for r in looked)
+    return out
 
 
 PLAN_KINDS = (
@@ -150,7 +214,8 @@ def make_plan(
     """Compare catalog ``rows`` (track_id, uri, metadata_json) with the ``stored`` track rows
     (track_id, uri, content_version, settings_id and the metadata columns).
 
-    ``versions`` maps track_id to its looked-up ``content_version`` (or error). ``present_ids``
+    ``versions`` maps track_id to its looked-up ``content_version`` (or error); a row not stored
+    needs none (it is new; its ``content_version`` is the catalog's or ``None``). ``present_ids``
     are ids of catalog rows that were rejected: they count as present, never as removed.
     """
     plan = Plan()
@@ -164,6 +229,9 @@ def make_plan(
         seen.add(tid)
         v = versions.get(tid) or {}
         cur = by_id.get(tid)
+        if cur is None and not v.get("error_type"):  # new whatever its version: the fetch records it
+            plan.new.append({**r, "content_version": v.get("content_version", r.get("content_version"))})
+            continue
         if v.get("content_version") is None:
             plan.lookup_failed.append({"track_id": tid, "uri": r["uri"], "stage": "lookup",
                                        "error_type": v.get("error_type") or "FetchError",
