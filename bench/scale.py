@@ -81,11 +81,11 @@ def model_settings(catalog: Path, store: Path) -> tuple[str, str, tuple[int, ...
 
 def build(root: Path, n: int, files: bool) -> dict[str, float]:
     """Audio files (when ``files``), both catalogs and the store for ``n`` tracks."""
+    import lance
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import lance
     from pipeline import schemas
     from pipeline.store.tables import StoreWriter
 
@@ -109,7 +109,9 @@ def build(root: Path, n: int, files: bool) -> dict[str, float]:
         versions = ["v1"] * n
     t["files_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pq.write_table(pa.table({"track_id": ids, "uri": uris, "content_version": versions}), root / "versioned.parquet")
+    pq.write_table(
+        pa.table({"track_id": ids, "uri": uris, "content_version": versions}), root / "versioned.parquet"
+    )
     pq.write_table(pa.table({"track_id": ids, "uri": uris}), root / "plain.parquet")
     t["catalogs_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -142,7 +144,9 @@ def build(root: Path, n: int, files: bool) -> dict[str, float]:
             "run_id": pa.array(["run-scale"] * m),
             "embedded_at": pa.array([now] * m, pa.timestamp("us", tz="UTC")),
         }
-        frags += lance.fragment.write_fragments(pa.table(cols, schema=schema), store.uri("tracks"), schema=schema)
+        frags += lance.fragment.write_fragments(
+            pa.table(cols, schema=schema), store.uri("tracks"), schema=schema
+        )
     store.commit("tracks", schema, frags, "overwrite")
     t["store_s"] = time.perf_counter() - t0
     return t
@@ -172,7 +176,9 @@ def measure(catalog: Path, store: Path, dry: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--files-max", type=int, default=1_000_000, help="largest N with real files (listing path)")
+    p.add_argument(
+        "--files-max", type=int, default=1_000_000, help="largest N with real files (listing path)"
+    )
     p.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
     a = p.parse_args(argv)
@@ -203,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted({r["n"] for r in results})
     if len(sizes) > 1:
         for mode in ("dry-run", "no-change"):
-            lo = [r for r in results if r["n"] == sizes[0] and r["mode"] == mode and r["catalog"] == "versioned"]
-            hi = [r for r in results if r["n"] == sizes[-1] and r["mode"] == mode and r["catalog"] == "versioned"]
+            lo = [
+                r for r in results if r["n"] == sizes[0] and r["mode"] == mode and r["catalog"] == "versioned"
+            ]
+            hi = [
+                r
+                for r in results
+                if r["n"] == sizes[-1] and r["mode"] == mode and r["catalog"] == "versioned"
+            ]
             if lo and hi:
                 print(
                     f"RSS growth {sizes[0]:,} -> {sizes[-1]:,} rows ({mode}, version column): "

@@ -88,7 +88,9 @@ class RefreshReport(RunReport):
             "  plan     " + ", ".join(f"{k} {v}" for k, v in p.items()),
         ]
         if "object_requests" in self.extra:
-            lines.append(f"  lookups  {self.extra['object_requests']} object-store requests (LIST pages + HEADs)")
+            lines.append(
+                f"  lookups  {self.extra['object_requests']} object-store requests (LIST pages + HEADs)"
+            )
         for kind, ids in self.samples.items():
             if ids:
                 lines.append(f"  {kind:<8} e.g. " + ", ".join(ids))
