@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import json
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import pyarrow as pa
 from pipeline import schemas
 from pipeline.errors import RefreshError, error_type, one_line, redact
 from pipeline.flow.runtime import ensure_ray
-from pipeline.io.catalog import RejectedRow, read_catalog
+from pipeline.io.catalog import RejectedRow, iter_catalog
 from pipeline.io.objects import content_version, object_versions
 from pipeline.io.uris import UriPolicy
 from pipeline.runs.model_info import ModelInfo
@@ -23,28 +24,39 @@ from pipeline.store.tables import StoreWriter
 
 
 def catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow], list[str]]:
+    """The catalog's rows (``track_id``, ``uri``, ``metadata_json``, and ``content_version`` when
+    the catalog states versions: :func:`pipeline.io.catalog.catalog_version`), its rejected rows
+    and its metadata column names. Streams the catalog: no list of entries is kept beside the rows."""
     policy = (
         UriPolicy.for_catalog(job.catalog, job.allowed_prefixes)
         if not job.allowed_prefixes
         else UriPolicy(allowed_prefixes=tuple(job.allowed_prefixes))
     )
-    entries, rejected = read_catalog(
-        job.catalog,
-        job.storage_options or None,
-        limit=job.limit,
-        policy=policy,
-        max_row_chars=job.max_row_chars,
-    )
-    meta_cols: list[str] = []
-    for e in entries:
+    rows: list[dict[str, Any]] = []
+    rejected: list[RejectedRow] = []
+    meta_cols: dict[str, None] = {}
+    any_version = False
+    for e in iter_catalog(job.catalog, job.storage_options or None, limit=job.limit, policy=policy,
+                          max_row_chars=job.max_row_chars):  # fmt: skip
+        if isinstance(e, RejectedRow):
+            rejected.append(e)
+            continue
         for k in e.metadata:
             if k not in meta_cols:
-                meta_cols.append(k)
-    rows = [{"track_id": e.track_id, "uri": e.uri, "metadata_json": json.dumps(e.metadata)} for e in entries]
-    if any(e.content_version is not None for e in entries):  # the catalog states versions
-        for r, e in zip(rows, entries, strict=True):
-            r["content_version"] = e.content_version
-    return rows, rejected, meta_cols
+                meta_cols[k] = None
+        row = {
+            "track_id": e.track_id,
+            "uri": e.uri,
+            "metadata_json": json.dumps(e.metadata) if e.metadata else "{}",
+        }
+        if e.content_version is not None:
+            row["content_version"] = e.content_version
+            any_version = True
+        rows.append(row)
+    if any_version:  # every row has the key (None where the catalog leaves it empty)
+        for r in rows:
+            r.setdefault("content_version", None)
+    return rows, rejected, list(meta_cols)
 
 
 def _lookup_many(rows: Sequence[Mapping[str, Any]], storage_options: dict | None, threads: int) -> list[dict]:
@@ -82,21 +94,28 @@ class Versions:
     listed_prefixes: int = 0
     heads: int = 0
 
+    def of(self, row: Mapping[str, Any]) -> str | None:
+        """The version of a catalog row: looked up, else the catalog's."""
+        v = self.by_id.get(row["track_id"])
+        return v.get("content_version") if v is not None else row.get("content_version")
+
 
 def lookup_versions(
     rows: Sequence[Mapping[str, Any]],
     storage_options: dict | None,
     threads: int = 32,
     ray_min_rows: int = LOOKUP_RAY_MIN_ROWS,
-    stored_ids: Container[str] | None = None,
+    stored_ids: Container[str] | pa.Array | pa.ChunkedArray | None = None,
     min_per_prefix: int = 2,
 ) -> Versions:
     """The ``content_version`` of the catalog rows that need one, with as few requests as possible:
 
-    1. rows whose track_id is not in ``stored_ids`` need none (they are new whatever their
-       version; the fetch records it). ``stored_ids=None`` looks up every row;
+    1. rows whose track_id is not in ``stored_ids`` (a container, or an Arrow array such as the
+       stored ``track_id`` column) need none (they are new whatever their version; the fetch
+       records it). ``stored_ids=None`` looks up every row;
     2. a version the catalog states (``content_version`` in the row, from the catalog's version
-       columns: :func:`pipeline.io.catalog.catalog_version`) is trusted: no request;
+       columns: :func:`pipeline.io.catalog.catalog_version`) is trusted: no request, and no
+       entry in ``by_id`` (:func:`make_plan` reads the row's; :meth:`Versions.of` gives either);
     3. the rest: their parent prefixes are listed (:func:`pipeline.io.objects.object_versions`,
        one LIST per 1,000 objects), and only uris no listing covers get a HEAD each: a thread
        pool here, or a Ray map (blocks of 500 rows, each with its own thread pool) when at least
@@ -104,13 +123,21 @@ def lookup_versions(
     """
     out = Versions()
     need: list[Mapping[str, Any]] = []
-    for r in rows:
-        if stored_ids is not None and r["track_id"] not in stored_ids:
+    if stored_ids is None:
+        wanted: Iterable[bool] = itertools.repeat(True, len(rows))
+    elif isinstance(stored_ids, pa.Array | pa.ChunkedArray):
+        import pyarrow.compute as pc
+
+        ids = pa.array([r["track_id"] for r in rows], pa.string())
+        values = stored_ids.combine_chunks() if isinstance(stored_ids, pa.ChunkedArray) else stored_ids
+        wanted = pc.is_in(ids, value_set=values.cast(pa.string())).to_numpy(zero_copy_only=False).tolist()
+        del ids
+    else:
+        wanted = (r["track_id"] in stored_ids for r in rows)
+    for r, want in zip(rows, wanted, strict=True):
+        if not want:
             continue
-        cv = r.get("content_version")
-        if cv is not None:
-            out.by_id[r["track_id"]] = {"track_id": r["track_id"], "content_version": cv,
-                                        "error_type": None, "message": None}  # fmt: skip
+        if r.get("content_version") is not None:  # stated by the catalog: make_plan reads the row's
             out.from_catalog += 1
         else:
             need.append(r)
@@ -202,6 +229,12 @@ class Plan:
         return {k: [tid(x) for x in getattr(self, k)[:n]] for k in PLAN_KINDS if k != "unchanged"}
 
 
+#: Plan kinds as codes of the vectorised comparison in :func:`make_plan`.
+_NEW, _FAILED, _CHANGED, _SETTINGS, _SAME = range(5)
+#: Rows whose catalog metadata is compared with the stored columns at a time.
+_META_SLICE = 65536
+
+
 def make_plan(
     rows: Sequence[Mapping[str, Any]],
     stored: pa.Table | None,
@@ -214,45 +247,99 @@ def make_plan(
     """Compare catalog ``rows`` (track_id, uri, metadata_json) with the ``stored`` track rows
     (track_id, uri, content_version, settings_id and the metadata columns).
 
-    ``versions`` maps track_id to its looked-up ``content_version`` (or error); a row not stored
-    needs none (it is new; its ``content_version`` is the catalog's or ``None``). ``present_ids``
-    are ids of catalog rows that were rejected: they count as present, never as removed.
+    ``versions`` maps track_id to its looked-up ``content_version`` (or error); a row without an
+    entry uses its own ``content_version`` (stated by the catalog), and a row not stored needs
+    none (it is new; its ``content_version`` is the catalog's or ``None``). ``present_ids`` are
+    ids of catalog rows that were rejected: they count as present, never as removed.
+
+    The stored table stays Arrow: it is joined to the catalog ids (``index_in``) and compared
+    column by column; only the rows of a kind other than ``unchanged`` become dicts.
     """
+    import numpy as np
+    import pyarrow.compute as pc
+
     plan = Plan()
-    by_id: dict[str, dict[str, Any]] = {}
-    if stored is not None and stored.num_rows:
-        by_id = {r["track_id"]: r for r in stored.to_pylist()}
-    plan.stored_tracks = len(by_id)
-    seen = set(present_ids)
-    for r in rows:
+    n = len(rows)
+    tids = pa.array([r["track_id"] for r in rows], pa.string())
+    cvs: list[str | None] = []
+    failed = np.zeros(n, dtype=bool)  # a lookup error
+    for i, r in enumerate(rows):
+        v = versions.get(r["track_id"])
+        if v is None:
+            cvs.append(r.get("content_version"))
+        else:
+            cvs.append(v.get("content_version"))
+            failed[i] = bool(v.get("error_type"))
+    cv = pa.array(cvs, pa.string())
+    del cvs
+    no_cv = cv.is_null().to_numpy(zero_copy_only=False)
+    s_ids = stored["track_id"].combine_chunks() if stored is not None and stored.num_rows else None
+    if s_ids is None:
+        pos = pa.nulls(n, pa.int32())
+        plan.stored_tracks = 0
+    else:
+        pos = pc.index_in(tids, value_set=s_ids)
+        plan.stored_tracks = pc.count_distinct(s_ids).as_py()
+    is_stored = pos.is_valid().to_numpy(zero_copy_only=False)
+    codes = np.full(n, _SAME, dtype=np.int8)
+    if s_ids is not None and n:
+
+        def differs(col: str, value: Any) -> np.ndarray:
+            if col not in stored.column_names:
+                return np.ones(n, dtype=bool)
+            got = stored[col].take(pos)
+            return np.logical_not(pc.fill_null(pc.equal(got, value), False).to_numpy(zero_copy_only=False))
+
+        uris = pa.array([r["uri"] for r in rows], pa.string())
+        changed = differs("content_version", cv) | differs("uri", uris)
+        del uris
+        codes[differs("settings_id", pa.scalar(settings_id, pa.string()))] = _SETTINGS
+        codes[changed] = _CHANGED
+    codes[~is_stored] = _NEW
+    codes[no_cv & is_stored] = _FAILED
+    codes[failed] = _FAILED
+    codes[~is_stored & ~failed] = _NEW  # new whatever its version: the fetch records it
+    metadata_ix: set[int] = set()
+    same = np.flatnonzero(codes == _SAME)
+    if meta_cols and len(same):
+        present = [m for m in meta_cols if stored is not None and m in stored.column_names]
+        for a in range(0, len(same), _META_SLICE):
+            ix = same[a : a + _META_SLICE]
+            at = pos.take(pa.array(ix))
+            cur = {m: stored[m].take(at).to_pylist() for m in present}
+            for j, i in enumerate(ix.tolist()):
+                meta = json.loads(rows[i].get("metadata_json") or "{}")
+                if any(meta.get(m) != (cur[m][j] if m in cur else None) for m in meta_cols):
+                    metadata_ix.add(i)
+    stored_of: dict[int, dict[str, Any]] = {}
+    if metadata_ix:
+        order = sorted(metadata_ix)
+        got = stored.take(pos.take(pa.array(order))).to_pylist()
+        stored_of = dict(zip(order, got, strict=True))
+    for i, c in enumerate(codes.tolist()):
+        r = rows[i]
         tid = r["track_id"]
-        seen.add(tid)
-        v = versions.get(tid) or {}
-        cur = by_id.get(tid)
-        if cur is None and not v.get("error_type"):  # new whatever its version: the fetch records it
-            plan.new.append({**r, "content_version": v.get("content_version", r.get("content_version"))})
-            continue
-        if v.get("content_version") is None:
+        if c == _SAME and i not in metadata_ix:
+            plan.unchanged.append(tid)
+        elif c == _FAILED:
+            v = versions.get(tid) or {}
             plan.lookup_failed.append({"track_id": tid, "uri": r["uri"], "stage": "lookup",
                                        "error_type": v.get("error_type") or "FetchError",
                                        "message": v.get("message") or "no content version"})  # fmt: skip
-            continue
-        row = {**r, "content_version": v["content_version"]}
-        if cur is None:
-            plan.new.append(row)
-        elif cur.get("content_version") != v["content_version"] or cur.get("uri") != r["uri"]:
-            plan.changed.append(row)
-        elif cur.get("settings_id") != settings_id:
-            plan.settings.append(row)
         else:
-            meta = json.loads(r.get("metadata_json") or "{}")
-            if any(meta.get(m) != cur.get(m) for m in meta_cols):
-                plan.metadata.append({"row": row, "stored": cur})
+            row = {**r, "content_version": cv[i].as_py()}
+            if c == _NEW:
+                plan.new.append(row)
+            elif c == _CHANGED:
+                plan.changed.append(row)
+            elif c == _SETTINGS:
+                plan.settings.append(row)
             else:
-                plan.unchanged.append(tid)
-    for tid in by_id:
-        if tid not in seen:
-            (plan.removed if delete_missing else plan.kept).append(tid)
+                plan.metadata.append({"row": row, "stored": stored_of[i]})
+    if s_ids is not None:
+        seen = pa.concat_arrays([tids, pa.array(list(present_ids), pa.string())])
+        gone = s_ids.filter(pc.invert(pc.is_in(s_ids, value_set=seen)))
+        (plan.removed if delete_missing else plan.kept).extend(dict.fromkeys(gone.to_pylist()))
     return plan
 
 

@@ -319,7 +319,7 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
     if store is not None:
         check_schemas(store, info, meta_cols)
     looked = lookup_versions(rows, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows,
-                             stored_ids=set(stored["track_id"].to_pylist()) if stored is not None else set())  # fmt: skip
+                             stored_ids=stored["track_id"] if stored is not None else ())  # fmt: skip
     versions, report.extra["object_requests"] = looked.by_id, looked.requests
     stage_s["lookup"] = time.perf_counter() - t0
     delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial

@@ -88,7 +88,7 @@ def test_version_column_asks_no_object(s3_server, library: dict, tmp_path: Path)
             got = lookup_versions(rows, so, stored_ids={r["track_id"] for r in rows})
             assert _requests(proxy) == before, name  # not one request to object storage
             assert got.requests == 0 and got.from_catalog == len(rows)
-            assert [got.by_id[r["track_id"]]["content_version"] for r in rows] == want, name
+            assert got.by_id == {} and [got.of(r) for r in rows] == want, name
     # the ETag column gives what a HEAD gives: switching from HEADs to the column re-embeds nothing
     assert want_head(uris[0], s3_server.options()) == tags[0].strip('"')
 
@@ -179,3 +179,49 @@ def test_catalog_version_reaches_the_row(tmp_path: Path) -> None:
     rows, _, meta = catalog_rows(embed_job(str(cat), str(tmp_path / "s")))
     assert [r["content_version"] for r in rows] == ["abc", None]
     assert meta == ["etag"]  # the column stays metadata too
+
+
+def test_plan_with_catalog_versions_and_arrow_join() -> None:
+    """make_plan on catalog-stated versions (no lookups): equal -> unchanged, different ->
+    changed, metadata compared column by column, stored ids absent from the catalog removed
+    (rejected ids kept as present), new rows keep the catalog's version; same kinds as the
+    row-by-row rules, over more rows than one metadata slice."""
+    n = 70_000
+    stored = pa.table(
+        {
+            "track_id": [f"t{i}" for i in range(n)] + ["gone", "rejected"],
+            "uri": [f"/m/{i}" for i in range(n)] + ["/m/gone", "/m/rej"],
+            "content_version": [f"v{i}" for i in range(n)] + ["v", "v"],
+            "settings_id": ["S"] * (n - 1) + ["OLD", "S", "S"],
+            "title": [f"T{i}" for i in range(n)] + ["G", "R"],
+        }
+    )
+    rows = [
+        {
+            "track_id": f"t{i}",
+            "uri": f"/m/{i}",
+            "metadata_json": json.dumps({"title": f"T{i}"}),
+            "content_version": f"v{i}",
+        }
+        for i in range(n)
+    ]
+    rows[5]["content_version"] = "v5-new"  # content changed
+    rows[6]["uri"] = "/moved/6"  # moved
+    rows[66_000]["metadata_json"] = json.dumps({"title": "retitled"})  # metadata only, second slice
+    rows.append({"track_id": "fresh", "uri": "/m/fresh", "metadata_json": "{}", "content_version": "c1"})
+    rows.append({"track_id": "t7", "uri": "/m/7", "metadata_json": "{}", "content_version": None})
+    del rows[7]  # t7 now has no version stated and none looked up
+    versions = {"t8": {"content_version": None, "error_type": "FetchError", "message": "not found: /m/8"}}
+    plan = make_plan(rows, stored, versions, "S", ["title"], delete_missing=True, present_ids=["rejected"])
+    assert plan.stored_tracks == n + 2
+    assert [r["track_id"] for r in plan.changed] == ["t5", "t6"]
+    assert [r["content_version"] for r in plan.changed] == ["v5-new", "v6"]
+    assert [r["track_id"] for r in plan.settings] == [f"t{n - 1}"]
+    assert [(m["row"]["track_id"], m["stored"]["title"]) for m in plan.metadata] == [("t66000", "T66000")]
+    assert [(r["track_id"], r["content_version"]) for r in plan.new] == [("fresh", "c1")]
+    assert [(f["track_id"], f["message"]) for f in plan.lookup_failed] == [
+        ("t8", "not found: /m/8"),
+        ("t7", "no content version"),
+    ]
+    assert plan.removed == ["gone"] and plan.kept == []
+    assert len(plan.unchanged) == n - 6 and plan.unchanged[:3] == ["t0", "t1", "t2"]
