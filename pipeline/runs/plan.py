@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import json
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +233,23 @@ class Plan:
 _NEW, _FAILED, _CHANGED, _SETTINGS, _SAME = range(5)
 #: Rows whose catalog metadata is compared with the stored columns at a time.
 _META_SLICE = 65536
+#: Rows compared with the stored columns at a time (bounds the copies the comparison makes).
+_COMPARE_SLICE = 1 << 20
+#: Stored columns with a few distinct values, held dictionary-encoded (4 bytes a row, not ~70).
+_DICTIONARY_COLUMNS = ("settings_id", "run_id")
+
+
+def _equal(got: pa.ChunkedArray | pa.Array, value: Any) -> pa.ChunkedArray | pa.Array:
+    """``got == value`` element-wise; a dictionary-encoded ``got`` compared with a scalar is
+    compared on its dictionary (no decoded copy of the column)."""
+    import pyarrow.compute as pc
+
+    if isinstance(value, pa.Scalar) and pa.types.is_dictionary(got.type):
+        chunks = got.chunks if isinstance(got, pa.ChunkedArray) else [got]
+        return pa.chunked_array(
+            [pc.take(pc.equal(c.dictionary, value), c.indices) for c in chunks], pa.bool_()
+        )
+    return pc.equal(got, value)
 
 
 def make_plan(
@@ -284,17 +301,23 @@ def make_plan(
     codes = np.full(n, _SAME, dtype=np.int8)
     if s_ids is not None and n:
 
-        def differs(col: str, value: Any) -> np.ndarray:
+        def differs(col: str, value: Callable[[int, int], Any]) -> np.ndarray:
+            """Catalog row i's ``value`` differs from its stored ``col`` (not stored: differs),
+            compared a slice at a time so that no full-length copy of the column is made."""
+            out = np.ones(n, dtype=bool)
             if col not in stored.column_names:
-                return np.ones(n, dtype=bool)
-            got = stored[col].take(pos)
-            return np.logical_not(pc.fill_null(pc.equal(got, value), False).to_numpy(zero_copy_only=False))
+                return out
+            for a in range(0, n, _COMPARE_SLICE):
+                b = min(n, a + _COMPARE_SLICE)
+                eq = _equal(stored[col].take(pos.slice(a, b - a)), value(a, b))
+                out[a:b] = np.logical_not(pc.fill_null(eq, False).to_numpy(zero_copy_only=False))
+            return out
 
-        uris = pa.array([r["uri"] for r in rows], pa.string())
-        changed = differs("content_version", cv) | differs("uri", uris)
-        del uris
-        codes[differs("settings_id", pa.scalar(settings_id, pa.string()))] = _SETTINGS
+        changed = differs("content_version", lambda a, b: cv.slice(a, b - a))
+        changed |= differs("uri", lambda a, b: pa.array([r["uri"] for r in rows[a:b]], pa.string()))
+        codes[differs("settings_id", lambda a, b: pa.scalar(settings_id, pa.string()))] = _SETTINGS
         codes[changed] = _CHANGED
+        del changed
     codes[~is_stored] = _NEW
     codes[no_cv & is_stored] = _FAILED
     codes[failed] = _FAILED
@@ -344,6 +367,9 @@ def make_plan(
 
 
 def read_stored(store: StoreWriter) -> tuple[Any, pa.Table | None]:
+    """``tracks.lance`` and the projection the plan compares with: ``track_id``, ``uri``,
+    ``content_version``, ``settings_id``, ``run_id`` and the metadata columns; ``settings_id``
+    and ``run_id`` dictionary-encoded (a handful of distinct values in millions of rows)."""
     ds = store.open("tracks")
     if ds is None:
         return None, None
@@ -355,7 +381,14 @@ def read_stored(store: StoreWriter) -> tuple[Any, pa.Table | None]:
         "run_id",
         *schemas.metadata_columns(ds.schema),
     ]
-    return ds, ds.to_table(columns=cols)
+    batches = []
+    for b in ds.to_batches(columns=cols, batch_size=1 << 16):
+        arrays = [b.column(c).dictionary_encode() if c in _DICTIONARY_COLUMNS else b.column(c) for c in cols]
+        batches.append(pa.RecordBatch.from_arrays(arrays, names=cols))
+    if not batches:
+        return ds, ds.schema.empty_table().select(cols)
+    schema = pa.schema([batches[0].schema.field(c) for c in cols])
+    return ds, pa.Table.from_batches(batches, schema=schema)
 
 
 def check_schemas(store: StoreWriter, info: ModelInfo, meta_cols: Sequence[str]) -> None:

@@ -225,3 +225,18 @@ def test_plan_with_catalog_versions_and_arrow_join() -> None:
     ]
     assert plan.removed == ["gone"] and plan.kept == []
     assert len(plan.unchanged) == n - 6 and plan.unchanged[:3] == ["t0", "t1", "t2"]
+
+
+def test_heads_through_a_ray_map_are_counted(ray_cluster, s3_server, library: dict, tmp_path: Path) -> None:
+    """Objects no listing covers (here: prefixes never listed, ``min_per_prefix`` too high) get
+    one HEAD each, in a Ray map for many of them; the count is what the proxy saw."""
+    uris = sorted(library["etags"])[:: PER_PREFIX // 10][:30]
+    with FaultProxy(s3_server) as proxy:
+        so = s3_server.options(endpoint=proxy.url)
+        rows = _rows(_catalog(s3_server, "sparse.csv", uris), so, tmp_path)
+        before = _requests(proxy)
+        got = lookup_versions(rows, so, threads=4, ray_min_rows=0, stored_ids=None, min_per_prefix=10**9)
+        after = _requests(proxy)
+    assert {k: after[k] - before[k] for k in after} == {"get": len(rows), "list": 0, "put": 0}
+    assert got.requests == got.heads == len(rows) and got.listed_prefixes == 0
+    assert [got.of(r) for r in rows] == [library["etags"][u].strip('"') for u in uris]
