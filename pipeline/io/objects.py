@@ -434,45 +434,56 @@ def object_versions(
     to_list = [p for p, g in groups.items() if p and len(g) >= max(1, min_per_prefix)]
     rest = [u for p, g in groups.items() if not (p and len(g) >= max(1, min_per_prefix)) for u in g.values()]
 
-    def list_one(parent: str) -> tuple[str, list[tuple[Any, dict[str, Any]]] | None, int]:
+    def list_one(parent: str) -> tuple[str, dict[str, str] | None, int]:
+        """One prefix listed and joined in the worker thread: ``(parent, {name: version} of the
+        wanted names found, or None if the listing failed, requests)``. Only the versions
+        outlive the call (not the listing's entries, nor the filesystem's directory cache)."""
         tries = 0
+        group = groups[parent]
+        try:
+            fs, path = open_uri(parent, storage_options)
+        except FetchError:
+            return parent, None, 0
 
-        def attempt() -> list[tuple[Any, dict[str, Any]]]:
+        def attempt() -> list[dict[str, Any]]:
             nonlocal tries
             tries += 1
-            fs, path = open_uri(parent, storage_options)
             with contextlib.suppress(Exception):  # a stale directory cache would give stale versions
                 fs.invalidate_cache(path)
-            return [(fs, e) for e in fs.ls(path, detail=True)]
+            return fs.ls(path, detail=True)
 
         try:
             entries = with_retries(attempt, parent, storage_options=storage_options)
         except FetchError:
             return parent, None, tries
+        finally:
+            with contextlib.suppress(Exception):  # s3fs keeps listings: millions of entries
+                fs.invalidate_cache(path)
         pages = max(1, -(-len(entries) // LIST_PAGE))
-        return parent, entries, pages + tries - 1
+        got: dict[str, str] = {}
+        for e in entries:
+            if e.get("type") == "directory":
+                continue
+            name = str(e.get("name", "")).rstrip("/").rpartition("/")[2]
+            if name in group:
+                got[name] = version_from_info(e, fs, str(e["name"]))
+        return parent, got, pages + tries - 1
 
     pool = cf.ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
     try:
         listed = pool.map(list_one, to_list) if pool else map(list_one, to_list)
-        for parent, entries, n in listed:
+        for parent, got, n in listed:
             out.lists += n
-            group = groups[parent]
-            if entries is None:
+            group = groups.pop(parent)
+            if got is None:
                 rest += list(group.values())
                 continue
             out.prefixes += 1
-            found: set[str] = set()
-            for fs, e in entries:
-                if e.get("type") == "directory":
-                    continue
-                name = str(e.get("name", "")).rstrip("/").rpartition("/")[2]
-                uri = group.get(name)
-                if uri is not None:
-                    out.versions[uri] = version_from_info(e, fs, str(e["name"]))
-                    found.add(name)
             for name, uri in group.items():
-                if name not in found:
+                v = got.get(name)
+                if v is not None:
+                    out.versions[uri] = v
+                else:
                     out.errors[uri] = ("FetchError", redact(f"not found: {uri}"))
         if not head:
             out.unlisted = rest

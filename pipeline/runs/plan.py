@@ -84,11 +84,11 @@ def _lookup_batch(batch: pa.Table, storage_options: dict | None, threads: int) -
 
 @dataclass
 class Versions:
-    """Result of :func:`lookup_versions`: ``by_id`` maps track_id to ``{content_version,
-    error_type, message}``; ``requests`` counts the object-store requests made (LIST pages +
+    """Result of :func:`lookup_versions`: ``by_id`` maps track_id to its ``content_version`` (a
+    string) or, for a failed lookup, ``{content_version: None, error_type, message}``; ``requests`` counts the object-store requests made (LIST pages +
     HEADs; 0 when the catalog states every version needed)."""
 
-    by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_id: dict[str, str | dict[str, Any]] = field(default_factory=dict)
     requests: int = 0
     from_catalog: int = 0
     listed_prefixes: int = 0
@@ -97,7 +97,9 @@ class Versions:
     def of(self, row: Mapping[str, Any]) -> str | None:
         """The version of a catalog row: looked up, else the catalog's."""
         v = self.by_id.get(row["track_id"])
-        return v.get("content_version") if v is not None else row.get("content_version")
+        if v is None:
+            return row.get("content_version")
+        return v if isinstance(v, str) else v.get("content_version")
 
 
 def lookup_versions(
@@ -153,12 +155,7 @@ def lookup_versions(
         if uri in unlisted:
             heads.append(r)
         elif uri in found.versions:
-            out.by_id[tid] = {
-                "track_id": tid,
-                "content_version": found.versions[uri],
-                "error_type": None,
-                "message": None,
-            }
+            out.by_id[tid] = found.versions[uri]  # a plain string: millions of these
         else:
             et, msg = found.errors[uri]
             out.by_id[tid] = {"track_id": tid, "content_version": None, "error_type": et, "message": msg}
@@ -255,7 +252,7 @@ def _equal(got: pa.ChunkedArray | pa.Array, value: Any) -> pa.ChunkedArray | pa.
 def make_plan(
     rows: Sequence[Mapping[str, Any]],
     stored: pa.Table | None,
-    versions: Mapping[str, Mapping[str, Any]],
+    versions: Mapping[str, str | Mapping[str, Any]],
     settings_id: str,
     meta_cols: Sequence[str],
     delete_missing: bool,
@@ -264,7 +261,8 @@ def make_plan(
     """Compare catalog ``rows`` (track_id, uri, metadata_json) with the ``stored`` track rows
     (track_id, uri, content_version, settings_id and the metadata columns).
 
-    ``versions`` maps track_id to its looked-up ``content_version`` (or error); a row without an
+    ``versions`` maps track_id to its looked-up ``content_version`` (a string, or a mapping with
+    ``content_version`` or ``error_type``/``message``); a row without an
     entry uses its own ``content_version`` (stated by the catalog), and a row not stored needs
     none (it is new; its ``content_version`` is the catalog's or ``None``). ``present_ids`` are
     ids of catalog rows that were rejected: they count as present, never as removed.
@@ -284,6 +282,8 @@ def make_plan(
         v = versions.get(r["track_id"])
         if v is None:
             cvs.append(r.get("content_version"))
+        elif isinstance(v, str):
+            cvs.append(v)
         else:
             cvs.append(v.get("content_version"))
             failed[i] = bool(v.get("error_type"))
@@ -345,7 +345,8 @@ def make_plan(
         if c == _SAME and i not in metadata_ix:
             plan.unchanged.append(tid)
         elif c == _FAILED:
-            v = versions.get(tid) or {}
+            v = versions.get(tid)
+            v = v if isinstance(v, Mapping) else {}
             plan.lookup_failed.append({"track_id": tid, "uri": r["uri"], "stage": "lookup",
                                        "error_type": v.get("error_type") or "FetchError",
                                        "message": v.get("message") or "no content version"})  # fmt: skip
