@@ -445,12 +445,26 @@ def object_versions(
         except FetchError:
             return parent, None, 0
 
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+        seen = 0  # entries listed, wanted or not (what an object store pages through)
+
         def attempt() -> list[dict[str, Any]]:
-            nonlocal tries
+            nonlocal tries, seen
             tries += 1
+            if local:  # streamed: only the wanted entries are kept (as version_from_info reads them)
+                keep, seen = [], 0
+                with os.scandir(path) as it:
+                    for d in it:
+                        seen += 1
+                        if d.name in group and d.is_file():
+                            keep.append({"name": d.path, "type": "file"})
+                return keep
             with contextlib.suppress(Exception):  # a stale directory cache would give stale versions
                 fs.invalidate_cache(path)
-            return fs.ls(path, detail=True)
+            listing = fs.ls(path, detail=True)
+            seen = len(listing)
+            return listing
 
         try:
             entries = with_retries(attempt, parent, storage_options=storage_options)
@@ -459,7 +473,7 @@ def object_versions(
         finally:
             with contextlib.suppress(Exception):  # s3fs keeps listings: millions of entries
                 fs.invalidate_cache(path)
-        pages = max(1, -(-len(entries) // LIST_PAGE))
+        pages = max(1, -(-seen // LIST_PAGE))
         got: dict[str, str] = {}
         for e in entries:
             if e.get("type") == "directory":
