@@ -11,8 +11,9 @@ as an autoscaled pool would. The job must finish with every good track exactly o
 ``tracks.lance`` and all of its windows (:func:`tests.support.stores.check_consistent`), the
 broken file as the one error.
 
-Node death is detected in ~1.5 s here (``health_check_*`` system config) instead of Ray's
-default; see docs/scale.md for what that changes on a real cluster.
+Node death is detected in ~1.5 s here (``health_check_*`` system config): with Ray's default
+health checks the lost decoder's in-flight tasks spend their retries before the node is declared
+dead and the run stops (to be rerun); see docs/scale.md.
 """
 
 from __future__ import annotations
