@@ -151,7 +151,7 @@ class DecodeStage:
                         "track_id": row["track_id"],
                         "uri": row["uri"],
                         "metadata_json": row.get("metadata_json"),
-                        "content_version": version,
+                        "content_version": row.get("content_version") or version,  # the catalog's, if stated
                         "duration_s": audio.duration_s,
                         "sample_rate_in": audio.sample_rate_in,
                         "channels_in": audio.channels_in,

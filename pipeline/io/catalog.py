@@ -46,7 +46,14 @@ from pipeline.io.uris import (
 )
 from pipeline.schemas import RESERVED_COLUMNS, parse_layer_column
 
-__all__ = ["CatalogEntry", "RejectedRow", "iter_catalog", "read_catalog"]
+__all__ = [
+    "VERSION_COLUMNS",
+    "CatalogEntry",
+    "RejectedRow",
+    "catalog_version",
+    "iter_catalog",
+    "read_catalog",
+]
 
 # Catalog columns the pipeline keeps under their own name; other reserved names are renamed.
 _KEPT_COLUMNS = frozenset({"track_id", "uri"})
@@ -62,11 +69,14 @@ class CatalogEntry:
         uri: normalized absolute location (plain absolute path for local files).
         metadata: the other catalog columns as strings (``None`` for missing values); reserved
             names are prefixed ``catalog_`` (see :func:`iter_catalog`).
+        content_version: the object's version as the catalog states it (:func:`catalog_version`),
+            or ``None`` when the catalog has no version columns (or the row leaves them empty).
     """
 
     track_id: str
     uri: str
     metadata: dict[str, str | None] = field(default_factory=dict)
+    content_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,40 @@ class RejectedRow:
     uri: str | None
     error_type: str
     message: str
+
+
+#: Catalog columns that state an object's version, by precedence (output names: ``content_version``
+#: is reserved, so it arrives as ``catalog_content_version``). ``size`` counts only with a time.
+VERSION_COLUMNS = ("content_version", "etag", "size", "mtime", "updated_at")
+
+
+def catalog_version(rec: dict[str, str | None]) -> str | None:
+    """The object version a catalog row states, trusted instead of asking object storage:
+
+    * ``content_version``: used as written (stripped);
+    * else ``etag``: quotes and a ``W/`` prefix stripped, as object metadata gives it;
+    * else ``size`` with ``mtime`` (else ``updated_at``): ``f"{size}-{mtime}"``, both as the
+      catalog writes them (strings; a Parquet integer or timestamp in its Arrow string form).
+
+    The value only has to change whenever the audio changes and stay the same otherwise: keep
+    what the catalog writes stable (a re-export that reformats ``mtime`` re-embeds everything).
+    ``None`` when the row has none of these (or they are empty).
+    """
+
+    def get(name: str) -> str | None:
+        v = rec.get(f"catalog_{name}" if name == "content_version" else name)
+        v = v.strip() if isinstance(v, str) else None
+        return v or None
+
+    if (v := get("content_version")) is not None:
+        return v
+    if (v := get("etag")) is not None:
+        v = v[2:] if v.startswith("W/") else v
+        return v.strip('"') or None
+    size, when = get("size"), get("mtime") or get("updated_at")
+    if size is not None and when is not None:
+        return f"{size}-{when}"
+    return None
 
 
 def _metadata_name(name: str) -> str:
@@ -444,7 +488,7 @@ def _entry(
         )
     seen[tid] = ix
     meta = {k: v for k, v in rec.items() if k not in _KEPT_COLUMNS}
-    return CatalogEntry(track_id=tid, uri=uri, metadata=meta)
+    return CatalogEntry(track_id=tid, uri=uri, metadata=meta, content_version=catalog_version(rec))
 
 
 def iter_catalog(
@@ -473,6 +517,8 @@ def iter_catalog(
     resolve against the catalog's directory/prefix. A repeated ``track_id`` keeps the first
     row; later ones are rejected (:class:`DuplicateTrackId`). The same uri under different ids
     is allowed. Rows with an empty, overlong or refused uri are rejected, never read.
+    Version columns (``content_version``, ``etag``, ``size`` + ``mtime``/``updated_at``) also give
+    the entry's ``content_version`` (:func:`catalog_version`); they stay metadata as well.
 
     Raises:
         CatalogError: the catalog is missing, unreadable, of unknown format, or has no ``uri``

@@ -17,17 +17,19 @@ standard AWS environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``,
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import datetime as _dt
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
 
-from pipeline.errors import FetchError, PipelineError, is_secret_key, redact
+from pipeline.errors import FetchError, PipelineError, error_type, is_secret_key, one_line, redact
 from pipeline.io.uris import split_scheme
 
 __all__ = [
@@ -41,11 +43,13 @@ __all__ = [
     "lance_options",
     "normalize_storage_options",
     "object_info",
+    "object_versions",
     "open_uri",
     "parse_storage_options",
     "redacted",
     "scrub",
     "with_retries",
+    "VersionLookup",
 ]
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -367,6 +371,164 @@ def content_version(
         path = fs._strip_protocol(uri)
     info = with_retries(lambda: object_info(fs, path), uri, storage_options=storage_options)
     return version_from_info(info, fs, path)
+
+
+#: Keys an S3-style LIST returns per request (``max-keys``); GCS and Azure page similarly.
+LIST_PAGE = 1000
+
+
+@dataclass
+class VersionLookup:
+    """What :func:`object_versions` found.
+
+    Attributes:
+        versions: uri -> ``content_version`` (the same string :func:`content_version` gives).
+        errors: uri -> ``(error_type, one-line message)`` for objects that are missing or unreadable.
+        unlisted: uris no listing covered, left for the caller to HEAD (only with ``head=False``).
+        lists: LIST requests (pages of :data:`LIST_PAGE` entries, failed tries included).
+        heads: HEAD (object metadata) requests, failed tries included.
+        prefixes: prefixes listed.
+    """
+
+    versions: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    unlisted: list[str] = field(default_factory=list)
+    lists: int = 0
+    heads: int = 0
+    prefixes: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.lists + self.heads
+
+
+def _parent(uri: str) -> tuple[str, str]:
+    head, _, name = uri.rpartition("/")
+    return head, name
+
+
+def object_versions(
+    uris: Iterable[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    min_per_prefix: int = 2,
+    threads: int = 16,
+    head: bool = True,
+) -> VersionLookup:
+    """Versions of many objects with few requests: list prefixes, HEAD only the rest.
+
+    The uris are grouped by parent prefix (``s3://b/x/y.flac`` -> ``s3://b/x``). A prefix holding
+    at least ``min_per_prefix`` of them is listed once (non-recursive, ``ls(detail=True)``: one
+    LIST per :data:`LIST_PAGE` entries, each with ETag, size and mtime) and joined by name; a
+    wanted object the listing lacks is missing (an error, as a HEAD would say). Uris of smaller
+    groups, and of prefixes whose listing fails (e.g. no ``s3:ListBucket`` permission), get one
+    HEAD each (:func:`content_version`), or are returned in ``unlisted`` with ``head=False``.
+    Listings and HEADs run ``threads`` at a time. Requests are counted as an object store bills
+    them (LIST pages, HEADs, retries included; a filesystem's internal retries are not seen).
+    Local paths are treated the same way (a listing is a directory read)."""
+    groups: dict[str, dict[str, str]] = {}
+    for uri in dict.fromkeys(uris):
+        parent, name = _parent(uri)
+        groups.setdefault(parent, {})[name] = uri
+    out = VersionLookup()
+    to_list = [p for p, g in groups.items() if p and len(g) >= max(1, min_per_prefix)]
+    rest = [u for p, g in groups.items() if not (p and len(g) >= max(1, min_per_prefix)) for u in g.values()]
+
+    def list_one(parent: str) -> tuple[str, dict[str, str] | None, int]:
+        """One prefix listed and joined in the worker thread: ``(parent, {name: version} of the
+        wanted names found, or None if the listing failed, requests)``. Only the versions
+        outlive the call (not the listing's entries, nor the filesystem's directory cache)."""
+        tries = 0
+        group = groups[parent]
+        try:
+            fs, path = open_uri(parent, storage_options)
+        except FetchError:
+            return parent, None, 0
+
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+        seen = 0  # entries listed, wanted or not (what an object store pages through)
+
+        def attempt() -> list[dict[str, Any]]:
+            nonlocal tries, seen
+            tries += 1
+            if local:  # streamed: only the wanted entries are kept (as version_from_info reads them)
+                keep, seen = [], 0
+                with os.scandir(path) as it:
+                    for d in it:
+                        seen += 1
+                        if d.name in group and d.is_file():
+                            keep.append({"name": d.path, "type": "file"})
+                return keep
+            with contextlib.suppress(Exception):  # a stale directory cache would give stale versions
+                fs.invalidate_cache(path)
+            listing = fs.ls(path, detail=True)
+            seen = len(listing)
+            return listing
+
+        try:
+            entries = with_retries(attempt, parent, storage_options=storage_options)
+        except FetchError:
+            return parent, None, tries
+        finally:
+            with contextlib.suppress(Exception):  # s3fs keeps listings: millions of entries
+                fs.invalidate_cache(path)
+        pages = max(1, -(-seen // LIST_PAGE))
+        got: dict[str, str] = {}
+        for e in entries:
+            if e.get("type") == "directory":
+                continue
+            name = str(e.get("name", "")).rstrip("/").rpartition("/")[2]
+            if name in group:
+                got[name] = version_from_info(e, fs, str(e["name"]))
+        return parent, got, pages + tries - 1
+
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
+    try:
+        listed = pool.map(list_one, to_list) if pool else map(list_one, to_list)
+        for parent, got, n in listed:
+            out.lists += n
+            group = groups.pop(parent)
+            if got is None:
+                rest += list(group.values())
+                continue
+            out.prefixes += 1
+            for name, uri in group.items():
+                v = got.get(name)
+                if v is not None:
+                    out.versions[uri] = v
+                else:
+                    out.errors[uri] = ("FetchError", redact(f"not found: {uri}"))
+        if not head:
+            out.unlisted = rest
+            return out
+
+        def head_one(uri: str) -> tuple[str, str | None, tuple[str, str] | None, int]:
+            tries = 0
+
+            def attempt() -> str:
+                nonlocal tries
+                tries += 1
+                fs, path = open_uri(uri, storage_options)
+                return version_from_info(object_info(fs, path), fs, path)
+
+            try:
+                return uri, with_retries(attempt, uri, storage_options=storage_options), None, tries
+            except PipelineError as e:  # a missing/unreadable object is reported, not raised
+                return uri, None, (error_type(e), redact(one_line(str(e) or type(e).__name__))), tries
+
+        heads = pool.map(head_one, rest) if pool else map(head_one, rest)
+        for uri, version, err, n in heads:
+            out.heads += n
+            if version is not None:
+                out.versions[uri] = version
+            else:
+                assert err is not None
+                out.errors[uri] = err
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return out
 
 
 def fetch_bytes(

@@ -357,12 +357,9 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
         _event("catalog columns not in tracks.lance are ignored", run_id, logging.WARNING, columns=dropped)
     if store is not None:
         check_schemas(store, info, meta_cols)
-    # only tracks already in the store need their object's version: every other row is new
-    stored_ids = set(stored["track_id"].to_pylist()) if stored is not None else set()
-    to_check = [r for r in rows if r["track_id"] in stored_ids]
-    versions = lookup_versions(
-        to_check, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows
-    )
+    looked = lookup_versions(rows, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows,
+                             stored_ids=stored["track_id"] if stored is not None else ())  # fmt: skip
+    versions, report.extra["object_requests"] = looked.by_id, looked.requests
     stage_s["lookup"] = time.perf_counter() - t0
     delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
     plan = make_plan(rows, stored, versions, info.settings_id, meta_cols, delete_missing,

@@ -104,6 +104,10 @@ class RefreshReport(RunReport):
             f"refresh {self.run_id}: {self.status}" + (" (dry run: nothing written)" if self.dry_run else ""),
             "  plan     " + ", ".join(f"{k} {v}" for k, v in p.items()),
         ]
+        if "object_requests" in self.extra:
+            lines.append(
+                f"  lookups  {self.extra['object_requests']} object-store requests (LIST pages + HEADs)"
+            )
         for kind, ids in self.samples.items():
             if ids:
                 lines.append(f"  {kind:<8} e.g. " + ", ".join(ids))

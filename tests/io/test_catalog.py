@@ -284,6 +284,38 @@ def test_duplicate_ids_first_wins(music_root: Path) -> None:
     assert issubclass(DuplicateTrackId, CatalogError)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_duplicate_ids_far_apart_across_read_blocks(music_root: Path, fmt: str) -> None:
+    """Ids repeated 50,000 rows apart (many read blocks / row groups / batches in between): the
+    first row in catalog order wins, the later one is rejected, whatever the format."""
+    n = 60_000
+    ids = [f"id{i:05d}" for i in range(n)]
+    ids[50_000] = ids[10]
+    ids[59_999] = ids[50_001]
+    uris = [f"f{i:05d}.wav" for i in range(n)]
+    path = music_root / f"dup.{fmt}"
+    if fmt == "csv":
+        _write_csv(path, ["track_id", "uri"], [[a, b] for a, b in zip(ids, uris, strict=True)])
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"track_id": ids, "uri": uris}), path, row_group_size=1000)
+        assert pq.ParquetFile(path).num_row_groups == 60
+    else:
+        path.write_text(
+            "".join(json.dumps({"track_id": a, "uri": b}) + "\n" for a, b in zip(ids, uris, strict=True))
+        )
+    entries, rejected = read_catalog(str(path), max_row_chars=256)  # small CSV read blocks
+    assert len(entries) == n - 2 and len({e.track_id for e in entries}) == n - 2
+    by_id = {e.track_id: e.uri for e in entries}
+    assert by_id["id00010"] == str(music_root / "f00010.wav")
+    assert by_id["id50001"] == str(music_root / "f50001.wav")
+    assert [(r.row, r.track_id, r.error_type) for r in rejected] == [
+        (50_000, "id00010", "DuplicateTrackId"),
+        (59_999, "id50001", "DuplicateTrackId"),
+    ]
+    assert rejected[0].message == "duplicate track_id 'id00010': first used at row 10, which wins"
+    assert rejected[0].uri == str(music_root / "f50000.wav")
+
+
 def test_limit_and_streaming(music_root: Path) -> None:
     n = 5000
     _write_csv(music_root / "big.csv", ["uri", "i"], [[f"f{i:05d}.wav", str(i)] for i in range(n)])

@@ -307,8 +307,9 @@ def test_sigkill_and_a_concurrent_refresh(world: World, ray_cluster) -> None:
 
 
 def test_settings_change_on_s3(ray_cluster, s3_server, tmp_path) -> None:
-    """Catalog, audio and store on S3 (moto): ETag lookups through a Ray map, a settings change
-    re-embeds everything, an unchanged rerun does nothing."""
+    """Catalog, audio and store on S3 (moto): no lookups for an empty store, then ETags from one
+    listing of the audio prefix; a settings change re-embeds everything, an unchanged rerun does
+    nothing."""
 
     bucket = "refresh-store"
     s3 = s3_server.client()
@@ -325,6 +326,7 @@ def test_settings_change_on_s3(ray_cluster, s3_server, tmp_path) -> None:
 
     first = run_refresh(refresh_job(cat, root, storage_options=so, lookup_ray_min_rows=0))
     assert first.status == "ok" and first.plan["new"] == 2 and first.tracks_ok == 2, first.summary()
+    assert first.extra["object_requests"] == 0  # nothing stored: nothing to look up
     t1 = {t["track_id"]: t for t in table(root, "tracks", so).to_pylist()}
     etag = s3.head_object(Bucket=bucket, Key="audio/s1.flac")["ETag"].strip('"')
     assert t1["s1"]["content_version"] == etag
@@ -340,4 +342,5 @@ def test_settings_change_on_s3(ray_cluster, s3_server, tmp_path) -> None:
     before = versions(root, so=so)
     same = run_refresh(refresh_job(cat, root, storage_options=so, hop_s=0.5))
     assert same.plan["unchanged"] == 2 and same.tracks_ok == 0 and versions(root, so=so) == before
+    assert same.extra["object_requests"] == 1 and "lookups  1 object-store requests" in same.summary()
     assert StoreLock(StoreWriter(root, so), "probe").holder() is None  # released
