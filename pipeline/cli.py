@@ -85,7 +85,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="auto: bf16 when the cluster has GPUs, fp32 otherwise (default: auto)",
+        help="auto: bf16 when the cluster has GPUs or the CPU has AMX-BF16, fp32 otherwise (default: auto)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model in each model actor (same vectors within float rounding; "
+        "not part of settings_id; the first call of each window length compiles)",
     )
 
 
