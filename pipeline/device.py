@@ -86,9 +86,12 @@ def cpu_prefers_bf16(cpuinfo: str | None = None) -> bool:
     """True where bf16 was measured >= 1.6x faster than fp32 per CPU-second: CPUs with AMX-BF16.
 
     A rule rather than a timed probe, so that ``--precision auto`` (which enters ``settings_id``)
-    resolves the same way on every run of a machine type, however loaded the machine is.
-    AVX512-BF16 without AMX measured 1.0-1.2x (oneDNN restricted to that ISA on the same CPU),
-    below the bar, so it stays fp32.
+    resolves the same way on every run of a machine type, however loaded the machine is (a probe
+    on a shared machine flips with the load and would change ``settings_id`` between runs).
+    Measured (``bench/model_forward.py``, full size, 30 s windows, Xeon with AMX-BF16): bf16 /
+    fp32 per CPU-second 1.69x at batch 4, 1.67x at batch 8 (the job's default), 1.27x at batch 1.
+    AVX512-BF16 without AMX has not been measured >= 1.6x, so it stays fp32
+    (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` measures it on an AMX machine).
     """
     return "amx_bf16" in cpu_bf16_units(cpuinfo)
 

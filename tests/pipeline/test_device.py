@@ -53,7 +53,7 @@ def test_bf16_units_are_read_from_cpuinfo_flags() -> None:
     assert cpu_bf16_units(XEON_FLAGS) == ("amx_bf16", "avx512_bf16")
     assert cpu_bf16_units(ZEN4_FLAGS) == ("avx512_bf16",)
     assert cpu_bf16_units(OLD_FLAGS) == () and cpu_bf16_units("") == ()
-    # the rule: AMX-BF16 measured >= 1.6x fp32; AVX512-BF16 alone did not
+    # the rule: AMX-BF16 measured >= 1.6x fp32 per CPU-second; AVX512-BF16 alone not shown to be
     assert [cpu_prefers_bf16(t) for t in (XEON_FLAGS, ZEN4_FLAGS, OLD_FLAGS)] == [True, False, False]
 
 
