@@ -207,11 +207,12 @@ def throughput(
         "best_s": min(walls),
         "xrt": audio_s / wall,
         "xrt_best": audio_s / min(walls),
-        # process CPU seconds per call; on a CPU run, cpu_s / threads is the wall time the call would take
-        # with all its threads running, which corrects for other processes competing for the cores
+        # process CPU seconds per call (median); audio seconds per CPU second is the per-core figure,
+        # which other processes competing for the cores inflate far less than the wall figure
         "cpu_s": cpu,
         "cpu_util": cpu / wall,
-        "xrt_cpu_est": audio_s / (cpu / threads) if device.type == "cpu" and cpu > 0 else None,
+        "threads": threads,
+        "xrt_per_cpu_s": audio_s / cpu if cpu > 0 else None,
         "peak_mem_mb": mem["peak_mb"],
         "peak_total_mb": mem["peak_total_mb"],
     }
@@ -326,10 +327,11 @@ def format_report(res: dict[str, Any]) -> str:
                 "batch",
                 "audio s",
                 "call s",
-                "x RT",
-                "x RT best",
+                "wall x RT",
+                "wall x RT best",
+                "CPU s",
                 "CPU util",
-                "x RT cpu-est",
+                "x RT per CPU-s",
                 "peak MB",
                 "peak total MB",
             ],
@@ -341,16 +343,17 @@ def format_report(res: dict[str, Any]) -> str:
                     f"{r['median_s']:.3f}",
                     f"{r['xrt']:.2f}",
                     f"{r['xrt_best']:.2f}",
+                    f"{r['cpu_s']:.3f}",
                     f"{r['cpu_util']:.2f}",
-                    "-" if r["xrt_cpu_est"] is None else f"{r['xrt_cpu_est']:.2f}",
+                    "-" if r["xrt_per_cpu_s"] is None else f"{r['xrt_per_cpu_s']:.2f}",
                     f"{r['peak_mem_mb']:.0f}",
                     f"{r['peak_total_mb']:.0f}",
                 ]
                 for r in res["throughput"]
             ],
         ),
-        "x RT: audio s / median call s; best: fastest call; CPU util: process CPU s / wall s; "
-        "cpu-est: audio s / (CPU s / threads), the figure without competing processes (CPU runs)",
+        "wall x RT: audio s / median wall s of a call; best: fastest call; CPU s: median process CPU s "
+        "of a call; CPU util: CPU s / wall s; x RT per CPU-s: audio s / CPU s (the per-core figure)",
     ]
     load = m.get("loadavg_start")
     if (
@@ -361,7 +364,7 @@ def format_report(res: dict[str, Any]) -> str:
         parts.insert(
             2,
             f"WARNING: machine busy (1-min load {load:.1f} -> {m.get('loadavg_end', 0):.1f} on "
-            f"{m['cpu_count']} CPUs): wall-clock figures are inflated, see x RT cpu-est",
+            f"{m['cpu_count']} CPUs): wall-clock figures are inflated, see x RT per CPU-s",
         )
     for b in res.get("breakdown", []):
         parts += [
@@ -526,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = throughput(model, clip, p, b, n, args.repeats, args.warmup)
                 res["throughput"].append(r)
                 print(
-                    f"  {p:>4} batch {b:>2}: {r['median_s']:.3f} s/call, {r['xrt']:.2f} x realtime",
+                    f"  {p:>4} batch {b:>2}: {r['median_s']:.3f} s/call, {r['xrt']:.2f} wall x realtime, "
+                    f"{r['xrt_per_cpu_s']:.2f} x realtime per CPU-s",
                     flush=True,
                 )
         if not args.no_breakdown:

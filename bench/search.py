@@ -19,6 +19,14 @@ parameters of :func:`pipeline.search.index.index_params` for a few ``nprobes`` /
 with the defaults (it also fetches the metadata columns) and with a ``where`` prefilter (recall
 against the exact filtered top-10), and faiss IVF-Flat / HNSW (in memory) if ``faiss`` imports.
 
+``--vectors clips`` replaces the synthetic clusters with real-shaped vectors: window means (layer
+12, 2 s windows every 1 s) of every clip in ``shared/audio`` (clips and variants) from a MusicFM
+model (``--clip-model full``: the full-size config, random weights, 1024-d; ``golden``: the small
+golden checkpoint, 48-d), each copied with Gaussian noise (``--noise`` times the median distance
+between a window vector and its nearest other window vector) to ``--n`` rows; queries are fresh noisy
+copies. These keep what synthetic clusters lack: the common direction and the low intrinsic
+dimension of real embeddings. The base vectors are cached in ``--workdir`` (or ``$TMPDIR``).
+
 Goal: recall@10 >= 0.95 at p50 <= 10 ms at 200k on a 2-core machine.
 """
 
@@ -76,6 +84,68 @@ def queries_from(centres: np.ndarray, q: int, spread: float, seed: int) -> np.nd
     lab = rng.integers(0, len(centres), q)
     x = centres[lab] + (spread / math.sqrt(dim)) * rng.standard_normal((q, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clip_window_vectors(model_kind: str, cache_dir: str) -> np.ndarray:
+    """(W, D) float32 window means (layer 12 / the last layer) of every shared clip and variant."""
+    cache = os.path.join(cache_dir, f"clip-windows-{model_kind}.npy")
+    if os.path.exists(cache):
+        return np.load(cache)
+    from musicfm import MusicFM25Hz, MusicFMConfig
+    from pipeline.flow.inference import EmbedSettings, WindowEmbedder, load_model
+    from pipeline.io.audio import decode_audio
+
+    shared = next(
+        p
+        for p in (
+            os.environ.get("MUSICFM_SHARED"),
+            os.path.join(ROOT, "shared"),
+            os.path.join(ROOT, "..", "shared"),
+        )
+        if p and os.path.isdir(os.path.join(p, "audio"))
+    )
+    if model_kind == "golden":
+        g = os.path.join(shared, "golden")
+        model = load_model(os.path.join(g, "checkpoint.pt"), os.path.join(g, "stats.json"), device="cpu")
+    else:
+        model = MusicFM25Hz(MusicFMConfig(), seed=0).eval()
+    layer = model.config.encoder_depth
+    emb = WindowEmbedder(model, EmbedSettings(layers=(layer,), window_s=2.0, hop_s=1.0))
+    files = sorted(
+        os.path.join(d, f)
+        for d in (os.path.join(shared, "audio", "clips"), os.path.join(shared, "audio", "variants"))
+        if os.path.isdir(d)
+        for f in os.listdir(d)
+        if f.rsplit(".", 1)[-1] in ("wav", "flac", "ogg", "opus", "mp3")
+    )
+    out = []
+    for f in files:
+        x = decode_audio(f).samples
+        wins = [x[s : s + 48_000] for s in range(0, x.shape[0] - 48_000 + 1, 24_000)]
+        out += [r.means[layer] for r in emb.embed(wins)]
+    vecs = np.stack(out).astype(np.float32)  # (W, D)
+    np.save(cache, vecs)
+    return vecs
+
+
+def real_shaped(
+    base: np.ndarray, n: int, q: int, noise: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n`` data and ``q`` query unit vectors: noisy copies of the rows of ``base`` (W, D); the noise
+    is ``noise`` x the median nearest-neighbour distance among the base rows (returned)."""
+    rng = np.random.default_rng(seed)
+    d2 = (base * base).sum(1)[:, None] + (base * base).sum(1)[None, :] - 2 * base @ base.T  # (W, W)
+    np.fill_diagonal(d2, np.inf)
+    nn = float(np.median(np.sqrt(np.maximum(d2.min(1), 0))))
+    sigma = noise * nn / math.sqrt(base.shape[1])
+
+    def copies(m: int) -> np.ndarray:
+        x = base[rng.integers(0, len(base), m)] + sigma * rng.standard_normal((m, base.shape[1])).astype(
+            np.float32
+        )
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    return copies(n), copies(q), nn
 
 
 def exact_topk(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -311,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where to write the Lance table (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--vectors",
+        choices=["synthetic", "clips"],
+        default="synthetic",
+        help="synthetic clusters (default) or real-shaped: noisy copies of window vectors of the shared clips",
+    )
+    p.add_argument(
+        "--clip-model", choices=["full", "golden"], default="full", help="model for --vectors clips"
+    )
+    p.add_argument(
+        "--noise", type=float, default=0.5, help="--vectors clips: noise / median nearest-neighbour distance"
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
         help="reuse the table (and an index of the same type) left in --workdir by an earlier run",
@@ -324,12 +406,21 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        data, centres = clustered(args.n, args.dim, args.clusters, args.spread, args.seed)
-        queries = queries_from(centres, args.queries, args.spread, args.seed + 1)
+        if args.vectors == "clips":
+            base = clip_window_vectors(args.clip_model, args.workdir or tempfile.gettempdir())
+            data, queries, nn = real_shaped(base, args.n, args.queries, args.noise, args.seed)
+            args.dim = data.shape[1]
+            what = (
+                f"{args.n} x {args.dim} real-shaped: noisy copies of {len(base)} window vectors of the shared clips "
+                f"({args.clip_model} model, layer 12 / last; noise {args.noise} x median NN distance {nn:.3g})"
+            )
+        else:
+            data, centres = clustered(args.n, args.dim, args.clusters, args.spread, args.seed)
+            queries = queries_from(centres, args.queries, args.spread, args.seed + 1)
+            what = f"{args.n} x {args.dim} in {args.clusters} clusters (spread {args.spread})"
         truth = exact_topk(data, queries, args.k)
         print(
-            f"data: {args.n} x {args.dim} in {args.clusters} clusters (spread {args.spread}), "
-            f"{args.queries} queries, k={args.k}; generated in {time.perf_counter() - t0:.1f} s; "
+            f"data: {what}, {args.queries} queries, k={args.k}; generated in {time.perf_counter() - t0:.1f} s; "
             f"{os.cpu_count()} CPUs",
             flush=True,
         )

@@ -98,7 +98,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="auto: bf16 when the cluster has GPUs, fp32 otherwise (default: auto)",
+        help="auto: bf16 when the cluster has GPUs or the CPU has AMX-BF16, fp32 otherwise (default: auto)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model in each model actor (same vectors within float rounding; "
+        "not part of settings_id; the first call of each window length compiles)",
     )
 
 
@@ -116,7 +122,12 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call (default 8)")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="windows per model call (default: 8 on CPU; on a GPU as many as fit in 80 %% of its free memory)",
+    )
     g.add_argument(
         "--gpu-actors",
         type=pool_size,

@@ -39,6 +39,8 @@ class EmbedSettings:
     hop_s: float = 30.0
     frames_hz: float | None = None
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (never "auto")
+    # runtime option, not in settings_id: torch.compile of the model (same math, other kernels)
+    compile: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.layers or len(set(self.layers)) != len(self.layers):
@@ -81,12 +83,15 @@ def pick_device(device: str | None = None) -> torch.device:
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     import torch
 
-    """``auto`` -> bf16 on CUDA, fp32 on CPU; fp16 is refused off CUDA."""
+    """``auto`` -> bf16 on CUDA and on CPUs with AMX-BF16 (:func:`pipeline.flow.device.cpu_prefers_bf16`),
+    fp32 otherwise; fp16 is refused off CUDA."""
+    from pipeline.flow.device import cpu_prefers_bf16
+
     dev = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if dev.type == "cuda" else "fp32"
+        return "bf16" if dev.type == "cuda" or (dev.type == "cpu" and cpu_prefers_bf16()) else "fp32"
     if precision == "fp16" and dev.type != "cuda":
         raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return precision
@@ -171,27 +176,35 @@ class WindowResult:
 
 class WindowEmbedder:
     """Runs windows through the model, batching windows of equal length (no padding: the model has
-    no mask, so padding would change the embeddings of the real frames)."""
+    no mask, so padding would change the embeddings of the real frames).
 
-    def __init__(self, model: MusicFM25Hz, settings: EmbedSettings, max_batch: int = 8) -> None:
-        if max_batch < 1:
+    ``max_batch``: windows per model call; ``None`` picks one (:func:`pipeline.flow.device.auto_batch_size`:
+    the CPU default of 8, or what fits in the free GPU memory). On CUDA the copy of batch n+1 to
+    the device overlaps the compute of batch n, and each batch comes back in one copy
+    (:mod:`pipeline.flow.staging`); ``settings.compile`` wraps the model in ``torch.compile`` first.
+    """
+
+    def __init__(self, model: MusicFM25Hz, settings: EmbedSettings, max_batch: int | None = None) -> None:
+        from pipeline.flow.device import auto_batch_size, compile_model
+        from pipeline.flow.staging import Stager
+
+        if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         bad = [i for i in settings.layers if i > model.config.encoder_depth]
         if bad:
             raise ValueError(f"layers {bad} exceed the model depth {model.config.encoder_depth}")
+        if settings.compile:
+            compile_model(model)
         self.model = model
         self.settings = settings
-        self.max_batch = max_batch
         self.device = model.device
-        self.model_seconds = 0.0
-
-    def _to_device(self, x: np.ndarray) -> torch.Tensor:
-        import torch
-
-        t = torch.from_numpy(x)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        if max_batch is None:
+            n = int(round(settings.window_s * model.config.sample_rate))
+            max_batch = auto_batch_size(model, n, settings.precision, settings.layers)
+        self.max_batch = max_batch
+        self.model_seconds = 0.0  # wall seconds in model calls and their copies
+        self.device_seconds = 0.0  # seconds the device computed (CUDA events; = model calls on CPU)
+        self._stager = Stager(self.device)
 
     def embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
         """``audio``: 1-D float32 arrays at 24 kHz, any lengths. Results in input order."""
@@ -200,40 +213,79 @@ class WindowEmbedder:
         with torch.inference_mode():
             return self._embed(audio)
 
-    def _embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
-        from musicfm import frame_pool
-        from musicfm.pooling import num_frames
-
-        out: list[WindowResult | None] = [None] * len(audio)
+    def _plan(self, audio: Sequence[np.ndarray]) -> list[list[int]]:
+        """Batches of input indices: equal lengths, at most ``max_batch``, in first-seen order."""
         by_len: dict[int, list[int]] = {}
         for i, a in enumerate(audio):
             by_len.setdefault(int(a.shape[0]), []).append(i)
+        return [
+            idx[s : s + self.max_batch] for idx in by_len.values() for s in range(0, len(idx), self.max_batch)
+        ]
+
+    def _embed(self, audio: Sequence[np.ndarray]) -> list[WindowResult]:
+        import torch
+
+        from musicfm.pooling import num_frames
+        from pipeline.flow.staging import Readback, pool_batch
+
+        out: list[WindowResult | None] = [None] * len(audio)
         sr = self.model.config.sample_rate
-        for n, idx in by_len.items():
-            for s in range(0, len(idx), self.max_batch):
-                chunk = idx[s : s + self.max_batch]
-                x = np.stack([np.asarray(audio[i], dtype=np.float32) for i in chunk])  # (B, N)
-                t0 = time.perf_counter()
-                hs = self.model.hidden_states(
-                    self._to_device(x), self.settings.layers, precision=self.settings.precision
-                )  # L x (B, T, D)
-                means = [h.mean(dim=1).cpu().numpy() for h in hs]  # L x (B, D)
-                frames = None
-                if self.settings.frames_hz:
-                    nf = num_frames(n / sr, self.settings.frames_hz)
-                    frames = [frame_pool(h, nf).cpu().numpy() for h in hs]  # L x (B, nf, D)
-                    times = (np.arange(nf) + 0.5) * (n / sr) / nf
-                self.model_seconds += time.perf_counter() - t0
-                n_tok = hs[0].shape[1]
-                for b, i in enumerate(chunk):
-                    out[i] = WindowResult(
-                        means={lay: means[k][b] for k, lay in enumerate(self.settings.layers)},
-                        n_tokens=n_tok,
-                        frames=None
-                        if frames is None
-                        else {lay: frames[k][b] for k, lay in enumerate(self.settings.layers)},
-                        frame_times=None if frames is None else times,
-                    )
+        plan = self._plan(audio)
+        stager, cuda = self._stager, self.device.type == "cuda"
+        pending: tuple | None = None  # (batch indices, Readback, timing events) of the batch before
+
+        def finish(p: tuple) -> None:
+            chunk, back, n_tok, nf, events = p
+            pooled = back.result()  # (L, B, D) or (L, B, 1 + nf, D)
+            if events is not None:
+                self.device_seconds += events[0].elapsed_time(events[1]) / 1000
+            n = int(audio[chunk[0]].shape[0])
+            times = None if nf is None else (np.arange(nf) + 0.5) * (n / sr) / nf
+            layers = self.settings.layers
+            for b, i in enumerate(chunk):
+                out[i] = WindowResult(
+                    means={
+                        lay: pooled[k, b] if nf is None else pooled[k, b, 0] for k, lay in enumerate(layers)
+                    },
+                    n_tokens=n_tok,
+                    frames=None if nf is None else {lay: pooled[k, b, 1:] for k, lay in enumerate(layers)},
+                    frame_times=times,
+                )
+
+        staged = None
+        for k, chunk in enumerate(plan):
+            if staged is None:
+                staged = stager.to_device(stager.host_batch([audio[i] for i in chunk]))
+            t0 = time.perf_counter()
+            x = stager.acquire(staged)  # (B, N) on the device
+            n = int(x.shape[1])
+            nf = num_frames(n / sr, self.settings.frames_hz) if self.settings.frames_hz else None
+            events = (
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+            )
+            if events is not None:
+                events[0].record()
+            hs = self.model.hidden_states(
+                x, self.settings.layers, precision=self.settings.precision
+            )  # L x (B, T, D)
+            back_now = Readback(pool_batch(hs, nf))  # one copy for all layers
+            if events is not None:
+                events[1].record()
+            else:
+                self.device_seconds += time.perf_counter() - t0
+            self.model_seconds += time.perf_counter() - t0
+            staged = None
+            if k + 1 < len(plan):  # queue the next batch's copy behind this batch's compute
+                staged = stager.to_device(stager.host_batch([audio[i] for i in plan[k + 1]]))
+            t1 = time.perf_counter()
+            if pending is not None:
+                finish(pending)
+            pending = (chunk, back_now, int(hs[0].shape[1]), nf, events)
+            self.model_seconds += time.perf_counter() - t1
+        if pending is not None:
+            t1 = time.perf_counter()
+            finish(pending)
+            self.model_seconds += time.perf_counter() - t1
         return out  # type: ignore[return-value]
 
 

@@ -194,7 +194,7 @@ class EmbedStage:
         self,
         model_args: dict[str, Any],
         settings: EmbedSettings,
-        batch_size: int,
+        batch_size: int | None,
         dim: int,
         cpu_threads: int | None = None,
     ) -> None:

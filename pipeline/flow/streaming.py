@@ -180,11 +180,11 @@ def embed_stream(
         fn_constructor_kwargs=dict(
             model_args=model_args,
             settings=info.settings,
-            batch_size=job.batch_size,
+            batch_size=job.batch_size,  # None: the model actor sizes its batches from GPU memory
             dim=info.dim,
             cpu_threads=None if cpu_plan is None else cpu_plan.threads,
         ),
-        batch_size=job.batch_size,
+        batch_size=rows_per_model_call(job.batch_size, info.gpus),
         batch_format="pyarrow",
         num_gpus=1 if info.gpus > 0 else 0,
         num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
@@ -200,6 +200,18 @@ def add_worker_seconds(stage_s: dict[str, float], times: pa.Table | None) -> Non
     if times is not None and times.num_rows:
         for col, key in (("decode_s", "decode_worker"), ("model_s", "model_worker")):
             stage_s[key] = stage_s.get(key, 0.0) + float(pa.compute.sum(times[col]).as_py() or 0.0)
+
+
+#: Windows handed to a GPU model actor per call when ``--batch-size`` is not given: several model
+#: batches, so that the copy of batch n+1 overlaps the compute of batch n inside one call.
+GPU_ROWS_PER_CALL = 256
+
+
+def rows_per_model_call(batch_size: int | None, gpus: int) -> int:
+    """Rows per model-stage call: a multiple of the model batch on GPUs (overlap), else the batch."""
+    if batch_size is None:
+        return GPU_ROWS_PER_CALL if gpus > 0 else 8
+    return 4 * batch_size if gpus > 0 else batch_size
 
 
 def track_rows(

@@ -228,6 +228,7 @@ def decode_audio(
     limits: AudioLimits = AudioLimits(),
     block_frames: int = 65536,
     deadline_s: float | None = None,
+    resample_quality: str = "HQ",
 ) -> DecodedAudio:
     """Decode ``data`` to mono float32 at 24 kHz, block by block, with bounded memory.
 
@@ -240,6 +241,8 @@ def decode_audio(
             ``block_frames * channels * 4`` bytes plus the resampler state).
         deadline_s: time budget for this file in seconds (wall clock, from the call); checked
             after every block; ``None`` for no budget.
+        resample_quality: soxr quality (``HQ`` default; ``VHQ``, ``MQ``, ``LQ``, ``QQ``), for
+            ``bench/decode_formats.py``, which measures speed and embedding drift of each.
 
     Returns:
         :class:`DecodedAudio` with ``samples`` of shape (N,), float32, C-contiguous, 24 kHz.
@@ -305,7 +308,7 @@ def decode_audio(
         resampler = (
             None
             if sr_in == TARGET_SR
-            else soxr.ResampleStream(sr_in, TARGET_SR, 1, dtype="float32", quality="HQ")
+            else soxr.ResampleStream(sr_in, TARGET_SR, 1, dtype="float32", quality=resample_quality)
         )
         block = np.empty((block_frames, ch), dtype=np.float32)  # (block_frames, C) reused
         mono = np.empty(block_frames, dtype=np.float32)  # (block_frames,) reused

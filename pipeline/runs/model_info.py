@@ -63,6 +63,7 @@ def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
         hop_s=job.hop_s,
         frames_hz=job.frames_hz,
         precision=precision,
+        compile=job.compile,
     )
     bad_layers = [i for i in job.layers if i > probe.config.encoder_depth]
     if bad_layers:

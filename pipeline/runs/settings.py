@@ -25,7 +25,8 @@ class EmbedJob:
     hop_s: float = 30.0
     frames_hz: float | None = None
     precision: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = 8  # windows per model call; None: 8 on CPU, from GPU memory on CUDA
+    compile: bool = False  # torch.compile the model in each model actor (not part of settings_id)
     gpu_actors: int | None = None  # model actors (the pool's maximum); None: one per GPU, or 1
     decode_cpus: int | None = 2  # decode actors (the pool's maximum); None: from the cluster
     gpu_actors_min: int | None = None  # set (< gpu_actors): the model pool autoscales from here
@@ -44,7 +45,7 @@ class EmbedJob:
         if self.format not in ("lance", "parquet"):
             raise ValueError(f"--format must be lance or parquet, got {self.format!r}")
         if (
-            self.batch_size < 1
+            (self.batch_size is not None and self.batch_size < 1)
             or (self.decode_cpus is not None and self.decode_cpus < 1)
             or (self.gpu_actors is not None and self.gpu_actors < 1)
         ):
@@ -132,6 +133,7 @@ def embed_job_from_args(args: Any) -> EmbedJob:
         frames_hz=frames_hz,
         precision=args.precision,
         batch_size=args.batch_size,
+        compile=bool(getattr(args, "compile", False)),
         gpu_actors=args.gpu_actors[1] if args.gpu_actors else None,
         gpu_actors_min=args.gpu_actors[0] if args.gpu_actors else None,
         decode_cpus=args.decode_cpus[1] if args.decode_cpus else None,

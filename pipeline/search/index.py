@@ -40,8 +40,10 @@ queries, on the shared 2-core dev machine whose load made every figure vary up t
 runs). IVF_PQ (447 partitions, 64 sub-vectors): built in 255 s; ``Store.search`` with the
 defaults p50 8.1 ms / p95 15 ms at recall@10 0.996 (the raw Lance query 5.4 ms); with a
 ``where`` prefilter keeping 1/6 of the rows p50 17 ms at recall 0.993. IVF_HNSW_SQ (4
-partitions): built in 794 s (3x longer), recall 0.78 when probing 2 of its 4 graphs and 0.998
-when probing all 4 at p50 ~8 ms; prefiltered queries p50 59 ms; and its index holds 1 byte per
+partitions): built in 794 s (3x longer), recall 0.78 when probing 2 of its 4 graphs and 1.000
+when probing all 4 (the default) at p50 12.5 ms through ``Store.search`` (651316b, load ~20);
+prefiltered queries p50 59 ms; on real-shaped vectors (``--vectors clips``) its recall at the
+defaults is only 0.63 against 0.99 for IVF_PQ; and its index holds 1 byte per
 dimension (1 KiB per vector) plus the graph, against 64 bytes per vector for PQ. IVF_PQ is the
 default; IVF_HNSW_SQ is available with ``index_type="IVF_HNSW_SQ"``.
 """

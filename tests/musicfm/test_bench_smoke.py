@@ -27,7 +27,9 @@ def test_quick_run_prints_tables_and_writes_json(tmp_path: Path) -> None:
     # the readable report
     for heading in ("Throughput", "Breakdown (fp32, batch 1", "Breakdown (bf16, batch 1", "Drift vs fp32"):
         assert heading in text, heading
-    assert "precision  batch" in text and "x RT" in text and "peak MB" in text
+    assert (
+        "precision  batch" in text and "wall x RT" in text and "x RT per CPU-s" in text and "peak MB" in text
+    )
     assert "conformer" in text and "frontend" in text and "mel" in text
     assert "max abs" in text and "rel L2" in text
 
@@ -49,8 +51,11 @@ def test_quick_run_prints_tables_and_writes_json(tmp_path: Path) -> None:
     assert [(r["precision"], r["batch"]) for r in rows] == [("fp32", 1), ("bf16", 1)]
     for r in rows:
         assert len(r["times_s"]) == 1 and r["audio_seconds"] == 10.0
-        for key in ("median_s", "best_s", "xrt", "xrt_best", "cpu_s", "cpu_util", "xrt_cpu_est"):
+        for key in ("median_s", "best_s", "xrt", "xrt_best", "cpu_s", "cpu_util", "xrt_per_cpu_s"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        # each figure is what its name says
+        assert math.isclose(r["xrt"], r["audio_seconds"] / r["median_s"], rel_tol=1e-9)
+        assert math.isclose(r["xrt_per_cpu_s"], r["audio_seconds"] / r["cpu_s"], rel_tol=1e-9)
         assert math.isfinite(r["peak_mem_mb"]) and r["peak_total_mb"] > 0
 
     assert [b["precision"] for b in res["breakdown"]] == ["fp32", "bf16"]

@@ -79,7 +79,7 @@ def test_title_search_finds_the_track_and_similar_list_matches_the_library(page,
     assert _hits(pg) == expected
     assert (
         expected[0] == "fb_mainzik_1p"
-    )  # measured: the nearest clip to City (tests/pipeline/test_variants_search.py)
+    )  # measured: the nearest clip to City (tests/search/test_variants.py)
     scores = [float(s) for s in pg.eval_on_selector_all("#results .score", "e => e.map(x => x.textContent)")]
     assert scores == sorted(scores, reverse=True) and 0.9 < scores[0] < 1.0
     assert pg.get_attribute("#query-audio", "src").endswith("/audio/hw_city")
