@@ -46,6 +46,7 @@ class EmbedJob:
     window_s: float = 30.0
     hop_s: float = 30.0
     frames_hz: float | None = None
+    loudness_target_db: float | None = None
     precision: str = "auto"
     batch_size: int = 8
     gpu_actors: int | None = None
@@ -378,6 +379,7 @@ def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
         hop_s=job.hop_s,
         frames_hz=job.frames_hz,
         precision=precision,
+        loudness_target_db=job.loudness_target_db,
     )
     bad_layers = [i for i in job.layers if i > probe.config.encoder_depth]
     if bad_layers:
@@ -955,6 +957,7 @@ def job_from_args(args: Any) -> EmbedJob:
         window_s=window_s,
         hop_s=hop_s,
         frames_hz=frames_hz,
+        loudness_target_db=getattr(args, "loudness_target_db", None),
         precision=args.precision,
         batch_size=args.batch_size,
         gpu_actors=args.gpu_actors,

@@ -39,6 +39,8 @@ class EmbedSettings:
     hop_s: float = 30.0
     frames_hz: float | None = None
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (never "auto")
+    # RMS level (dBFS) each window is scaled to before the model; None = audio as decoded
+    loudness_target_db: float | None = None
 
     def __post_init__(self) -> None:
         if not self.layers or len(set(self.layers)) != len(self.layers):
@@ -49,6 +51,8 @@ class EmbedSettings:
             raise ValueError(f"precision must be one of fp32, bf16, fp16 here, got {self.precision!r}")
         if self.frames_hz is not None and not self.frames_hz > 0:
             raise ValueError(f"frames_hz must be > 0, got {self.frames_hz}")
+        if self.loudness_target_db is not None and not -80.0 <= self.loudness_target_db <= 0.0:
+            raise ValueError(f"loudness_target_db must be in [-80, 0] dBFS, got {self.loudness_target_db}")
         self.window_spec()  # validates window/hop
 
     def window_spec(self) -> WindowSpec:
@@ -56,18 +60,33 @@ class EmbedSettings:
 
     def settings_id(self, model_id: str) -> str:
         """Fingerprint of everything that determines the stored vectors."""
-        payload = json.dumps(
-            {
-                "model_id": model_id,
-                "layers": list(self.layers),
-                "window_s": self.window_s,
-                "hop_s": self.hop_s,
-                "frames_hz": self.frames_hz,
-                "precision": self.precision,
-            },
-            sort_keys=True,
-        )
+        fields = {
+            "model_id": model_id,
+            "layers": list(self.layers),
+            "window_s": self.window_s,
+            "hop_s": self.hop_s,
+            "frames_hz": self.frames_hz,
+            "precision": self.precision,
+        }
+        if self.loudness_target_db is not None:  # only when set: existing settings_ids stay the same
+            fields["loudness_target_db"] = float(self.loudness_target_db)
+        payload = json.dumps(fields, sort_keys=True)
         return "s-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+#: Windows quieter than this (RMS, dBFS) are left as they are by loudness normalisation.
+SILENCE_DB = -70.0
+
+
+def normalize_loudness(x: np.ndarray, target_db: float) -> np.ndarray:
+    """Each row of ``x`` (B, N) scaled to an RMS of ``target_db`` dBFS (near-silent rows kept).
+
+    Per window, not per track: the decode stage streams a track window by window, so the whole
+    track's level is not known when its first windows reach the model. A pure gain change (a
+    louder master) gives the same windows after it, up to float rounding."""
+    rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=1, keepdims=True))  # (B, 1)
+    gain = np.where(rms > 10 ** (SILENCE_DB / 20), 10 ** (target_db / 20) / np.maximum(rms, 1e-12), 1.0)
+    return (x * gain).astype(np.float32)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -213,6 +232,8 @@ class WindowEmbedder:
             for s in range(0, len(idx), self.max_batch):
                 chunk = idx[s : s + self.max_batch]
                 x = np.stack([np.asarray(audio[i], dtype=np.float32) for i in chunk])  # (B, N)
+                if self.settings.loudness_target_db is not None:
+                    x = normalize_loudness(x, self.settings.loudness_target_db)
                 t0 = time.perf_counter()
                 hs = self.model.hidden_states(
                     self._to_device(x), self.settings.layers, precision=self.settings.precision
@@ -292,6 +313,7 @@ def embed_uri(
     hop_s: float = 30.0,
     storage_options: dict | None = None,
     precision: str = "fp32",
+    loudness_target_db: float | None = None,
 ) -> TrackEmbedding:
     """Fetch, decode, window, embed and pool one audio file or object (the pipeline's path)."""
     from pipeline.audio import decode_audio
@@ -307,5 +329,6 @@ def embed_uri(
         window_s=window_s,
         hop_s=hop_s,
         precision=resolve_precision(precision, model.device),
+        loudness_target_db=loudness_target_db,
     )
     return embed_samples(WindowEmbedder(model, settings), decoded.samples)

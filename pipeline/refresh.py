@@ -365,7 +365,11 @@ class Plan:
 def stored_metadata_columns(schema: pa.Schema) -> list[str]:
     """Catalog metadata columns of a ``tracks`` schema, in table order."""
     return [
-        f.name for f in schema if f.name not in _TRACK_FIXED and schemas.parse_layer_column(f.name) is None
+        f.name
+        for f in schema
+        if f.name not in _TRACK_FIXED
+        and schemas.parse_layer_column(f.name) is None
+        and not schemas.is_derived_column(f.name)  # predictions / map: not catalog metadata
     ]
 
 
@@ -633,6 +637,8 @@ def _check_schemas(store: Store, info: ModelInfo, meta_cols: Sequence[str]) -> N
         if ds is None:
             continue
         got = ds.schema.remove_metadata()
+        if name == "tracks":  # columns added by the insights jobs are not the embed job's schema
+            got = pa.schema([f for f in got if not schemas.is_derived_column(f.name)])
         if not got.equals(want, check_metadata=False):
             have = [f"{f.name}:{f.type}" for f in got if schemas.parse_layer_column(f.name) is not None]
             need = [f"{f.name}:{f.type}" for f in want if schemas.parse_layer_column(f.name) is not None]

@@ -617,7 +617,7 @@ class Store:
         self.check_model(model)
         args = self.run_args()
         kwargs: dict[str, Any] = {}
-        for key in ("window_s", "hop_s"):
+        for key in ("window_s", "hop_s", "loudness_target_db"):
             if isinstance(args.get(key), int | float):
                 kwargs[key] = float(args[key])
         so = storage_options if storage_options is not None else _fsspec_options(self.storage_options)
