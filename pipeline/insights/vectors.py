@@ -41,6 +41,10 @@ class StoreRef:
 
         return lance.dataset(self.uri, version=self.version, storage_options=self.lance_options)
 
+    def latest(self) -> StoreRef:
+        """The same table, unpinned (its newest version when opened)."""
+        return StoreRef(self.root, self.lance_options, self.table)
+
 
 def store_ref(root: str, storage_options: Mapping[str, Any] | None, table: str = "tracks") -> StoreRef:
     """A :class:`StoreRef` pinned at the table's current version; raises when the store or the

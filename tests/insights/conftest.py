@@ -54,13 +54,17 @@ def write_catalog(folder: Path, gain: bool = True, variants: bool = True) -> tup
         for v in read_variants():
             tid = Path(v["variant_uri"]).stem
             shutil.copy(AUDIO / v["variant_uri"], folder / v["variant_uri"])
-            rows.append({"track_id": tid, "uri": v["variant_uri"], "title": f"{v['transform']}", "artist": "copy"})
+            rows.append(
+                {"track_id": tid, "uri": v["variant_uri"], "title": f"{v['transform']}", "artist": "copy"}
+            )
             sources[tid] = v["source_track_id"]
     if gain:
         uris = {r["track_id"]: r["uri"] for r in read_catalog()}
         for tid, src, db in GAIN_COPIES:
             gain_copy(AUDIO / uris[src], folder / "clips" / f"{tid}.wav", db)
-            rows.append({"track_id": tid, "uri": f"clips/{tid}.wav", "title": f"gain {db:+g} dB", "artist": "copy"})
+            rows.append(
+                {"track_id": tid, "uri": f"clips/{tid}.wav", "title": f"gain {db:+g} dB", "artist": "copy"}
+            )
             sources[tid] = src
     cat = folder / "catalog.csv"
     with open(cat, "w", newline="") as f:
