@@ -99,3 +99,44 @@ def clip_store(ray_cluster, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     cat, sources = write_catalog(root / "audio")
     embed(cat, root / "store")
     return root / "store", sources
+
+
+# --------------------------------------------------------------------------- synthetic stores
+
+
+def planted_store(
+    root: Path,
+    n: int = 600,
+    dim: int = 32,
+    layers: tuple[int, ...] = (6, 12),
+    pairs: int = 20,
+    triples: int = 5,
+    noise: float = 0.02,
+    seed: int = 0,
+    model_id: str = "musicfm-synthetic",
+) -> tuple[Path, list[set[str]]]:
+    """A store of ``n`` clustered tracks (``write_synthetic_store``) plus planted near-copies:
+    ``pairs`` tracks with one copy and ``triples`` with two; copies are the source vector plus
+    noise of norm ~``noise``. Returns the root and the planted groups (sets of track ids)."""
+    import lance
+
+    from pipeline.query.synthetic import tracks_table, write_synthetic_store
+
+    syn = write_synthetic_store(str(root), n_tracks=n, layers=layers, dim=dim, clusters=12, seed=seed, model_id=model_id)
+    rng = np.random.default_rng(seed + 99)
+    src = rng.choice(n, pairs + triples, replace=False)
+    ids, vecs, groups = [], {ix: [] for ix in layers}, []
+    for j, i in enumerate(src):
+        g = {syn.track_ids[i]}
+        for c in range(1 if j < pairs else 2):
+            tid = f"copy{j:03d}_{c}"
+            ids.append(tid)
+            g.add(tid)
+            for ix in layers:
+                v = syn.track_vectors[ix][i] + noise / np.sqrt(dim) * rng.standard_normal(dim).astype(np.float32)
+                vecs[ix].append(v / np.linalg.norm(v))
+        groups.append(g)
+    meta = {"title": [f"Copy {t}" for t in ids], "artist": ["copy"] * len(ids), "genre": ["copy"] * len(ids)}
+    tbl = tracks_table(ids, {ix: np.stack(v).astype(np.float32) for ix, v in vecs.items()}, meta, model_id=model_id)
+    lance.write_dataset(tbl, str(root / "tracks.lance"), mode="append")
+    return root, groups
