@@ -498,32 +498,14 @@ def train_probe(
     Y = torch.from_numpy(np.ascontiguousarray(target)).to(dev)
     tr_idx = torch.from_numpy(np.flatnonzero(tr)).to(dev)
     va_idx = torch.from_numpy(np.flatnonzero(split_r == 1)).to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=settings.plateau_patience)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
-    best, best_state, bad, epochs = math.inf, None, 0, 0
-    for _epoch in range(settings.max_epochs):
-        epochs += 1
-        net.train()
-        perm = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(dev)]
-        for s in range(0, len(perm), settings.batch_size):
-            b = perm[s : s + settings.batch_size]
-            opt.zero_grad()
-            loss = loss_fn(net(X[b]), Y[b])
-            loss.backward()
-            opt.step()
-        net.eval()
-        with torch.no_grad():
-            ix = va_idx if len(va_idx) else tr_idx
-            vloss = float(loss_fn(net(X[ix]), Y[ix]))
-        sched.step(vloss)
-        if vloss < best - 1e-6:
-            best, bad = vloss, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= settings.patience:
-                break
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and X.numel() < 4_000_000:  # tiny steps: more threads only add contention
+        torch.set_num_threads(1)
+    try:
+        best, best_state, epochs = _fit(net, X, Y, tr_idx, va_idx, loss_fn, settings, gen)
+    finally:
+        torch.set_num_threads(threads)
     if best_state is not None:
         net.load_state_dict(best_state)
     net = net.cpu().eval()
@@ -565,6 +547,40 @@ def train_probe(
     if out_dir:
         probe.save(out_dir)
     return probe
+
+
+def _fit(
+    net: Any, X: Any, Y: Any, tr_idx: Any, va_idx: Any, loss_fn: Any, settings: ProbeSettings, gen: Any
+) -> tuple[float, Any, int]:
+    """Adam + plateau schedule + early stopping; (best validation loss, its weights, epochs run)."""
+    import torch
+
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=settings.plateau_patience)
+    best, best_state, bad, epochs = math.inf, None, 0, 0
+    for _epoch in range(settings.max_epochs):
+        epochs += 1
+        net.train()
+        perm = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(X.device)]
+        for s in range(0, len(perm), settings.batch_size):
+            b = perm[s : s + settings.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(net(X[b]), Y[b])
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            ix = va_idx if len(va_idx) else tr_idx
+            vloss = float(loss_fn(net(X[ix]), Y[ix]))
+        sched.step(vloss)
+        if vloss < best - 1e-6:
+            best, bad = vloss, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= settings.patience:
+                break
+    return best, best_state, epochs
 
 
 def _safe_name(name: str) -> str:

@@ -122,7 +122,9 @@ def planted_store(
 
     from pipeline.query.synthetic import tracks_table, write_synthetic_store
 
-    syn = write_synthetic_store(str(root), n_tracks=n, layers=layers, dim=dim, clusters=12, seed=seed, model_id=model_id)
+    syn = write_synthetic_store(
+        str(root), n_tracks=n, layers=layers, dim=dim, clusters=12, seed=seed, model_id=model_id
+    )
     rng = np.random.default_rng(seed + 99)
     src = rng.choice(n, pairs + triples, replace=False)
     ids, vecs, groups = [], {ix: [] for ix in layers}, []
@@ -133,10 +135,14 @@ def planted_store(
             ids.append(tid)
             g.add(tid)
             for ix in layers:
-                v = syn.track_vectors[ix][i] + noise / np.sqrt(dim) * rng.standard_normal(dim).astype(np.float32)
+                v = syn.track_vectors[ix][i] + noise / np.sqrt(dim) * rng.standard_normal(dim).astype(
+                    np.float32
+                )
                 vecs[ix].append(v / np.linalg.norm(v))
         groups.append(g)
     meta = {"title": [f"Copy {t}" for t in ids], "artist": ["copy"] * len(ids), "genre": ["copy"] * len(ids)}
-    tbl = tracks_table(ids, {ix: np.stack(v).astype(np.float32) for ix, v in vecs.items()}, meta, model_id=model_id)
+    tbl = tracks_table(
+        ids, {ix: np.stack(v).astype(np.float32) for ix, v in vecs.items()}, meta, model_id=model_id
+    )
     lance.write_dataset(tbl, str(root / "tracks.lance"), mode="append")
     return root, groups

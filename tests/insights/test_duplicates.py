@@ -57,16 +57,28 @@ def test_distinct_clips_alone_never_grouped(clip_store) -> None:
 def test_window_level_finds_the_crop_at_its_offset(clip_store) -> None:
     store, _ = clip_store
     table, _ = find_duplicates(str(store), 1, level="window", write=False)
-    rows = [r for r in table.to_pylist() if {r["track_id"], r["match_track_id"]} == {"hw_city", "hw_city_crop3s"}]
+    rows = [
+        r for r in table.to_pylist() if {r["track_id"], r["match_track_id"]} == {"hw_city", "hw_city_crop3s"}
+    ]
     assert len(rows) == 1
     r = rows[0]
     # the crop starts 3 s into its source: crop time t ~ source time t + 3
     want = 3.0 if r["track_id"] == "hw_city_crop3s" else -3.0
     assert abs(r["offset_s"] - want) <= WINDOW_S, r
     assert r["windows"] >= 2
-    crop_span = (r["start_s"], r["end_s"]) if r["track_id"] == "hw_city_crop3s" else (r["match_start_s"], r["match_end_s"])
-    src_span = (r["match_start_s"], r["match_end_s"]) if r["track_id"] == "hw_city_crop3s" else (r["start_s"], r["end_s"])
-    assert 0.0 <= crop_span[0] < crop_span[1] <= 27.0 + 1e-6 and 0.0 <= src_span[0] < src_span[1] <= 30.0 + 1e-6
+    crop_span = (
+        (r["start_s"], r["end_s"])
+        if r["track_id"] == "hw_city_crop3s"
+        else (r["match_start_s"], r["match_end_s"])
+    )
+    src_span = (
+        (r["match_start_s"], r["match_end_s"])
+        if r["track_id"] == "hw_city_crop3s"
+        else (r["start_s"], r["end_s"])
+    )
+    assert (
+        0.0 <= crop_span[0] < crop_span[1] <= 27.0 + 1e-6 and 0.0 <= src_span[0] < src_span[1] <= 30.0 + 1e-6
+    )
     assert abs((src_span[0] - crop_span[0]) - 3.0) <= WINDOW_S
     assert HOP_S < WINDOW_S
 
@@ -121,7 +133,9 @@ def test_ann_index_and_ray_tasks_give_the_same_groups(planted, ray_cluster) -> N
     key = ["track_id", "match_track_id", "group_id"]
     assert ann.select(key).to_pylist() == exact.select(key).to_pylist()
     assert ray_t.select(key).to_pylist() == exact.select(key).to_pylist()
-    assert {frozenset((r["track_id"], r["match_track_id"])) for r in exact.to_pylist()} == planted_pairs(groups)
+    assert {frozenset((r["track_id"], r["match_track_id"])) for r in exact.to_pylist()} == planted_pairs(
+        groups
+    )
 
 
 def test_incremental_after_new_and_removed_tracks(tmp_path: Path) -> None:
@@ -137,8 +151,14 @@ def test_incremental_after_new_and_removed_tracks(tmp_path: Path) -> None:
     for ix in (6, 12):
         v = np.asarray(src[f"layer_{ix}"][0].as_py(), np.float32)
         vecs[ix] = (v + 0.003 * np.random.default_rng(ix).standard_normal(v.shape).astype(np.float32))[None]
-    tbl = tracks_table(["late_copy"], vecs, {"title": ["late"], "artist": ["x"], "genre": ["x"]}, run_id="run-2")
-    tbl = tbl.set_column(tbl.schema.get_field_index("embedded_at"), "embedded_at", pa.array([later], tbl.schema.field("embedded_at").type))
+    tbl = tracks_table(
+        ["late_copy"], vecs, {"title": ["late"], "artist": ["x"], "genre": ["x"]}, run_id="run-2"
+    )
+    tbl = tbl.set_column(
+        tbl.schema.get_field_index("embedded_at"),
+        "embedded_at",
+        pa.array([later], tbl.schema.field("embedded_at").type),
+    )
     lance.write_dataset(tbl, str(root / "tracks.lance"), mode="append")
     inc, rep = find_duplicates(str(root), 12, incremental=True, write=False)
     assert rep.incremental and rep.queried == 1  # only the new track was queried
