@@ -13,7 +13,10 @@ Default criterion (calibrated on the store itself, no absolute cosine level)
     ``d_1 <= d_2 <= ... <= d_k`` of the track's neighbours, the first ``m`` neighbours are
     matches where ``m`` is the smallest rank with ``d_m <= margin * d_(m+1)``: the copies are at
     least ``1 / margin`` times nearer than the nearest track that is not a copy. ``margin`` is
-    :data:`DEFAULT_MARGIN` (0.1, a 10x gap). Measured with the small random-weight test model on
+    :data:`DEFAULT_MARGIN` (0.1, a 10x gap). At most half of the list can match (``m <= k/2``):
+    the other half is the background the matches must stand out from (without this, one far
+    outlier at the end of a short list would make every nearer track a "match"); groups larger
+    than ``k/2 + 1`` are still found whole through their connections. Measured with the small random-weight test model on
     the shared clips (tests/insights/test_duplicates.py): re-encode, crop, downmix and resample
     variants sit at gap ratios <= 0.02 from their sources, while between distinct clips the
     smallest ratio of the first to the second neighbour is 0.3 or more. ``threshold`` (an
@@ -104,7 +107,7 @@ def gap_matches(sims: np.ndarray, crit: Criterion) -> int:
     if crit.threshold is not None:
         return int(np.sum(sims >= crit.threshold))
     d = np.maximum(1.0 - sims.astype(np.float64), 0.0)
-    for m in range(1, len(d)):
+    for m in range(1, len(d) // 2 + 1):  # at most half the list: the rest is the background
         if d[m - 1] <= crit.margin * d[m]:
             return m
     return 0

@@ -41,12 +41,16 @@ def gain_copy(src: Path, dst: Path, gain_db: float) -> None:
     sf.write(str(dst), x * np.float32(10 ** (gain_db / 20)), sr, subtype="FLOAT")
 
 
-def write_catalog(folder: Path, gain: bool = True, variants: bool = True) -> tuple[Path, dict[str, str]]:
-    """Clips (+ variants, + gain copies) copied under ``folder`` with a catalog; returns the
-    catalog path and {copy track_id: source track_id}."""
+def write_catalog(
+    folder: Path, gain: bool = True, variants: bool = True, only: set[str] | None = None
+) -> tuple[Path, dict[str, str]]:
+    """Clips (``only`` these, if given; + variants, + gain copies) copied under ``folder`` with a
+    catalog; returns the catalog path and {copy track_id: source track_id}."""
     rows, sources = [], {}
     (folder / "clips").mkdir(parents=True, exist_ok=True)
     for r in read_catalog():
+        if only is not None and r["track_id"] not in only:
+            continue
         shutil.copy(AUDIO / r["uri"], folder / r["uri"])
         rows.append({"track_id": r["track_id"], "uri": r["uri"], "title": r["title"], "artist": r["artist"]})
     if variants:

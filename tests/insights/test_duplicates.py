@@ -86,8 +86,10 @@ def test_window_level_finds_the_crop_at_its_offset(clip_store) -> None:
 def test_gap_criterion_and_absolute_threshold() -> None:
     crit = Criterion()
     assert gap_matches(np.array([0.999, 0.9, 0.89]), crit) == 1  # d 0.001 vs 0.1: 100x nearer
-    assert gap_matches(np.array([0.999, 0.9989, 0.9]), crit) == 2  # two copies, then the gap
+    assert gap_matches(np.array([0.999, 0.9989, 0.9, 0.89, 0.88]), crit) == 2  # two copies, then the gap
     assert gap_matches(np.array([0.95, 0.9, 0.89]), crit) == 0  # 0.05 vs 0.1: no gap
+    # one far outlier at the end of a short list is no gap: at most half the list can match
+    assert gap_matches(np.array([0.99, 0.989, 0.988, 0.5]), crit) == 0
     assert gap_matches(np.array([0.95, 0.9, 0.89]), Criterion(threshold=0.895)) == 2
     with pytest.raises(ValueError):
         Criterion(margin=1.5)
