@@ -57,6 +57,7 @@ class MapSettings:
     fit_sample: int = 50_000
     plot_max: int = 100_000
     png_max: int = 2_000_000
+    group_rows: int = 50_000  # tracks placed per fragment group (bounds memory per task)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def fit_reducer(x: np.ndarray, s: MapSettings) -> tuple[Reducer, np.ndarray]:
 
     model = umap.UMAP(
         n_components=2,
-        n_neighbors=max(2, min(s.n_neighbors, n - 1)),
+        n_neighbors=max(2, min(s.n_neighbors, n // 3)),  # tiny stores: local structure
         min_dist=s.min_dist,
         metric="euclidean",
         random_state=s.seed,
@@ -195,7 +196,7 @@ def catalog_map(
     else:
         if use_ray is None:
             use_ray = n >= ray_min_rows
-        n_groups = max(1, n // 50_000)
+        n_groups = max(1, n // s.group_rows)
         if use_ray:
             import ray
 
