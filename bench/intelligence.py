@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="musicfm-bench-intel-")
     try:
         for part in a.parts.split(","):
-            sub = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--json")]
+            given = list(argv if argv is not None else sys.argv[1:])
+            sub = [
+                x
+                for i, x in enumerate(given)
+                if not x.startswith("--json") and (i == 0 or given[i - 1] != "--json")
+            ]
             cmd = [sys.executable, os.path.abspath(__file__), *sub, "--part", part, "--work", work]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
