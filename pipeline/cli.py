@@ -118,6 +118,13 @@ def add_window_args(p: argparse.ArgumentParser) -> None:
         help="task preset from the MusicFM paper: sets window length and frame rate",
     )
     g.add_argument("--frames-hz", type=_positive_float, help="also store frame-level vectors at this rate")
+    g.add_argument(
+        "--loudness-target-db",
+        type=number_arg(float, lambda v: -80.0 <= v <= 0.0, "a level in dBFS within [-80, 0]"),
+        default=None,
+        help="scale each window to this RMS level (dBFS, e.g. -20) before the model, so louder and "
+        "quieter masters embed alike (recorded in settings_id; default: off)",
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -226,7 +226,11 @@ CHUNK_PART_SCHEMA = pa.schema(
 def metadata_columns(schema: pa.Schema) -> list[str]:
     """Catalog metadata columns of a ``tracks`` schema, in table order."""
     return [
-        f.name for f in schema if f.name not in TRACK_FIXED_COLUMNS and parse_layer_column(f.name) is None
+        f.name
+        for f in schema
+        if f.name not in TRACK_FIXED_COLUMNS
+        and parse_layer_column(f.name) is None
+        and not is_derived_column(f.name)  # predictions / map: not catalog metadata
     ]
 
 
@@ -255,5 +259,40 @@ LOOKUP_SCHEMA = pa.schema(
         ("content_version", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- derived data (insights)
+# Columns that jobs other than embed/refresh add to ``tracks`` (pipeline/insights): probe predictions
+# ``tag_<name>...`` and the catalog map ``map_x`` / ``map_y``. They are not catalog metadata: a
+# refresh leaves them as they are on unchanged tracks and writes nulls on new ones.
+DERIVED_PREFIXES = ("tag_", "map_")
+
+
+def is_derived_column(name: str) -> bool:
+    """True for a column of ``tracks`` written by the insights jobs (predictions, map)."""
+    return name.startswith(DERIVED_PREFIXES)
+
+
+# duplicates.lance: one row per matched pair (an edge of a duplicate group), rewritten per run.
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        pa.field("group_id", pa.string(), nullable=False),  # smallest track_id of the group
+        pa.field("track_id", pa.string(), nullable=False),
+        pa.field("match_track_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # cosine (window level: mean over matched windows)
+        pa.field("level", pa.string(), nullable=False),  # "track" | "window"
+        pa.field("layer", pa.int32(), nullable=False),
+        # window level: the matching spans (seconds) and how many windows matched; null at track level
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("match_start_s", pa.float64()),
+        pa.field("match_end_s", pa.float64()),
+        pa.field("offset_s", pa.float64()),  # median(match window start - window start)
+        pa.field("windows", pa.int32()),
+        pa.field("criterion", pa.string(), nullable=False),  # JSON of the criterion used
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("computed_at", TIMESTAMP, nullable=False),
     ]
 )

@@ -39,6 +39,8 @@ class EmbedSettings:
     hop_s: float = 30.0
     frames_hz: float | None = None
     precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (never "auto")
+    # RMS level (dBFS) each window is scaled to before the model; None = audio as decoded
+    loudness_target_db: float | None = None
     # runtime option, not in settings_id: torch.compile of the model (same math, other kernels)
     compile: bool = field(default=False, compare=False)
 
@@ -51,6 +53,8 @@ class EmbedSettings:
             raise ValueError(f"precision must be one of fp32, bf16, fp16 here, got {self.precision!r}")
         if self.frames_hz is not None and not self.frames_hz > 0:
             raise ValueError(f"frames_hz must be > 0, got {self.frames_hz}")
+        if self.loudness_target_db is not None and not -80.0 <= self.loudness_target_db <= 0.0:
+            raise ValueError(f"loudness_target_db must be in [-80, 0] dBFS, got {self.loudness_target_db}")
         self.window_spec()  # validates window/hop
 
     def window_spec(self) -> WindowSpec:
@@ -58,18 +62,33 @@ class EmbedSettings:
 
     def settings_id(self, model_id: str) -> str:
         """Fingerprint of everything that determines the stored vectors."""
-        payload = json.dumps(
-            {
-                "model_id": model_id,
-                "layers": list(self.layers),
-                "window_s": self.window_s,
-                "hop_s": self.hop_s,
-                "frames_hz": self.frames_hz,
-                "precision": self.precision,
-            },
-            sort_keys=True,
-        )
+        fields = {
+            "model_id": model_id,
+            "layers": list(self.layers),
+            "window_s": self.window_s,
+            "hop_s": self.hop_s,
+            "frames_hz": self.frames_hz,
+            "precision": self.precision,
+        }
+        if self.loudness_target_db is not None:  # only when set: existing settings_ids stay the same
+            fields["loudness_target_db"] = float(self.loudness_target_db)
+        payload = json.dumps(fields, sort_keys=True)
         return "s-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+#: Windows quieter than this (RMS, dBFS) are left as they are by loudness normalisation.
+SILENCE_DB = -70.0
+
+
+def normalize_loudness(x: np.ndarray, target_db: float) -> np.ndarray:
+    """Each row of ``x`` (B, N) scaled to an RMS of ``target_db`` dBFS (near-silent rows kept).
+
+    Per window, not per track: the decode stage streams a track window by window, so the whole
+    track's level is not known when its first windows reach the model. A pure gain change (a
+    louder master) gives the same windows after it, up to float rounding."""
+    rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=1, keepdims=True))  # (B, 1)
+    gain = np.where(rms > 10 ** (SILENCE_DB / 20), 10 ** (target_db / 20) / np.maximum(rms, 1e-12), 1.0)
+    return (x * gain).astype(np.float32)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -252,10 +271,17 @@ class WindowEmbedder:
                     frame_times=times,
                 )
 
+        target = self.settings.loudness_target_db
+
+        def windows_of(chunk: Sequence[int]) -> list[np.ndarray]:  # (N,) each, loudness-normalised if asked
+            if target is None:
+                return [audio[i] for i in chunk]
+            return [normalize_loudness(np.asarray(audio[i], np.float32)[None], target)[0] for i in chunk]
+
         staged = None
         for k, chunk in enumerate(plan):
             if staged is None:
-                staged = stager.to_device(stager.host_batch([audio[i] for i in chunk]))
+                staged = stager.to_device(stager.host_batch(windows_of(chunk)))
             t0 = time.perf_counter()
             x = stager.acquire(staged)  # (B, N) on the device
             n = int(x.shape[1])
@@ -276,7 +302,7 @@ class WindowEmbedder:
             self.model_seconds += time.perf_counter() - t0
             staged = None
             if k + 1 < len(plan):  # queue the next batch's copy behind this batch's compute
-                staged = stager.to_device(stager.host_batch([audio[i] for i in plan[k + 1]]))
+                staged = stager.to_device(stager.host_batch(windows_of(plan[k + 1])))
             t1 = time.perf_counter()
             if pending is not None:
                 finish(pending)
@@ -344,6 +370,7 @@ def embed_uri(
     hop_s: float = 30.0,
     storage_options: dict | None = None,
     precision: str = "fp32",
+    loudness_target_db: float | None = None,
 ) -> TrackEmbedding:
     """Fetch, decode, window, embed and pool one audio file or object (the pipeline's path)."""
     from pipeline.io.audio import decode_audio
@@ -359,5 +386,6 @@ def embed_uri(
         window_s=window_s,
         hop_s=hop_s,
         precision=resolve_precision(precision, model.device),
+        loudness_target_db=loudness_target_db,
     )
     return embed_samples(WindowEmbedder(model, settings), decoded.samples)

@@ -135,6 +135,8 @@ def refresh_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookup-threads", type=positive_int, default=32,
                    help="concurrent object-metadata lookups per process (default 32)")  # fmt: skip
     g.add_argument("--no-maintenance", action="store_true", help="skip compaction/cleanup after the refresh")
+    g.add_argument("--probe", action="append", default=[], metavar="DIR",
+                   help="after the refresh, predict the new and changed tracks with this probe (repeatable)")  # fmt: skip
     add_model_args(p)
     add_window_args(p)
     add_run_args(p)
@@ -162,15 +164,31 @@ def refresh_main(argv: list[str] | None = None) -> int:
             lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads, maintenance=not args.no_maintenance,
             break_lease=args.break_lease,
         )  # fmt: skip
+        probes = _load_probes(parser, args.probe)
         try:
             report = run_refresh(job, progress=not args.no_progress)
         except RefreshLocked as e:
             print(f"{parser.prog}: locked: {e}", file=sys.stderr)
             return EXIT_LOCKED
         print(report.summary())
+        for probe in probes if not args.dry_run and report.tracks_ok else []:  # keep predictions current
+            from pipeline.insights.predict import predict_store
+
+            print(predict_store(args.store, probe, args.storage_options, run_id=report.run_id).summary())
         return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
 
     return run_main(run, parser, argv)
+
+
+def _load_probes(parser: argparse.ArgumentParser, dirs: list[str]) -> list:
+    """The --probe directories, loaded before the refresh so a broken one fails fast (exit 2)."""
+    from pipeline.insights.probes import Probe
+
+    try:
+        return [Probe.load(d) for d in dirs]
+    except ValueError as e:
+        parser.error(f"--probe: {e}")
+        return []
 
 
 # --------------------------------------------------------------------------- export

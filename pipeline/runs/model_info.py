@@ -64,6 +64,7 @@ def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
         frames_hz=job.frames_hz,
         precision=precision,
         compile=job.compile,
+        loudness_target_db=job.loudness_target_db,
     )
     bad_layers = [i for i in job.layers if i > probe.config.encoder_depth]
     if bad_layers:

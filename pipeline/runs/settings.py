@@ -24,6 +24,7 @@ class EmbedJob:
     window_s: float = 30.0
     hop_s: float = 30.0
     frames_hz: float | None = None
+    loudness_target_db: float | None = None
     precision: str = "auto"
     batch_size: int | None = 8  # windows per model call; None: 8 on CPU, from GPU memory on CUDA
     compile: bool = False  # torch.compile the model in each model actor (not part of settings_id)
@@ -131,6 +132,7 @@ def embed_job_from_args(args: Any) -> EmbedJob:
         window_s=window_s,
         hop_s=hop_s,
         frames_hz=frames_hz,
+        loudness_target_db=getattr(args, "loudness_target_db", None),
         precision=args.precision,
         batch_size=args.batch_size,
         compile=bool(getattr(args, "compile", False)),

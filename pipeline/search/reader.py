@@ -501,7 +501,7 @@ class StoreReader:
         self.check_model(model)
         args = self.run_args()
         kwargs: dict[str, Any] = {}
-        for key in ("window_s", "hop_s"):
+        for key in ("window_s", "hop_s", "loudness_target_db"):
             if isinstance(args.get(key), int | float):
                 kwargs[key] = float(args[key])
         so = (

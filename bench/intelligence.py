@@ -1,0 +1,265 @@
+"""Benchmark: near-duplicates, probe training and the catalog map on large synthetic stores.
+
+Usage (from the repo root)::
+
+    python bench/intelligence.py                     # 200k duplicates, 100k probe rows, 1M map
+    python bench/intelligence.py --dup-tracks 50000 --dim 128 --map-rows 200000 --json out.json
+    python bench/intelligence.py --quick             # smoke-test size
+
+Each part runs in its own subprocess (so ``peak_rss`` is that part's own peak, from
+``getrusage``) on a store written with the pipeline's schemas (``tracks_table``) in fragments of
+``--rows-per-file`` rows:
+
+1. **Duplicates** (``find_duplicates``, default criterion, track level): ``--dup-tracks``
+   clustered unit vectors (``clustered_vectors``, spread 0.6: tracks of a cluster at cosine ~0.7)
+   with planted near-copies (pairs and groups of 3-5, cosine to the source 0.995-0.9999) and, to
+   test precision, planted *related* tracks that are not copies (cosine ~0.97 to a track: a
+   remix, a live version). Prints precision and recall of the planted pairs (a planted pair is
+   found when both tracks end in one group; a found pair is right when both are in one planted
+   group) and wall time. Goal: both >= 0.95.
+2. **Probe**: ``train_probe`` on ``--probe-rows`` rows x 2 layers (MLP head, multiclass, 10
+   classes whose labels follow the clusters of the second layer): wall time, epochs, accuracy.
+3. **Map**: ``catalog_map`` of ``--map-rows`` rows (fit on 50k, placed fragment group by
+   fragment group in this process): wall time per stage and peak memory.
+
+Not in CI. On a shared machine, check ``uptime`` first: the figures scale with the free cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+
+def write_tracks(root: str, vectors: dict[int, np.ndarray], ids: list[str], rows_per_file: int) -> None:
+    import lance
+
+    from pipeline.search.synthetic import tracks_table
+
+    n = len(ids)
+    for s in range(0, n, rows_per_file):
+        e = min(n, s + rows_per_file)
+        meta = {
+            "title": [f"Title {i}" for i in range(s, e)],
+            "artist": [f"Artist {i % 97}" for i in range(s, e)],
+        }
+        tbl = tracks_table(ids[s:e], {k: v[s:e] for k, v in vectors.items()}, meta)
+        lance.write_dataset(tbl, f"{root}/tracks.lance", mode="append" if s else "create")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def part_duplicates(a: argparse.Namespace, work: str) -> dict:
+    from pipeline.insights.duplicates import find_duplicates
+    from pipeline.search.synthetic import clustered_vectors
+
+    rng = np.random.default_rng(a.seed)
+    n_base = a.dup_tracks
+    base = clustered_vectors(n_base, a.dim, clusters=max(10, n_base // 500), spread=0.6, seed=a.seed)
+    ids = [f"t{i:07d}" for i in range(n_base)]
+    vecs = [base]
+    groups: list[set[str]] = []
+    n_groups = max(1, n_base // 200)  # 0.5 % of the tracks have copies
+    src = rng.choice(n_base, n_groups * 2, replace=False)
+
+    def near(v: np.ndarray, one_minus_cos: float) -> np.ndarray:
+        noise = rng.standard_normal(v.shape).astype(np.float32)
+        noise -= (noise @ v) * v  # orthogonal to v
+        noise /= np.linalg.norm(noise)
+        theta = np.arccos(1.0 - one_minus_cos)
+        return (np.cos(theta) * v + np.sin(theta) * noise).astype(np.float32)
+
+    extra, extra_ids = [], []
+    for j, i in enumerate(src[:n_groups]):
+        size = 2 if j % 3 else int(rng.integers(3, 6))
+        g = {ids[i]}
+        for c in range(size - 1):
+            tid = f"copy{j:06d}_{c}"
+            extra.append(near(base[i], float(10 ** rng.uniform(-4, np.log10(5e-3)))))
+            extra_ids.append(tid)
+            g.add(tid)
+        groups.append(g)
+    for j, i in enumerate(src[n_groups:]):  # related, not copies: cosine ~0.97
+        extra.append(near(base[i], 0.03))
+        extra_ids.append(f"rel{j:06d}")
+    vecs.append(np.stack(extra))
+    x = np.concatenate(vecs)
+    all_ids = ids + extra_ids
+    perm = rng.permutation(len(all_ids))  # copies spread over the fragments
+    x, all_ids = x[perm], [all_ids[i] for i in perm]
+    root = os.path.join(work, "dup")
+    t0 = time.perf_counter()
+    write_tracks(root, {12: x}, all_ids, a.rows_per_file)
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table, rep = find_duplicates(root, 12, write=True, use_ray=None if not a.no_ray else False)
+    wall = time.perf_counter() - t0
+    found_group: dict[str, str] = {}
+    for r in table.to_pylist():
+        found_group[r["track_id"]] = found_group[r["match_track_id"]] = r["group_id"]
+    planted_of = {t: k for k, g in enumerate(groups) for t in g}
+    planted_pairs = [(p, q) for g in groups for p in g for q in g if p < q]
+    recall = np.mean(
+        [
+            found_group.get(p) is not None and found_group.get(p) == found_group.get(q)
+            for p, q in planted_pairs
+        ]
+    )
+    members: dict[str, list[str]] = {}
+    for t, g in found_group.items():
+        members.setdefault(g, []).append(t)
+    found_pairs = [(p, q) for m in members.values() for p in m for q in m if p < q]
+    precision = (
+        np.mean(
+            [planted_of.get(p) is not None and planted_of.get(p) == planted_of.get(q) for p, q in found_pairs]
+        )
+        if found_pairs
+        else 0.0
+    )
+    return {
+        "tracks": len(all_ids), "dim": a.dim, "planted_groups": len(groups), "planted_pairs": len(planted_pairs),
+        "related_not_copies": n_groups, "found_groups": rep.groups, "found_pairs": len(found_pairs),
+        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "write_s": round(t_write, 1),
+        "exact": rep.exact, "ray": rep.ray, "gap_ratio_quantiles": rep.gap_ratio_quantiles, "peak_rss_mb": round(peak_rss_mb()),
+        "goal_met": bool(precision >= 0.95 and recall >= 0.95),
+    }  # fmt: skip
+
+
+def part_probe(a: argparse.Namespace, work: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from pipeline.insights.probes import ProbeSettings, train_probe
+    from pipeline.search.synthetic import clustered_vectors
+
+    n = a.probe_rows
+    rng = np.random.default_rng(a.seed)
+    centres = rng.standard_normal((10, a.probe_dim)).astype(np.float32)
+    lab = rng.integers(0, 10, n)
+    l12 = centres[lab] + 2.0 * rng.standard_normal((n, a.probe_dim)).astype(np.float32)
+    l7 = clustered_vectors(n, a.probe_dim, 50, seed=a.seed + 1)
+    ids = [f"t{i:07d}" for i in range(n)]
+    root = os.path.join(work, "probe")
+    write_tracks(root, {7: l7, 12: l12}, ids, a.rows_per_file)
+    labels = os.path.join(work, "labels.csv")
+    pcsv.write_csv(pa.table({"track_id": ids, "genre": [f"g{v}" for v in lab]}), labels)
+    t0 = time.perf_counter()
+    probe = train_probe(
+        root, labels, ProbeSettings(task="multiclass", layers=(7, 12), head="mlp"), os.path.join(work, "p")
+    )
+    wall = time.perf_counter() - t0
+    c = probe.card
+    return {
+        "rows": n, "layers": 2, "dim": a.probe_dim, "wall_s": round(wall, 1), "epochs": c["epochs"],
+        "s_per_epoch": round(wall / max(1, c["epochs"]), 2), "test": c["metrics"], "layer_weights": c["layer_weights"],
+        "peak_rss_mb": round(peak_rss_mb()),
+    }  # fmt: skip
+
+
+def part_map(a: argparse.Namespace, work: str) -> dict:
+    from pipeline.insights.catalog_map import MapSettings, catalog_map
+    from pipeline.search.synthetic import clustered_vectors
+
+    root = os.path.join(work, "map")
+    ids = [f"t{i:07d}" for i in range(a.map_rows)]
+    x = clustered_vectors(a.map_rows, a.dim, 40, seed=a.seed)
+    write_tracks(root, {12: x}, ids, a.rows_per_file)
+    del x
+    rss_before = peak_rss_mb()
+    t0 = time.perf_counter()
+    rep = catalog_map(
+        root, 12, os.path.join(work, "map_out"), settings=MapSettings(fit_sample=a.fit_sample), use_ray=False
+    )
+    wall = time.perf_counter() - t0
+    if a.png_out:
+        shutil.copy(rep.png, a.png_out)
+    return {
+        "rows": a.map_rows, "dim": a.dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1),
+        "stage_s": {k: round(v, 1) for k, v in rep.stage_s.items()}, "peak_rss_mb_after_writing_store": round(rss_before),
+        "peak_rss_mb": round(peak_rss_mb()), "html_mb": round(os.path.getsize(rep.html) / 2**20, 1),
+    }  # fmt: skip
+
+
+PARTS = {"duplicates": part_duplicates, "probe": part_probe, "map": part_map}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dup-tracks", type=int, default=200_000)
+    p.add_argument("--probe-rows", type=int, default=100_000)
+    p.add_argument("--probe-dim", type=int, default=1024)
+    p.add_argument("--map-rows", type=int, default=1_000_000)
+    p.add_argument("--fit-sample", type=int, default=50_000)
+    p.add_argument("--dim", type=int, default=1024, help="vector size of the duplicates and map stores")
+    p.add_argument("--rows-per-file", type=int, default=50_000)
+    p.add_argument("--parts", default="duplicates,probe,map")
+    p.add_argument("--no-ray", action="store_true", help="duplicates in this process even for large stores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png-out", default=None, help="copy the map's PNG here")
+    p.add_argument("--quick", action="store_true", help="smoke-test size")
+    p.add_argument("--json", default=None, help="write all figures to this file")
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.dup_tracks, a.probe_rows, a.map_rows, a.dim, a.probe_dim, a.fit_sample = (
+            5000,
+            5000,
+            20000,
+            64,
+            64,
+            5000,
+        )
+        a.rows_per_file = 5000
+    if a.part:
+        out = PARTS[a.part](a, a.work)
+        print("RESULT " + json.dumps(out))
+        return 0
+    results = {"load_avg_at_start": os.getloadavg(), "cpus": os.cpu_count()}
+    work = tempfile.mkdtemp(prefix="musicfm-bench-intel-")
+    try:
+        for part in a.parts.split(","):
+            given = list(argv if argv is not None else sys.argv[1:])
+            sub = [
+                x
+                for i, x in enumerate(given)
+                if not x.startswith("--json") and (i == 0 or given[i - 1] != "--json")
+            ]
+            cmd = [sys.executable, os.path.abspath(__file__), *sub, "--part", part, "--work", work]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                results[part] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+            else:
+                results[part] = json.loads(line[-1][7:])
+            results[part]["process_s"] = round(time.perf_counter() - t0, 1)
+            print(f"{part}: {json.dumps(results[part])}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Flags and one-line error handling of ``jobs/find_duplicates.py``, ``jobs/train_probe.py``,
+``jobs/predict.py`` and ``jobs/catalog_map.py``.
+
+Exit codes: 0 ok; 2 bad flags or a request the store refuses (unknown layer or column, missing
+store, wrong model for a probe, unusable labels), as one line ``<prog>: error: ...`` on stderr
+without a traceback; 1 anything else (also one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from pipeline.cli import number_arg, positive_int
+from pipeline.errors import SearchError, one_line, redact
+from pipeline.search.cli import OneLineArgumentParser, storage_options_arg
+
+__all__ = [
+    "duplicates_parser",
+    "map_parser",
+    "predict_parser",
+    "probe_parser",
+    "run_duplicates",
+    "run_map",
+    "run_predict",
+    "run_probe",
+]
+
+cosine_arg = number_arg(float, lambda v: -1.0 <= v <= 1.0, "a cosine similarity in [-1, 1]")
+margin_arg = number_arg(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+
+
+def _layers_arg(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    if not out or any(i < 0 for i in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative layer indices, got {text!r}")
+    return out
+
+
+def _layer_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer index, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a layer index >= 0, got {text!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
+    p.add_argument(
+        "--storage-options",
+        type=storage_options_arg,
+        default=None,
+        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _run(prog: str, fn: Callable[[], Any], out: TextIO | None, err: TextIO | None, as_json: bool) -> int:
+    """Run ``fn`` (returns a report with ``summary()``) and print it; errors as one line."""
+    from pipeline.insights.predict import ProbeMismatchError
+    from pipeline.insights.probes import LabelError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        report = fn()
+    except (SearchError, LabelError, ProbeMismatchError, ValueError, FileNotFoundError) as e:
+        err.write(f"{prog}: error: {one_line(redact(str(e))) or type(e).__name__}\n")
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, no traceback, for any failure
+        err.write(f"{prog}: error: {one_line(redact(str(e))) or type(e).__name__}\n")
+        return 1
+    if as_json:
+        out.write(json.dumps(report if isinstance(report, dict) else report.__dict__, default=str) + "\n")
+    else:
+        out.write((report["summary"] if isinstance(report, dict) else report.summary()) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def duplicates_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(
+        prog="find_duplicates",
+        description="Group the tracks of a store that are the same recording (near-duplicates).",
+    )
+    _common(p)
+    p.add_argument("--layer", type=_layer_arg, default=None, help="layer to compare (default: the highest)")
+    p.add_argument("--level", choices=("track", "window"), default="track", help="compare tracks or windows")
+    p.add_argument(
+        "--threshold",
+        type=cosine_arg,
+        default=None,
+        help="absolute cosine cut instead of the calibrated default",
+    )
+    p.add_argument(
+        "--margin",
+        type=margin_arg,
+        default=None,
+        help="default criterion: a match is at most MARGIN times the distance of the track's nearest "
+        "non-match (default 0.1)",
+    )
+    p.add_argument("-k", type=positive_int, default=None, help="neighbours per track (default 16)")
+    p.add_argument(
+        "--min-windows", type=positive_int, default=None, help="window level: windows per match (2)"
+    )
+    p.add_argument("--incremental", action="store_true", help="query only tracks embedded since the last run")
+    p.add_argument(
+        "--no-index", action="store_true", help="exact search even when the layer has an ANN index"
+    )
+    p.add_argument(
+        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
+    )
+    return p
+
+
+def _use_ray(v: str) -> bool | None:
+    return None if v == "auto" else v == "on"
+
+
+def run_duplicates(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    from pipeline.insights.duplicates import DEFAULT_K, DEFAULT_MARGIN, Criterion, find_duplicates
+    from pipeline.search.reader import open_store
+
+    args = duplicates_parser().parse_args(argv)
+
+    def go() -> Any:
+        crit = Criterion(
+            margin=args.margin or DEFAULT_MARGIN,
+            threshold=args.threshold,
+            k=max(2, args.k or DEFAULT_K),
+            min_windows=args.min_windows or 2,
+        )
+        layer = args.layer
+        if layer is None:
+            layers = open_store(args.store, args.storage_options).layers
+            if not layers:
+                raise ValueError("the store has no vector layers")
+            layer = max(layers)
+        _, report = find_duplicates(
+            args.store, layer, args.level, crit, args.storage_options, incremental=args.incremental,
+            use_ray=_use_ray(args.ray), use_index=not args.no_index,
+        )  # fmt: skip
+        return report
+
+    return _run("find_duplicates", go, out, err, args.json)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probe_parser() -> argparse.ArgumentParser:
+    from pipeline.insights.probes import HEADS, TASKS
+
+    p = OneLineArgumentParser(prog="train_probe", description="Train a probe on a store's layer vectors.")
+    _common(p)
+    p.add_argument("--labels", required=True, help="CSV / Parquet / JSON-lines file with track_id and labels")
+    p.add_argument("--layers", type=_layers_arg, required=True, help="layers to weight, e.g. 7,12")
+    p.add_argument("--task", choices=TASKS, required=True, help="multiclass, multilabel or regression")
+    p.add_argument("--out", required=True, help="directory for probe.safetensors and probe.json")
+    p.add_argument("--label-column", action="append", default=None, help="label column(s) (default: all)")
+    p.add_argument("--name", default=None, help="probe name, used in the tag_<name> columns")
+    p.add_argument("--head", choices=HEADS, default="mlp", help="linear or mlp (512 units, dropout 0.2)")
+    p.add_argument(
+        "--level", choices=("track", "window"), default="track", help="train on track or window vectors"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the weights")
+    p.add_argument("--max-epochs", type=positive_int, default=200, help="most epochs (default 200)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    return p
+
+
+def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from pipeline.insights.probes import ProbeSettings, train_probe
+
+    args = probe_parser().parse_args(argv)
+
+    def go() -> Any:
+        s = ProbeSettings(task=args.task, layers=tuple(args.layers), head=args.head, level=args.level,
+                          seed=args.seed, max_epochs=args.max_epochs)  # fmt: skip
+        probe = train_probe(args.store, args.labels, s, args.out, name=args.name, label_columns=args.label_column,
+                            storage_options=args.storage_options, device=args.device)  # fmt: skip
+        c = probe.card
+        m = ", ".join(f"{k} {v:.3f}" for k, v in c["metrics"].items() if isinstance(v, float))
+        w = ", ".join(f"{k}: {v:.2f}" for k, v in c["layer_weights"].items())
+        summary = (
+            f"probe {c['name']} ({c['task']}, {c['head']}, {c['level']} level) -> {args.out}: test {m}; "
+            f"splits {c['splits']}; layer weights {w}; {c['epochs']} epochs, {c['train_s']:.1f} s"
+        )
+        return {"summary": summary, **c}
+
+    return _run("train_probe", go, out, err, args.json)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog="predict", description="Write a probe's predictions into tracks columns.")
+    _common(p)
+    p.add_argument("--probe", required=True, help="probe directory written by train_probe")
+    p.add_argument("--run-id", default=None, help="only the tracks of this run (e.g. a refresh's)")
+    p.add_argument(
+        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
+    )
+    return p
+
+
+def run_predict(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    from pipeline.insights.predict import predict_store
+
+    args = predict_parser().parse_args(argv)
+    return _run(
+        "predict",
+        lambda: predict_store(
+            args.store, args.probe, args.storage_options, run_id=args.run_id, use_ray=_use_ray(args.ray)
+        ),
+        out,
+        err,
+        args.json,
+    )
+
+
+# --------------------------------------------------------------------------- map
+
+
+def map_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog="catalog_map", description="A 2-D map of the catalog (PCA + UMAP).")
+    _common(p)
+    p.add_argument("--layer", type=_layer_arg, default=None, help="layer to map (default: the highest)")
+    p.add_argument("--color-by", default=None, help="tracks column to colour by (metadata or tag_...)")
+    p.add_argument(
+        "--out", default=".", help="directory for catalog_map.html and catalog_map.png (default .)"
+    )
+    p.add_argument("--fit-sample", type=positive_int, default=50_000, help="tracks the map is fitted on")
+    p.add_argument("--plot-max", type=positive_int, default=100_000, help="most points in the HTML page")
+    p.add_argument("--seed", type=int, default=42, help="seed of the sample and of UMAP")
+    p.add_argument(
+        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
+    )
+    return p
+
+
+def run_map(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from pipeline.insights.catalog_map import MapSettings, catalog_map
+    from pipeline.search.reader import open_store
+
+    args = map_parser().parse_args(argv)
+
+    def go() -> Any:
+        layer = args.layer
+        if layer is None:
+            layers = open_store(args.store, args.storage_options).layers
+            if not layers:
+                raise ValueError("the store has no vector layers")
+            layer = max(layers)
+        s = MapSettings(seed=args.seed, fit_sample=args.fit_sample, plot_max=args.plot_max)
+        return catalog_map(
+            args.store, layer, args.out, args.color_by, args.storage_options, s, use_ray=_use_ray(args.ray)
+        )
+
+    return _run("catalog_map", go, out, err, args.json)
