@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.errors import RunFailed
@@ -143,10 +144,23 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        assert StoreWriter(str(out)).versions() == versions1
+        # the killed run may have appended its first chunk's windows (commit step 1) but never
+        # moved a track row to them: readers, who join tracks to windows on (track_id, run_id),
+        # see exactly the previous version; the rerun's sweep removes the orphan rows
+        now = StoreWriter(str(out)).versions()
+        assert {k: v for k, v in now.items() if k != "windows"} == {
+            k: v for k, v in versions1.items() if k != "windows"
+        }
         after_kill = store_tables(str(out))
-        assert _row_counts(after_kill) == rows1
-        assert after_kill["tracks"].equals(v1["tracks"]) and after_kill["windows"].equals(v1["windows"])
+        assert after_kill["tracks"].equals(v1["tracks"])
+        current = pa.compute.is_in(after_kill["windows"]["run_id"], v1["tracks"]["run_id"].unique())
+        assert (
+            after_kill["windows"]
+            .filter(current)
+            .sort_by([("track_id", "ascending"), ("window_ix", "ascending")])
+            .equals(v1["windows"].sort_by([("track_id", "ascending"), ("window_ix", "ascending")]))
+        )
+        versions1, rows1 = now, _row_counts(after_kill)  # the baseline of the disk-full step below
 
         # 3. disk full while writing: a clear failure, the previous version intact
         if is_tmpfs:
