@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline.errors import RunFailed
@@ -144,22 +143,17 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        # the killed run may have appended its first chunk's windows (commit step 1) but never
-        # moved a track row to them: readers, who join tracks to windows on (track_id, run_id),
-        # see exactly the previous version; the rerun's sweep removes the orphan rows
+        # the kill lands somewhere in the run: before its chunk's commit, between the commit's
+        # steps (windows appended, tracks not yet moved), or after it. Whichever: readers, who
+        # join tracks to windows on (track_id, run_id), see every track exactly once with all
+        # the windows of one run, the old settings' or the new ones'; the rerun sweeps leftovers
         now = StoreWriter(str(out)).versions()
-        assert {k: v for k, v in now.items() if k != "windows"} == {
-            k: v for k, v in versions1.items() if k != "windows"
-        }
         after_kill = store_tables(str(out))
-        assert after_kill["tracks"].equals(v1["tracks"])
-        current = pa.compute.is_in(after_kill["windows"]["run_id"], v1["tracks"]["run_id"].unique())
-        assert (
-            after_kill["windows"]
-            .filter(current)
-            .sort_by([("track_id", "ascending"), ("window_ix", "ascending")])
-            .equals(v1["windows"].sort_by([("track_id", "ascending"), ("window_ix", "ascending")]))
+        check_store(after_kill, expect_tracks=good)
+        killed_runs = set(after_kill["tracks"]["run_id"].to_pylist()) - set(
+            v1["tracks"]["run_id"].to_pylist()
         )
+        assert len(killed_runs) <= 1  # old rows, or rows of the one killed run
         versions1, rows1 = now, _row_counts(after_kill)  # the baseline of the disk-full step below
 
         # 3. disk full while writing: a clear failure, the previous version intact
@@ -176,14 +170,18 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
             filler.unlink()
             assert StoreWriter(str(out)).versions() == versions1
             after_full = store_tables(str(out))
-            assert _row_counts(after_full) == rows1 and after_full["tracks"].equals(v1["tracks"])
+            assert _row_counts(after_full) == rows1 and after_full["tracks"].equals(after_kill["tracks"])
             check_store(after_full, expect_tracks=good)
 
         # 4. a rerun converges: every track with the new settings, nothing else changed
         rerun = run_embed(job2, progress=False)
         v4 = store_tables(str(out))
         check_store(v4, expect_tracks=good)
-        assert rerun.tracks_ok == clean.tracks_ok == len(good) and rerun.plan["settings"] == len(good)
+        # every track not committed by the killed run is redone, the others are already there
+        assert rerun.tracks_ok == rerun.plan["settings"] and rerun.tracks_ok + rerun.already_stored == len(
+            good
+        )
+        assert clean.tracks_ok == len(good)
         again = run_embed(job, progress=False)  # and back: the original settings give the original vectors
         a, b = vectors_by_track(v1), vectors_by_track(store_tables(str(out)))
         assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
