@@ -20,7 +20,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def layers_arg(text: str) -> tuple[int, ...]:
+    """argparse type of ``--layers``: distinct non-negative layer indices, comma-separated."""
     try:
         out = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -92,7 +93,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", help="stats JSON for a .pt checkpoint (e.g. msd_stats.json)")
     g.add_argument("--model-config", help="MusicFMConfig JSON for non-default sizes")
     g.add_argument(
-        "--layers", type=_layers, default=(7, 12), help="hidden states to store, e.g. 7,12 (default)"
+        "--layers", type=layers_arg, default=(7, 12), help="hidden states to store, e.g. 7,12 (default)"
     )
     g.add_argument(
         "--precision",

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pipeline.cli import number_arg, positive_int
+from pipeline.cli import layers_arg, number_arg, positive_int
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.cli import OneLineArgumentParser, storage_options_arg
 
@@ -31,16 +31,6 @@ __all__ = [
 
 cosine_arg = number_arg(float, lambda v: -1.0 <= v <= 1.0, "a cosine similarity in [-1, 1]")
 margin_arg = number_arg(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
-
-
-def _layers_arg(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
-    if not out or any(i < 0 for i in out) or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative layer indices, got {text!r}")
-    return out
 
 
 def _layer_arg(text: str) -> int:
@@ -167,7 +157,7 @@ def probe_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="train_probe", description="Train a probe on a store's layer vectors.")
     _common(p)
     p.add_argument("--labels", required=True, help="CSV / Parquet / JSON-lines file with track_id and labels")
-    p.add_argument("--layers", type=_layers_arg, required=True, help="layers to weight, e.g. 7,12")
+    p.add_argument("--layers", type=layers_arg, required=True, help="layers to weight, e.g. 7,12")
     p.add_argument("--task", choices=TASKS, required=True, help="multiclass, multilabel or regression")
     p.add_argument("--out", required=True, help="directory for probe.safetensors and probe.json")
     p.add_argument("--label-column", action="append", default=None, help="label column(s) (default: all)")
