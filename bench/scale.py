@@ -72,22 +72,18 @@ def refresh_args(catalog: Path, store: Path) -> list[str]:
 
 def model_settings(catalog: Path, store: Path) -> tuple[str, str, tuple[int, ...], int]:
     """model_id, settings_id, layers and vector size of the golden model with these settings."""
-    from pipeline.runs.model_info import model_info_for_plan
     from tests.support.stores import embed_job
+    from tests.support.stores import model_settings as settings_of
 
-    info = model_info_for_plan(embed_job(str(catalog), str(store)))
-    return info.model_id, info.settings_id, tuple(info.settings.layers), int(info.dim)
+    return settings_of(embed_job(str(catalog), str(store)))
 
 
 def build(root: Path, n: int, files: bool) -> dict[str, float]:
     """Audio files (when ``files``), both catalogs and the store for ``n`` tracks."""
-    import lance
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import schemas
-    from pipeline.store.tables import StoreWriter
+    from tests.support.stores import synthetic_tracks
 
     t: dict[str, float] = {}
     root.mkdir(parents=True, exist_ok=True)
@@ -115,45 +111,14 @@ def build(root: Path, n: int, files: bool) -> dict[str, float]:
     pq.write_table(pa.table({"track_id": ids, "uri": uris}), root / "plain.parquet")
     t["catalogs_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    store = StoreWriter(str(root / "store"))
-    model_id, settings_id, layers, dim = model_settings(root / "plain.parquet", root / "store")
-    schema = schemas.tracks_schema(list(layers), dim, [])
-    rng = np.random.default_rng(0)
-    frags = []
-    now = schemas.utc_now()
-    for a in range(0, n, BATCH):
-        b = min(n, a + BATCH)
-        m = b - a
-        cols = {
-            "track_id": pa.array(ids[a:b]),
-            "uri": pa.array(uris[a:b]),
-            "content_version": pa.array(versions[a:b]),
-            "duration_s": pa.array(np.full(m, 30.0)),
-            "sample_rate_in": pa.array(np.full(m, 44100, np.int32)),
-            "channels_in": pa.array(np.full(m, 2, np.int32)),
-            "num_windows": pa.array(np.full(m, 1, np.int32)),
-            **{
-                schemas.layer_column(ix): pa.FixedSizeListArray.from_arrays(
-                    pa.array(rng.standard_normal(m * dim).astype(np.float32)), dim
-                )
-                for ix in layers
-            },
-            "warnings": pa.nulls(m, pa.string()),
-            "model_id": pa.array([model_id] * m),
-            "settings_id": pa.array([settings_id] * m),
-            "run_id": pa.array(["run-scale"] * m),
-            "embedded_at": pa.array([now] * m, pa.timestamp("us", tz="UTC")),
-        }
-        frags += lance.fragment.write_fragments(
-            pa.table(cols, schema=schema), store.uri("tracks"), schema=schema
-        )
-    store.commit("tracks", schema, frags, "overwrite")
+    model = model_settings(root / "plain.parquet", root / "store")
+    synthetic_tracks(str(root / "store"), ids, uris, versions, model, batch=BATCH)
     t["store_s"] = time.perf_counter() - t0
     return t
 
 
-def measure(catalog: Path, store: Path, dry: bool) -> dict:
-    args = refresh_args(catalog, store) + (["--dry-run"] if dry else [])
+def measure(catalog: Path, store: Path, dry: bool, planner: str = "auto") -> dict:
+    args = refresh_args(catalog, store) + (["--dry-run"] if dry else []) + ["--planner", planner]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     code = MEASURE.format(job=str(REPO / "jobs" / "refresh_catalog.py"))
     t0 = time.perf_counter()
@@ -179,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--files-max", type=int, default=1_000_000, help="largest N with real files (listing path)"
     )
+    p.add_argument("--planners", nargs="+", default=["driver", "ray"], choices=["driver", "ray", "auto"],
+                   help="--planner values measured side by side (default: driver ray)")  # fmt: skip
     p.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
     a = p.parse_args(argv)
@@ -191,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
             built = build(root, n, files)
             print(f"N={n:,}: built in " + ", ".join(f"{k} {v:.1f}" for k, v in built.items()), flush=True)
             catalogs = ["versioned"] + (["plain"] if files else [])
-            for cat in catalogs:
-                for dry in (True, False):
-                    r = measure(root / f"{cat}.parquet", root / "store", dry)
-                    r.update(n=n, catalog=cat, mode="dry-run" if dry else "no-change")
-                    results.append(r)
-                    print(
-                        f"  {r['mode']:<9} {cat:<9} peak RSS {r['peak_rss_mb']:7.0f} MB  wall {r['job_wall_s']:7.1f} s"
-                        f"  requests {r['object_requests']}  ({r['plan']})",
-                        flush=True,
-                    )
+            for planner in a.planners:
+                for cat in catalogs:
+                    for dry in (True, False):
+                        r = measure(root / f"{cat}.parquet", root / "store", dry, planner)
+                        r.update(n=n, catalog=cat, mode="dry-run" if dry else "no-change", planner=planner)
+                        results.append(r)
+                        print(
+                            f"  {planner:<6} {r['mode']:<9} {cat:<9} peak RSS {r['peak_rss_mb']:7.0f} MB"
+                            f"  wall {r['job_wall_s']:7.1f} s  requests {r['object_requests']}  ({r['plan']})",
+                            flush=True,
+                        )
             if not a.workdir:
                 shutil.rmtree(root, ignore_errors=True)
     finally:
@@ -208,21 +176,18 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     sizes = sorted({r["n"] for r in results})
     if len(sizes) > 1:
-        for mode in ("dry-run", "no-change"):
-            lo = [
-                r for r in results if r["n"] == sizes[0] and r["mode"] == mode and r["catalog"] == "versioned"
-            ]
-            hi = [
-                r
-                for r in results
-                if r["n"] == sizes[-1] and r["mode"] == mode and r["catalog"] == "versioned"
-            ]
-            if lo and hi:
-                print(
-                    f"RSS growth {sizes[0]:,} -> {sizes[-1]:,} rows ({mode}, version column): "
-                    f"{hi[0]['peak_rss_mb'] - lo[0]['peak_rss_mb']:.0f} MB "
-                    f"({(hi[0]['peak_rss_mb'] - lo[0]['peak_rss_mb']) * 1024 / (sizes[-1] - sizes[0]) * 1024:.0f} B/row)"
-                )
+        for planner in a.planners:
+            for mode in ("dry-run", "no-change"):
+
+                def pick(n: int, planner: str = planner, mode: str = mode) -> list[dict]:
+                    return [r for r in results if r["n"] == n and r["mode"] == mode and r["planner"] == planner
+                            and r["catalog"] == "versioned"]  # fmt: skip
+
+                lo, hi = pick(sizes[0]), pick(sizes[-1])
+                if lo and hi:
+                    grow = hi[0]["peak_rss_mb"] - lo[0]["peak_rss_mb"]
+                    print(f"RSS growth {sizes[0]:,} -> {sizes[-1]:,} rows ({planner}, {mode}, version column): "
+                          f"{grow:.0f} MB ({grow * 1024 * 1024 / (sizes[-1] - sizes[0]):.0f} B/row)")  # fmt: skip
     if a.json:
         print(json.dumps(results))
     return 0

@@ -154,6 +154,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="tracks per commit; a rerun after a crash redoes at most the chunks in flight (default 1000)",
     )
     g.add_argument(
+        "--planner",
+        choices=["auto", "driver", "ray"],
+        default="auto",
+        help="where the plan is made: on the driver, or as a distributed join in Ray (catalog rows "
+        "never on the driver); auto: Ray for catalogs of 32 MiB or more, or listings with 8+ "
+        "sub-prefixes (default auto)",
+    )
+    g.add_argument(
         "--break-lease",
         action="store_true",
         help="take over the store's lease even if its holder is not proven gone (only when you know "

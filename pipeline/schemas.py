@@ -263,6 +263,41 @@ LOOKUP_SCHEMA = pa.schema(
 )
 
 
+#: Catalog rows as the Ray plan reads them (:mod:`pipeline.flow.catalog_rows`): one per data row,
+#: checked (URI policy, ids, row limit); a rejected row has ``error_type`` / ``message``.
+#: ``row_key`` orders rows in catalog order (part << 40 | row) for the duplicate policy.
+CATALOG_ROWS_SCHEMA = pa.schema(
+    [
+        ("row_key", pa.int64()),
+        ("row", pa.int64()),
+        ("track_id", pa.string()),
+        ("uri", pa.string()),
+        ("metadata_json", pa.string()),
+        ("content_version", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+#: One row per track of a refresh plan made by Ray (:mod:`pipeline.runs.ray_plan`): ``kind`` is a
+#: :data:`pipeline.runs.plan.PLAN_KINDS` value; ``group`` / ``seq`` number the rows to embed
+#: (per map call) so that the driver can cut them into chunks without holding them.
+PLAN_ROWS_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("track_id", pa.string()),
+        ("uri", pa.string()),
+        ("metadata_json", pa.string()),
+        ("content_version", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("group", pa.int64()),
+        ("seq", pa.int64()),
+    ]
+)
+
+
 # --------------------------------------------------------------------------- derived data (insights)
 # Columns that jobs other than embed/refresh add to ``tracks`` (pipeline/insights): probe predictions
 # ``tag_<name>...`` and the catalog map ``map_x`` / ``map_y``. They are not catalog metadata: a

@@ -104,6 +104,28 @@ class StreamResult:
 
 
 @dataclass
+class TodoRows:
+    """Rows to embed held by Ray, not by the driver: a dataset with the catalog row columns and
+    ``chunk`` (chunk ``k`` holds ``min(chunk_size, count - k * chunk_size)`` rows)."""
+
+    ds: Any  # ray.data.Dataset
+    count: int
+
+    def rows_of_chunk(self, ix: int) -> list[dict[str, Any]]:
+        """The rows of one chunk (read only for a chunk that did not come out of the stream)."""
+
+        def pick(batch: pa.Table) -> pa.Table:
+            return batch.filter(pa.compute.equal(batch["chunk"], ix))
+
+        return self.ds.map_batches(pick, batch_size=None, batch_format="pyarrow").take_all()
+
+
+#: Rows per block of a :class:`TodoRows` dataset handed to the decode pool (a block goes to one
+#: actor: small blocks spread the tracks over the pool).
+TODO_ROWS_PER_BLOCK = 16
+
+
+@dataclass
 class EmbedStream:
     """The lazy decode -> model pipeline of :func:`embed_stream` and what its caller cleans up."""
 
@@ -125,7 +147,7 @@ class EmbedStream:
 
 
 def embed_stream(
-    rows: list[dict[str, Any]],
+    rows: list[dict[str, Any]] | Any,
     job: Any,
     info: Any,
     decode_actors: tuple[int, int],
@@ -135,7 +157,8 @@ def embed_stream(
     """Decode (a pool of ``decode_actors`` = (min, max) CPU actors) and embed (``model_actors``
     model actors; min < max autoscales with the work) catalog rows: a lazy Ray dataset. ``job`` (a :class:`pipeline.runs.settings.EmbedJob`) gives the model
     source, limits and batch size; ``info`` (:class:`pipeline.flow.inference.ModelInfo`) the
-    settings. ``model_stage`` replaces :class:`pipeline.flow.stages.EmbedStage` (benchmarks)."""
+    settings. ``model_stage`` replaces :class:`pipeline.flow.stages.EmbedStage` (benchmarks).
+    ``rows``: a list of catalog rows, or a Ray dataset of them (:class:`TodoRows`)."""
     import ray
 
     from pipeline.flow.stages import DecodeStage, EmbedStage
@@ -150,7 +173,10 @@ def embed_stream(
     actors_before = actor_ids()
     # per-run scratch for DecodeStage's crash markers (on each node that runs a decode actor)
     attempts_dir = os.path.join(tempfile.gettempdir(), "musicfm-decode-attempts", uuid.uuid4().hex)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * decode_actors[1])))
+    if isinstance(rows, list):
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * decode_actors[1])))
+    else:
+        ds = rows.repartition(target_num_rows_per_block=TODO_ROWS_PER_BLOCK)
     # max_restarts / max_task_retries go through **ray_remote_args, which Ray 2.60 marks deprecated
     # (removal planned for 2.64, with no named replacement yet): kept explicit on purpose.
     warnings.filterwarnings(
@@ -278,7 +304,7 @@ def finish_chunk(
 
 
 def stream_chunks(
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]] | TodoRows,
     job: Any,
     info: Any,
     store: StoreWriter,
@@ -290,22 +316,36 @@ def stream_chunks(
     embedded_at: dt.datetime | None = None,
     model_stage: type | None = None,
 ) -> StreamResult:
-    """Embed ``rows`` (catalog rows) in one streaming pass; call ``on_chunk`` for each chunk of
-    ``chunk_size`` tracks as soon as all of it has come out of the stream. Returns the actor
+    """Embed ``rows`` (catalog rows, or :class:`TodoRows` already cut into chunks) in one
+    streaming pass; call ``on_chunk`` for each chunk of ``chunk_size`` tracks as soon as all of
+    it has come out of the stream. The driver holds only the chunks in flight. Returns the actor
     restarts and the per-window timings of the pass (their decode and model seconds are also
     added to ``stage_s``). ``model_stage`` replaces ``EmbedStage`` (benchmarks)."""
     from pipeline.flow.stages import ChunkWriter
 
-    chunks: dict[int, Chunk] = {}
-    tagged: list[dict[str, Any]] = []
-    for ci, start in enumerate(range(0, len(rows), chunk_size)):
-        part = rows[start : start + chunk_size]
-        chunks[ci] = Chunk(ci, len(part))
-        tagged += [{**r, "chunk": ci} for r in part]
+    source: list[dict[str, Any]] | Any
+    if isinstance(rows, TodoRows):
+        n, source, rows_of_chunk = rows.count, rows.ds, rows.rows_of_chunk
+    else:
+        source = [{**r, "chunk": i // chunk_size} for i, r in enumerate(rows)]
+        n = len(source)
+
+        def rows_of_chunk(ix: int) -> list[dict[str, Any]]:
+            return source[ix * chunk_size : (ix + 1) * chunk_size]
+
+    n_chunks = -(-n // chunk_size)
+    chunks: dict[int, Chunk] = {}  # chunks in flight (created when their first part arrives)
+    finished: set[int] = set()
+
+    def chunk(ix: int) -> Chunk:
+        if ix not in chunks:
+            chunks[ix] = Chunk(ix, min(chunk_size, n - ix * chunk_size))
+        return chunks[ix]
+
     # a small run (a quiet night) does not need every actor the cluster could hold
-    model_actors = pool_bounds(job.gpu_actors_min, job.gpu_actors or max(1, info.gpus), len(tagged))
+    model_actors = pool_bounds(job.gpu_actors_min, job.gpu_actors or max(1, info.gpus), n)
     decode_max = job.decode_cpus or default_decode_cpus(info.gpus, model_actors[1])
-    decode_actors = pool_bounds(job.decode_cpus_min if job.decode_cpus else 1, decode_max, len(tagged))
+    decode_actors = pool_bounds(job.decode_cpus_min if job.decode_cpus else 1, decode_max, n)
     frames_hz = info.settings.frames_hz
     writer = ChunkWriter(
         windows_uri=store.uri("windows"),
@@ -318,7 +358,7 @@ def stream_chunks(
         storage_options=store.lance_options,
     )
     t0 = time.perf_counter()
-    stream = embed_stream(tagged, job, info, decode_actors, model_actors, model_stage=model_stage)
+    stream = embed_stream(source, job, info, decode_actors, model_actors, model_stage=model_stage)
     # Writer tasks (a retried task rewrites its files; only the driver commits). They reserve no
     # CPU, so the stream can never stall behind actors holding every CPU of a small node, and a
     # bounded pool of them keeps up with the decoders (writing is a fraction of decoding's cost).
@@ -344,20 +384,20 @@ def stream_chunks(
     try:
         for batch in batches:
             for part in batch.to_pylist():
-                ch = chunks[part["chunk"]]
+                ch = chunk(part["chunk"])
                 ch.add(*ChunkWriter.read_part(part))
                 if ch.complete:
+                    finished.add(ch.ix)
                     done(
                         finish_chunk(
                             chunks.pop(ch.ix), info, meta_cols, run_id, embedded_at or schemas.utc_now()
                         )
                     )
-        for ch in list(chunks.values()):  # tracks that never came out of the stream (not expected)
-            done(
-                finish_chunk(
-                    chunks.pop(ch.ix), info, meta_cols, run_id, embedded_at or schemas.utc_now(), rows=tagged
-                )
-            )
+        for ix in range(n_chunks):  # tracks that never came out of the stream (not expected)
+            if ix not in finished:
+                lost = chunks.pop(ix, None) or Chunk(ix, min(chunk_size, n - ix * chunk_size))
+                done(finish_chunk(lost, info, meta_cols, run_id, embedded_at or schemas.utc_now(),
+                                  rows=rows_of_chunk(ix)))  # fmt: skip
         failed = False
     finally:
         # leaving early (a failed commit, an injected failure, Ctrl-C) must stop the pass now: its

@@ -49,9 +49,15 @@ from pipeline.schemas import RESERVED_COLUMNS, parse_layer_column
 __all__ = [
     "VERSION_COLUMNS",
     "CatalogEntry",
+    "CatalogPart",
+    "CatalogSource",
     "RejectedRow",
+    "catalog_entry",
+    "catalog_parts",
     "catalog_version",
     "iter_catalog",
+    "iter_part",
+    "open_catalog",
     "read_catalog",
 ]
 
@@ -195,6 +201,11 @@ def _arrow_to_strings(arr: Any) -> list[str | None]:
 _Row = tuple[int, "dict[str, str | None] | RejectedRow"]
 
 
+def duplicate_message(track_id: str, first_row: int | str) -> str:
+    """The reason of a :class:`DuplicateTrackId` rejection (one wording for both planners)."""
+    return f"duplicate track_id {track_id!r}: first used at row {first_row}, which wins"
+
+
 def _reject(ix: int, exc: PipelineError, track_id: str | None = None, uri: str | None = None) -> RejectedRow:
     if uri is not None:
         uri = redact(uri if len(uri) <= MAX_URI_CHARS else uri[:MAX_URI_CHARS])
@@ -291,7 +302,13 @@ def _csv_rows(reader: Any, invalid: list[Any], out_names: list[str], where: str)
             ix += 1
 
 
-def _iter_parquet(fs: fsspec.AbstractFileSystem, path: str, where: str) -> Iterator[_Row]:
+def _iter_parquet(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    where: str,
+    row_groups: tuple[int, ...] | None = None,
+    first_row: int = 0,
+) -> Iterator[_Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -302,8 +319,8 @@ def _iter_parquet(fs: fsspec.AbstractFileSystem, path: str, where: str) -> Itera
             raise CatalogError(f"{where}: not a readable Parquet file: {e}") from None
         names = list(pf.schema_arrow.names)
         out_names = _column_plan(names, where)
-        ix = 0
-        for batch in pf.iter_batches(batch_size=8192):
+        ix = first_row
+        for batch in pf.iter_batches(batch_size=8192, row_groups=row_groups):
             cols = [_arrow_to_strings(batch.column(i)) for i in range(batch.num_columns)]
             for r in range(batch.num_rows):
                 yield ix, {out_names[c]: cols[c][r] for c in range(len(out_names))}
@@ -419,20 +436,23 @@ def _iter_lines(f: Any, byte_limit: int, chunk_size: int = 1 << 20) -> Iterator[
         yield buf
 
 
-def _iter_listing(fs: fsspec.AbstractFileSystem, path: str, scheme: str | None) -> Iterator[_Row]:
-    """Audio files under a directory/prefix, sorted, hidden names skipped, symlinks not followed."""
+def _iter_listing(
+    fs: fsspec.AbstractFileSystem, path: str, scheme: str | None, top_only: bool = False
+) -> Iterator[_Row]:
+    """Audio files under a directory/prefix, sorted, hidden names skipped, symlinks not followed;
+    ``top_only``: only the files directly under it."""
     ix = 0
     if is_local_scheme(scheme):
         for root, dirs, files in os.walk(path, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = [] if top_only else sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if name.startswith(".") or not name.lower().endswith(AUDIO_EXTENSIONS):
                     continue
                 yield ix, {"uri": os.path.join(root, name)}
                 ix += 1
         return
-    for root, dirs, files in fs.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for root, dirs, files in fs.walk(path, maxdepth=1 if top_only else None):
+        dirs[:] = [] if top_only else sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not name.lower().endswith(AUDIO_EXTENSIONS):
                 continue
@@ -440,14 +460,18 @@ def _iter_listing(fs: fsspec.AbstractFileSystem, path: str, scheme: str | None) 
             ix += 1
 
 
-def _entry(
+def catalog_entry(
     ix: int,
     rec: dict[str, str | None],
     base: str,
     policy: UriPolicy,
-    seen: dict[str, int],
     max_row_chars: int,
+    seen: dict[str, int] | None = None,
 ) -> CatalogEntry | RejectedRow:
+    """One catalog record (column name -> string value) checked and turned into an entry: the
+    row-size limit, the URI policy (relative refs resolved against ``base``), the track id (the
+    catalog's, else the uri's stable id). ``seen`` (track_id -> first row) applies the duplicate
+    policy here; without it the caller applies it (the Ray plan does, per hash partition)."""
     ref = rec.get("uri")
     tid_raw = rec.get("track_id")
     tid = tid_raw.strip() if isinstance(tid_raw, str) and tid_raw.strip() else None
@@ -478,17 +502,163 @@ def _entry(
             None,
             uri,
         )
-    first = seen.get(tid)
-    if first is not None:
-        return _reject(
-            ix,
-            DuplicateTrackId(f"duplicate track_id {tid!r}: first used at row {first}, which wins"),
-            tid,
-            uri,
-        )
-    seen[tid] = ix
+    if seen is not None:
+        first = seen.get(tid)
+        if first is not None:
+            return _reject(ix, DuplicateTrackId(duplicate_message(tid, first)), tid, uri)
+        seen[tid] = ix
     meta = {k: v for k, v in rec.items() if k not in _KEPT_COLUMNS}
     return CatalogEntry(track_id=tid, uri=uri, metadata=meta, content_version=catalog_version(rec))
+
+
+@dataclass(frozen=True)
+class CatalogSource:
+    """An opened catalog: where it is and how to read it (picklable: no filesystem held, so a
+    Ray read task can take it). Made by :func:`open_catalog`."""
+
+    uri: str  # normalized catalog uri
+    where: str  # redacted, for messages
+    path: str  # the fsspec path
+    scheme: str | None  # the object-store scheme of a listing (None: local)
+    is_dir: bool  # a directory / prefix listed for audio files
+    base: str  # relative refs resolve against it; the default URI policy's prefix
+    fmt: str | None  # csv / tsv / parquet / jsonl (None for a listing)
+    storage_options: dict | None = None
+
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return open_uri(self.uri, self.storage_options)[0]
+
+
+@dataclass(frozen=True)
+class CatalogPart:
+    """A piece of a catalog that one reader streams on its own, in catalog order by ``ix``:
+    the whole table; a run of a Parquet file's row groups (``row_groups``, first row
+    ``first_row``); a listing's files directly under ``path`` (``top_only``) or one
+    sub-directory / sub-prefix walked recursively. ``path=None`` with no row groups: everything."""
+
+    ix: int = 0
+    path: str | None = None
+    top_only: bool = False
+    row_groups: tuple[int, ...] | None = None
+    first_row: int = 0
+
+
+def open_catalog(catalog_uri: str, storage_options: dict | None = None) -> CatalogSource:
+    """Check that the catalog exists and say how to read it.
+
+    Raises:
+        CatalogError: missing, unreadable, refused uri or unknown format (one line).
+    """
+    if isinstance(catalog_uri, os.PathLike):
+        catalog_uri = os.fspath(catalog_uri)
+    where = redact(str(catalog_uri))
+    if not isinstance(catalog_uri, str) or not catalog_uri.strip():
+        raise CatalogError("empty catalog uri")
+    try:
+        scheme, _ = split_scheme(catalog_uri)
+        cat = normalize_uri(catalog_uri.strip())
+        fs, path = open_uri(cat, storage_options)
+        info = with_retries(lambda: object_info(fs, path), where, storage_options=storage_options)
+    except FetchError as e:
+        msg = str(e)
+        if msg.startswith("not found"):
+            raise CatalogError(f"catalog not found: {where}") from None
+        raise CatalogError(f"cannot open catalog: {msg}") from None
+    except UriRefused as e:
+        raise CatalogError(f"bad catalog uri: {e}") from None
+    is_dir = info.get("type") == "directory"
+    fmt = None
+    if not is_dir:
+        ext = catalog_ext(cat)
+        if ext is None:
+            raise CatalogError(
+                f"{where}: unknown catalog format (expected .csv, .tsv, .parquet, .jsonl, .json or a directory)"
+            )
+        fmt = TABLE_EXTENSIONS[ext]
+    listing_scheme = None if is_local_scheme(scheme) else split_scheme(cat)[0]
+    return CatalogSource(cat, where, path, listing_scheme, is_dir, catalog_base(cat, is_dir), fmt,
+                         storage_options)  # fmt: skip
+
+
+def catalog_parts(src: CatalogSource, rows_per_part: int = 1_000_000) -> list[CatalogPart]:
+    """How a catalog splits into parts read side by side (:func:`iter_part`), in catalog order:
+    a listing by its top-level sub-directories / sub-prefixes (one LIST here), a Parquet file by
+    runs of row groups of about ``rows_per_part`` rows (its footer is read here); a CSV or JSON
+    lines file is one part (it cannot be split without reading it)."""
+    if src.is_dir:
+        fs = src.fs()
+        parts = [CatalogPart(0, src.path, top_only=True)]
+        for sub in _subdirs(fs, src.path, src.scheme is None):
+            parts.append(CatalogPart(len(parts), sub))
+        return parts
+    if src.fmt != "parquet":
+        return [CatalogPart()]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with src.fs().open(src.path, "rb") as f:
+        try:
+            meta = pq.ParquetFile(f, pre_buffer=False).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CatalogError(f"{src.where}: not a readable Parquet file: {e}") from None
+    parts: list[CatalogPart] = []
+    groups: list[int] = []
+    first = rows = 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        rows += meta.row_group(g).num_rows
+        if rows >= rows_per_part:
+            parts.append(CatalogPart(len(parts), row_groups=tuple(groups), first_row=first))
+            first, rows, groups = first + rows, 0, []
+    if groups or not parts:
+        parts.append(CatalogPart(len(parts), row_groups=tuple(groups), first_row=first))
+    return parts
+
+
+def _subdirs(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> list[str]:
+    """Sub-directories of ``path`` as the listing walks them (sorted, hidden names and local
+    symlinked directories skipped)."""
+    if local:
+        with os.scandir(path) as it:
+            return sorted(d.path for d in it
+                          if not d.name.startswith(".") and d.is_dir() and not d.is_symlink())  # fmt: skip
+    out = []
+    for e in fs.ls(path, detail=True):
+        name = str(e["name"]).rstrip("/")
+        if e.get("type") == "directory" and not name.rsplit("/", 1)[-1].startswith("."):
+            out.append(name)
+    return sorted(out)
+
+
+def iter_part(src: CatalogSource, part: CatalogPart, max_row_chars: int = 65536) -> Iterator[_Row]:
+    """Raw records of one part: ``(row, record | RejectedRow)``, ``row`` counted within the
+    catalog (Parquet) or within the part (a listing's part, a whole table). Records are column
+    name -> string; :func:`catalog_entry` checks them."""
+    fs = src.fs()
+    if src.is_dir:
+        rows: Iterator[_Row] = _iter_listing(fs, part.path or src.path, src.scheme, top_only=part.top_only)
+    elif src.fmt in ("csv", "tsv"):
+        rows = _iter_csv(fs, src.path, src.where, "," if src.fmt == "csv" else "\t", max_row_chars)
+    elif src.fmt == "parquet":
+        rows = _iter_parquet(fs, src.path, src.where, part.row_groups, part.first_row)
+    else:
+        rows = _iter_jsonl(fs, src.path, src.where, max_row_chars)
+    try:
+        yield from rows
+    except PipelineError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CatalogError(
+            scrub(f"{src.where}: cannot read catalog: {type(e).__name__}: {e}", src.storage_options)
+        ) from None
+    except Exception as e:
+        if type(e).__module__.startswith("pyarrow"):
+            raise CatalogError(scrub(f"{src.where}: cannot read catalog: {e}", src.storage_options)) from None
+        raise
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
 
 def iter_catalog(
@@ -528,71 +698,21 @@ def iter_catalog(
         raise ValueError(f"limit must be >= 0, got {limit}")
     if limit == 0:
         return
-    if isinstance(catalog_uri, os.PathLike):
-        catalog_uri = os.fspath(catalog_uri)
-    where = redact(str(catalog_uri))
-    if not isinstance(catalog_uri, str) or not catalog_uri.strip():
-        raise CatalogError("empty catalog uri")
-    try:
-        scheme, _ = split_scheme(catalog_uri)
-        cat = normalize_uri(catalog_uri.strip())
-        fs, path = open_uri(cat, storage_options)
-        info = with_retries(lambda: object_info(fs, path), where, storage_options=storage_options)
-    except FetchError as e:
-        msg = str(e)
-        if msg.startswith("not found"):
-            raise CatalogError(f"catalog not found: {where}") from None
-        raise CatalogError(f"cannot open catalog: {msg}") from None
-    except UriRefused as e:
-        raise CatalogError(f"bad catalog uri: {e}") from None
-    is_dir = info.get("type") == "directory"
-    base = catalog_base(cat, is_dir)
+    src = open_catalog(catalog_uri, storage_options)
     if policy is None:
-        policy = UriPolicy(allowed_prefixes=(base,))
-    if is_dir:
-        rows: Iterator[_Row] = _iter_listing(
-            fs, path, None if is_local_scheme(scheme) else split_scheme(cat)[0]
-        )
-    else:
-        ext = catalog_ext(cat)
-        if ext is None:
-            raise CatalogError(
-                f"{where}: unknown catalog format (expected .csv, .tsv, .parquet, .jsonl, .json or a directory)"
-            )
-        fmt = TABLE_EXTENSIONS[ext]
-        if fmt in ("csv", "tsv"):
-            rows = _iter_csv(fs, path, where, "," if fmt == "csv" else "\t", max_row_chars)
-        elif fmt == "parquet":
-            rows = _iter_parquet(fs, path, where)
-        else:
-            rows = _iter_jsonl(fs, path, where, max_row_chars)
+        policy = UriPolicy(allowed_prefixes=(src.base,))
     seen: dict[str, int] = {}
     n_ok = 0
-    try:
-        for ix, rec in rows:
-            if isinstance(rec, RejectedRow):
-                yield rec
-                continue
-            out = _entry(ix, rec, base, policy, seen, max_row_chars)
-            yield out
-            if isinstance(out, CatalogEntry):
-                n_ok += 1
-                if limit is not None and n_ok >= limit:
-                    return
-    except PipelineError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CatalogError(
-            scrub(f"{where}: cannot read catalog: {type(e).__name__}: {e}", storage_options)
-        ) from None
-    except Exception as e:
-        if type(e).__module__.startswith("pyarrow"):
-            raise CatalogError(scrub(f"{where}: cannot read catalog: {e}", storage_options)) from None
-        raise
-    finally:
-        close = getattr(rows, "close", None)
-        if close is not None:
-            close()
+    for ix, rec in iter_part(src, CatalogPart(), max_row_chars):
+        if isinstance(rec, RejectedRow):
+            yield rec
+            continue
+        out = catalog_entry(ix, rec, src.base, policy, max_row_chars, seen)
+        yield out
+        if isinstance(out, CatalogEntry):
+            n_ok += 1
+            if limit is not None and n_ok >= limit:
+                return
 
 
 def read_catalog(

@@ -407,6 +407,11 @@ def _parent(uri: str) -> tuple[str, str]:
     return head, name
 
 
+def parent_prefix(uri: str) -> str:
+    """The prefix :func:`object_versions` lists for ``uri`` (``s3://b/x/y.flac`` -> ``s3://b/x``)."""
+    return _parent(uri)[0]
+
+
 def object_versions(
     uris: Iterable[str],
     storage_options: Mapping[str, Any] | None = None,

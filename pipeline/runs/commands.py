@@ -84,9 +84,8 @@ def embed_main(argv: list[str] | None = None) -> int:
 
         job = embed_job_from_args(args)
         try:
-            report = run_embed(
-                job, progress=not args.no_progress, chunk_size=args.chunk_size, break_lease=args.break_lease
-            )
+            report = run_embed(job, progress=not args.no_progress, chunk_size=args.chunk_size,
+                               break_lease=args.break_lease, planner=args.planner)  # fmt: skip
         except RefreshLocked as e:
             print(f"{parser.prog}: locked: {e}", file=sys.stderr)
             return EXIT_LOCKED
@@ -162,7 +161,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size, retention_days=args.retention_days,
             max_delete_fraction=args.max_delete_fraction, lock_ttl_s=args.lock_ttl_s,
             lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads, maintenance=not args.no_maintenance,
-            break_lease=args.break_lease,
+            break_lease=args.break_lease, planner=args.planner,
         )  # fmt: skip
         probes = _load_probes(parser, args.probe)
         try:

@@ -27,7 +27,7 @@ EMBED_CHUNK_TRACKS = 1000
 
 
 def embed_refresh_job(
-    job: EmbedJob, chunk_size: int = EMBED_CHUNK_TRACKS, break_lease: bool = False
+    job: EmbedJob, chunk_size: int = EMBED_CHUNK_TRACKS, break_lease: bool = False, planner: str = "auto"
 ) -> RefreshJob:
     """The refresh run that performs ``job``: every catalog track embedded (unless already in the
     store with these settings), tracks not in the catalog removed, committed per chunk."""
@@ -38,6 +38,7 @@ def embed_refresh_job(
         max_delete_fraction=1.0,  # an embed makes the store equal to the catalog, as asked
         break_lease=break_lease,
         kind="embed",
+        planner=planner,
     )
 
 
@@ -48,6 +49,7 @@ def run_embed(
     chunk_size: int = EMBED_CHUNK_TRACKS,
     break_lease: bool = False,
     model_stage: type | None = None,
+    planner: str = "auto",
 ) -> RefreshReport:
     """Run the embed job end to end and return its report (also stored in ``runs.lance`` with
     ``kind="embed"``). ``model_stage`` replaces the model stage (benchmarks).
@@ -59,7 +61,7 @@ def run_embed(
         RunFailed: the stream failed; the message says how many chunks were committed.
     """
     check_output(job.output, job.storage_options)  # fail in seconds, not after the whole run
-    report = run_refresh(embed_refresh_job(job, chunk_size, break_lease), progress, model_stage=model_stage)
+    report = run_refresh(embed_refresh_job(job, chunk_size, break_lease, planner), progress, model_stage=model_stage)
     if job.format == "parquet" and report.status == "ok":
         from pipeline.runs.export import export_parquet
 

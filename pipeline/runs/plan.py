@@ -23,15 +23,18 @@ from pipeline.runs.settings import LOOKUP_RAY_MIN_ROWS, EmbedJob
 from pipeline.store.tables import StoreWriter
 
 
+def catalog_policy(job: EmbedJob) -> UriPolicy:
+    """The URI policy of a job: ``--allowed-prefixes``, else the catalog's own directory/prefix."""
+    if job.allowed_prefixes:
+        return UriPolicy(allowed_prefixes=tuple(job.allowed_prefixes))
+    return UriPolicy.for_catalog(job.catalog, job.allowed_prefixes)
+
+
 def catalog_rows(job: EmbedJob) -> tuple[list[dict[str, Any]], list[RejectedRow], list[str]]:
     """The catalog's rows (``track_id``, ``uri``, ``metadata_json``, and ``content_version`` when
     the catalog states versions: :func:`pipeline.io.catalog.catalog_version`), its rejected rows
     and its metadata column names. Streams the catalog: no list of entries is kept beside the rows."""
-    policy = (
-        UriPolicy.for_catalog(job.catalog, job.allowed_prefixes)
-        if not job.allowed_prefixes
-        else UriPolicy(allowed_prefixes=tuple(job.allowed_prefixes))
-    )
+    policy = catalog_policy(job)
     rows: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     meta_cols: dict[str, None] = {}

@@ -49,7 +49,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +64,18 @@ from pipeline.flow.runtime import (
     ensure_ray,
     ray_job_ended,
 )
-from pipeline.flow.streaming import ChunkOutput, stream_chunks, table_schema
+from pipeline.flow.streaming import ChunkOutput, TodoRows, stream_chunks, table_schema
 from pipeline.runs.model_info import ModelInfo, model_info_for_plan
-from pipeline.runs.plan import catalog_rows, check_schemas, lookup_versions, make_plan, read_stored
+from pipeline.runs.plan import (
+    PLAN_KINDS,
+    catalog_policy,
+    catalog_rows,
+    check_schemas,
+    lookup_versions,
+    make_plan,
+    read_stored,
+)
+from pipeline.runs.ray_plan import ray_plan, use_ray_plan
 from pipeline.runs.report import (
     RefreshReport,
     audio_seconds,
@@ -173,13 +182,13 @@ def delete_tracks(c: _Ctx, track_ids: Sequence[str]) -> int:
     return n
 
 
-def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequence[str]) -> int:
-    """Metadata-only changes: rewrite those track rows with the catalog's values (same run_id,
-    same vectors, so their windows stay valid). No model work."""
+def update_metadata(c: _Ctx, batches: Iterable[Sequence[Mapping[str, Any]]], meta_cols: Sequence[str]) -> int:
+    """Metadata-only changes (catalog rows, a batch at a time): rewrite those track rows with the
+    catalog's values (same run_id, same vectors, so their windows stay valid). No model work."""
     n = 0
-    for ci, part in enumerate(_batches(list(items), c.job.chunk_size)):
-        ids = [it["row"]["track_id"] for it in part]
-        new_meta = {it["row"]["track_id"]: json.loads(it["row"].get("metadata_json") or "{}") for it in part}
+    for ci, part in enumerate(batches):
+        ids = [r["track_id"] for r in part]
+        new_meta = {r["track_id"]: json.loads(r.get("metadata_json") or "{}") for r in part}
         ds = c.store.open("tracks")
         cur = ds.to_table(filter=in_list("track_id", ids))
         cols = {name: cur[name] for name in cur.schema.names}
@@ -198,7 +207,7 @@ def update_metadata(c: _Ctx, items: Sequence[Mapping[str, Any]], meta_cols: Sequ
 
 def embed_and_commit(
     c: _Ctx,
-    todo: Sequence[Mapping[str, Any]],
+    todo: Sequence[Mapping[str, Any]] | TodoRows,
     info: ModelInfo,
     meta_cols: Sequence[str],
     model_stage: type | None = None,
@@ -209,7 +218,7 @@ def embed_and_commit(
     One pass means one actor-pool start (one model load per actor) however many chunks there are."""
     try:
         res = stream_chunks(
-            list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
+            todo if isinstance(todo, TodoRows) else list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
             lambda out: commit_chunk(c, out, info), c.stage_s, model_stage=model_stage,
         )  # fmt: skip
     except (InjectedFailure, RefreshError, KeyboardInterrupt):
@@ -337,62 +346,148 @@ def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
     )  # fmt: skip
 
 
-def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | None, run_id: str, report: RefreshReport,
-                stage_s: dict[str, float], t_start: float, started_at: dt.datetime,
-                progress: bool = False, model_stage: type | None = None) -> RefreshReport:  # fmt: skip
+@dataclass
+class _Planned:
+    """A plan as :func:`_run_locked` applies it, made on the driver or with Ray."""
+
+    planner: str  # "driver" | "ray"
+    info: ModelInfo
+    meta_cols: list[str]  # the metadata columns of tracks.lance
+    counts: dict[str, int]
+    samples: dict[str, list[str]]
+    stored_tracks: int
+    tracks_total: int
+    requests: int  # object-store requests made for versions
+    error_rows: list[dict[str, Any]]  # rejected and lookup_failed rows
+    removed: Callable[[], Iterator[list[str]]]  # ids to delete, a batch at a time
+    metadata: Callable[[], Iterator[list[dict[str, Any]]]]  # catalog rows, a batch at a time
+    todo: Sequence[Mapping[str, Any]] | TodoRows
+
+
+def _store_meta(store: StoreWriter | None, catalog_meta: Sequence[str], run_id: str) -> list[str]:
+    """The metadata columns the refresh writes: the store's (catalog columns it lacks are
+    ignored, with a warning), or the catalog's for a new store."""
+    tracks_ds = store.open("tracks") if store is not None else None
+    if tracks_ds is None:
+        return list(catalog_meta)
+    meta_cols = schemas.metadata_columns(tracks_ds.schema)
+    dropped = [m for m in catalog_meta if m not in meta_cols]
+    if dropped:
+        _event("catalog columns not in tracks.lance are ignored", run_id, logging.WARNING, columns=dropped)
+    return meta_cols
+
+
+def _plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
+                    stage_s: dict[str, float]) -> _Planned:  # fmt: skip
+    """The plan made on the driver (:func:`pipeline.runs.plan.make_plan`): catalog rows and the
+    stored projection as Arrow in this process."""
     ej = job.embed
     t0 = time.perf_counter()
-    rows, rejected, _catalog_meta = catalog_rows(ej)
+    rows, rejected, catalog_meta = catalog_rows(ej)
     stage_s["catalog"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     info = model_info_for_plan(ej)
-    report.model_id, report.settings_id = info.model_id, info.settings_id
     stage_s["model_probe"] = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    tracks_ds, stored = read_stored(store) if store is not None else (None, None)
-    meta_cols = schemas.metadata_columns(tracks_ds.schema) if tracks_ds is not None else _catalog_meta
-    dropped = [m for m in _catalog_meta if m not in meta_cols]
-    if dropped:
-        _event("catalog columns not in tracks.lance are ignored", run_id, logging.WARNING, columns=dropped)
+    _, stored = read_stored(store) if store is not None else (None, None)
+    meta_cols = _store_meta(store, catalog_meta, run_id)
     if store is not None:
         check_schemas(store, info, meta_cols)
     looked = lookup_versions(rows, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows,
                              stored_ids=stored["track_id"] if stored is not None else ())  # fmt: skip
-    versions, report.extra["object_requests"] = looked.by_id, looked.requests
     stage_s["lookup"] = time.perf_counter() - t0
-    delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
-    plan = make_plan(rows, stored, versions, info.settings_id, meta_cols, delete_missing,
+    plan = make_plan(rows, stored, looked.by_id, info.settings_id, meta_cols, delete_missing,
                      present_ids=[r.track_id for r in rejected if r.track_id])  # fmt: skip
     plan.rejected = [{"track_id": r.track_id, "uri": r.uri, "stage": "catalog", "error_type": r.error_type,
                       "message": r.message} for r in rejected]  # fmt: skip
-    report.plan, report.samples = plan.counts(), plan.samples(job.sample)
-    report.tracks_total = len(rows) + len(rejected)
-    _event("plan", run_id, **report.plan, settings_id=info.settings_id, dry_run=job.dry_run)
-    error_rows: list[dict[str, Any]] = plan.rejected + plan.lookup_failed
+    removed, metadata = sorted(plan.removed), [it["row"] for it in plan.metadata]
+    size = job.chunk_size
+    return _Planned(
+        "driver", info, meta_cols, plan.counts(), plan.samples(job.sample), plan.stored_tracks,
+        len(rows) + len(rejected), looked.requests, plan.rejected + plan.lookup_failed,
+        removed=lambda: (removed[i : i + 10_000] for i in range(0, len(removed), 10_000)),
+        metadata=lambda: (metadata[i : i + size] for i in range(0, len(metadata), size)),
+        todo=plan.todo,
+    )  # fmt: skip
+
+
+def _plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
+                   stage_s: dict[str, float]) -> _Planned:  # fmt: skip
+    """The plan made by Ray (:func:`pipeline.runs.ray_plan.ray_plan`): no catalog row, stored
+    row or plan row is held by the driver, only counts, samples, error rows and chunk offsets."""
+    ej = job.embed
+    t0 = time.perf_counter()
+    info = model_info_for_plan(ej)
+    stage_s["model_probe"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tracks_ds = store.open("tracks") if store is not None else None
+    store_meta = schemas.metadata_columns(tracks_ds.schema) if tracks_ds is not None else None
+    if store is not None and store_meta is not None:
+        check_schemas(store, info, store_meta)
+    rp = ray_plan(job, store, info.settings_id, store_meta, delete_missing, catalog_policy(ej))
+    stage_s["plan"] = time.perf_counter() - t0
+    meta_cols = _store_meta(store, rp.catalog_meta, run_id)
+    if store is not None and store_meta is None:
+        check_schemas(store, info, meta_cols)
+    errors = [{k: r[k] for k in ("track_id", "uri", "stage", "error_type", "message")}
+              for b in rp.rows(["rejected", "lookup_failed"]) for r in b]  # fmt: skip
+    size = job.chunk_size
+    return _Planned(
+        "ray", info, meta_cols, {k: rp.counts.get(k, 0) for k in PLAN_KINDS}, rp.samples, rp.stored_tracks,
+        rp.tracks_total, rp.requests, errors,
+        removed=lambda: ([r["track_id"] for r in b] for b in rp.rows(["removed"])),
+        metadata=lambda: rp.rows(["metadata"], batch_rows=size),
+        todo=TodoRows(rp.todo(size), rp.todo_count),
+    )  # fmt: skip
+
+
+def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | None, run_id: str, report: RefreshReport,
+                stage_s: dict[str, float], t_start: float, started_at: dt.datetime,
+                progress: bool = False, model_stage: type | None = None) -> RefreshReport:  # fmt: skip
+    ej = job.embed
+    delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
+    planned = (_plan_with_ray if use_ray_plan(job) else _plan_on_driver)(
+        job, store, run_id, delete_missing, stage_s
+    )
+    info, meta_cols = planned.info, planned.meta_cols
+    report.model_id, report.settings_id = info.model_id, info.settings_id
+    report.extra["object_requests"] = planned.requests
+    report.extra["planner"] = planned.planner
+    report.plan, report.samples = planned.counts, planned.samples
+    report.tracks_total = planned.tracks_total
+    _event(
+        "plan",
+        run_id,
+        **report.plan,
+        settings_id=info.settings_id,
+        dry_run=job.dry_run,
+        planner=planned.planner,
+    )
+    error_rows: list[dict[str, Any]] = planned.error_rows
     if job.dry_run:
         finish_report(report, error_rows, ej.max_error_rate)
         report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
         return report
     assert store is not None and lease is not None
     failpoint("planned")
-    if plan.stored_tracks and len(plan.removed) > job.max_delete_fraction * plan.stored_tracks:
+    removed = planned.counts["removed"]
+    if planned.stored_tracks and removed > job.max_delete_fraction * planned.stored_tracks:
         raise RefreshError(
-            f"the plan deletes {len(plan.removed)} of {plan.stored_tracks} stored tracks (more than "
+            f"the plan deletes {removed} of {planned.stored_tracks} stored tracks (more than "
             f"--max-delete-fraction {job.max_delete_fraction}); is the catalog complete? Use --keep-missing, or "
             "raise --max-delete-fraction if this is intended"
         )
 
     c = _Ctx(job, store, run_id, report, lease, stage_s, error_rows)
     with c.timed("delete"):
-        report.deleted = delete_tracks(c, plan.removed)
-        report.metadata_updated = update_metadata(c, plan.metadata, meta_cols)
-    if plan.removed or plan.metadata:
+        report.deleted = sum(delete_tracks(c, ids) for ids in planned.removed())
+        report.metadata_updated = update_metadata(c, planned.metadata(), meta_cols)
+    if planned.counts["removed"] or planned.counts["metadata"]:
         _event(
             "deleted and updated", run_id, deleted=report.deleted, metadata_updated=report.metadata_updated
         )
-    todo = plan.todo
-    if todo:
+    todo = planned.todo
+    if (todo.count if isinstance(todo, TodoRows) else len(todo)) > 0:
         info = dataclasses.replace(info, gpus=cluster_gpus(stage_s))
         configure_data_context(progress)  # the embed job's retry and shuffle settings
         embed_and_commit(c, todo, info, meta_cols, model_stage)

@@ -93,6 +93,7 @@ class RefreshJob:
     sample: int = 5
     break_lease: bool = False
     kind: str = "refresh"  # "embed" when the embed job runs on this engine (runs.lance kind, report)
+    planner: str = "auto"  # "driver", "ray" (a distributed join: pipeline.runs.ray_plan) or "auto"
 
     def __post_init__(self) -> None:
         if self.embed.format != "lance":
@@ -107,6 +108,8 @@ class RefreshJob:
             raise ValueError("--lock-ttl-s must be > 0 and --lock-wait-s >= 0")
         if self.lookup_threads < 1:
             raise ValueError("--lookup-threads must be >= 1")
+        if self.planner not in ("auto", "driver", "ray"):
+            raise ValueError(f"--planner must be auto, driver or ray, got {self.planner!r}")
 
     @property
     def store(self) -> str:

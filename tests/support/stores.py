@@ -107,3 +107,43 @@ def run_row(store: str | Path, run_id: str) -> dict:
     rows = [r for r in table(store, "runs").to_pylist() if r["run_id"] == run_id]
     assert len(rows) == 1
     return rows[0]
+
+
+def synthetic_tracks(store: str, ids: list[str], uris: list[str], versions: list[str | None], model: tuple,
+                     so: dict | None = None, batch: int = 1_000_000) -> None:  # fmt: skip
+    """A ``tracks.lance`` of these tracks (random vectors, one window each) written through the
+    project's writer, as an embed with ``model = (model_id, settings_id, layers, dim)`` would
+    leave it (no windows/frames: for plans, not for reading vectors back)."""
+    import lance
+
+    from pipeline import schemas
+
+    model_id, settings_id, layers, dim = model
+    writer = StoreWriter(store, so)
+    schema = schemas.tracks_schema(list(layers), dim, [])
+    rng = np.random.default_rng(0)
+    now, frags = schemas.utc_now(), []
+    for a in range(0, len(ids), batch):
+        b = min(len(ids), a + batch)
+        m = b - a
+        cols = {
+            "track_id": pa.array(ids[a:b]), "uri": pa.array(uris[a:b]), "content_version": pa.array(versions[a:b], pa.string()),
+            "duration_s": pa.array(np.full(m, 30.0)), "sample_rate_in": pa.array(np.full(m, 44100, np.int32)),
+            "channels_in": pa.array(np.full(m, 2, np.int32)), "num_windows": pa.array(np.full(m, 1, np.int32)),
+            **{schemas.layer_column(ix): pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.standard_normal(m * dim).astype(np.float32)), dim) for ix in layers},
+            "warnings": pa.nulls(m, pa.string()), "model_id": pa.array([model_id] * m),
+            "settings_id": pa.array([settings_id] * m), "run_id": pa.array(["run-synthetic"] * m),
+            "embedded_at": pa.array([now] * m, pa.timestamp("us", tz="UTC")),
+        }  # fmt: skip
+        frags += lance.fragment.write_fragments(pa.table(cols, schema=schema), writer.uri("tracks"), schema=schema,
+                                                storage_options=writer.lance_options)  # fmt: skip
+    writer.commit("tracks", schema, frags, "overwrite")
+
+
+def model_settings(job: EmbedJob) -> tuple[str, str, tuple[int, ...], int]:
+    """model_id, settings_id, layers and vector size of a job's model and settings."""
+    from pipeline.runs.model_info import model_info_for_plan
+
+    info = model_info_for_plan(job)
+    return info.model_id, info.settings_id, tuple(info.settings.layers), int(info.dim)

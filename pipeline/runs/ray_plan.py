@@ -1,0 +1,499 @@
+"""The refresh plan as Ray Data stages: a distributed join of the catalog with the stored tracks.
+
+For catalogs too large for the driver (see :func:`use_ray_plan`). Same decisions as
+:func:`pipeline.runs.plan.make_plan`, made where the rows are:
+
+    catalog (pipeline.flow.catalog_rows)  ─┐
+                                           ├─ hash(track_id) % P ─ groupby(part) ─▶ PlanPart
+    tracks.lance projection (per fragment) ┘      duplicate policy, new / changed / settings /
+          (track_id, uri, content_version,        metadata / unchanged / removed / rejected, and
+           settings_id, metadata columns)         "pending" (stored, no version in the catalog)
+    pending ─ groupby(parent prefix) ─▶ LookupGroup: one LIST per 1,000 objects (HEADs for lone
+          objects), then the same comparison
+
+The plan stays a materialized dataset in the object store (spilled to disk when large); the
+driver keeps counts, a few sample ids per kind, one offset per map call (to cut the rows to
+embed into chunks), and the error rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schemas
+from pipeline.errors import DuplicateTrackId, error_type
+from pipeline.flow.catalog_rows import catalog_dataset
+from pipeline.flow.runtime import ensure_ray
+from pipeline.io.catalog import duplicate_message, open_catalog
+from pipeline.io.objects import object_versions, parent_prefix
+from pipeline.io.uris import UriPolicy
+from pipeline.runs.settings import RefreshJob
+from pipeline.store.tables import StoreWriter
+
+#: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
+RAY_PLAN_MIN_BYTES = 32 * 1024**2
+#: Listings with at least this many top-level sub-prefixes are planned with Ray under ``auto``.
+RAY_PLAN_MIN_SUBPREFIXES = 8
+#: Target rows per hash partition of the plan.
+ROWS_PER_PARTITION = 200_000
+#: Plan kinds whose rows are embedded.
+TODO_KINDS = ("new", "changed", "settings")
+
+#: The stream the plan's first stage groups: catalog rows (side 0) and stored rows (side 1).
+UNION_SCHEMA = pa.schema(
+    [
+        ("part", pa.int32()),
+        ("side", pa.int8()),
+        ("row_key", pa.int64()),
+        ("row", pa.int64()),
+        ("track_id", pa.string()),
+        ("uri", pa.string()),
+        ("metadata_json", pa.string()),
+        ("content_version", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("s_uri", pa.string()),
+        ("s_content_version", pa.string()),
+        ("s_settings_id", pa.string()),
+        ("s_meta_json", pa.string()),
+    ]
+)
+#: First-stage output: plan rows, plus the stored values and the prefix of "pending" rows.
+STAGE_SCHEMA = pa.schema(
+    [
+        *schemas.PLAN_ROWS_SCHEMA,
+        ("requests", pa.int64()),
+        ("prefix", pa.string()),
+        ("s_uri", pa.string()),
+        ("s_content_version", pa.string()),
+        ("s_settings_id", pa.string()),
+        ("s_meta_json", pa.string()),
+    ]
+)
+PLAN_COLUMNS = [*schemas.PLAN_ROWS_SCHEMA.names, "requests"]
+
+
+def use_ray_plan(job: RefreshJob) -> bool:
+    """``--planner ray``, or ``auto`` for a large catalog: a table of at least
+    :data:`RAY_PLAN_MIN_BYTES`, or a listing with at least :data:`RAY_PLAN_MIN_SUBPREFIXES`
+    sub-prefixes. A ``--limit`` run (a partial catalog, in catalog order) is planned on the driver."""
+    if job.planner == "driver" or job.embed.limit is not None:
+        return False
+    if job.planner == "ray":
+        return True
+    src = open_catalog(job.embed.catalog, job.embed.storage_options or None)
+    fs = src.fs()
+    if src.is_dir:
+        try:
+            subs = [e for e in fs.ls(src.path, detail=True) if e.get("type") == "directory"]
+        except OSError:
+            return False
+        return len(subs) >= RAY_PLAN_MIN_SUBPREFIXES
+    try:
+        size = int(fs.size(src.path) or 0)
+    except OSError:
+        return False
+    return size >= RAY_PLAN_MIN_BYTES
+
+
+def partition_of(ids: pa.Array, fallback: pa.Array, parts: int) -> np.ndarray:
+    """Hash partition (0..parts-1) of each track id; rows without an id use ``fallback``."""
+    import pandas as pd
+
+    values = ids.to_numpy(zero_copy_only=False)
+    missing = pd.isna(values)
+    h = pd.util.hash_array(np.where(missing, "", values).astype(object)) % np.uint64(parts)
+    if missing.any():
+        fb = fallback.to_numpy(zero_copy_only=False).astype(np.uint64) % np.uint64(parts)
+        h = np.where(missing, fb, h)
+    return h.astype(np.int32)
+
+
+def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
+    """Catalog rows -> :data:`UNION_SCHEMA` (side 0)."""
+    n = batch.num_rows
+    cols = {name: batch[name] for name in schemas.CATALOG_ROWS_SCHEMA.names}
+    cols["part"] = pa.array(partition_of(batch["track_id"], batch["row_key"], parts), pa.int32())
+    cols["side"] = pa.array(np.zeros(n, np.int8))
+    for name in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json"):
+        cols[name] = pa.nulls(n, pa.string())
+    return pa.table([cols[f.name] for f in UNION_SCHEMA], schema=UNION_SCHEMA)
+
+
+def stored_side(batch: pa.Table, uri: str, version: int, storage_options: dict | None,
+                meta_cols: Sequence[str], parts: int) -> Iterator[pa.Table]:  # fmt: skip
+    """Ray Data ``map_batches`` function: the projection of the ``tracks.lance`` fragments in
+    ``batch`` (their ids) -> :data:`UNION_SCHEMA` (side 1), the metadata columns as JSON text."""
+    import lance
+
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    cols = ["track_id", "uri", "content_version", "settings_id", *meta_cols]
+    for fid in batch["fragment_id"].to_pylist():
+        for b in ds.get_fragment(fid).to_batches(columns=cols, batch_size=1 << 16):
+            n = b.num_rows
+            meta = [b.column(m).to_pylist() for m in meta_cols]
+            meta_json = [
+                json.dumps({m: v[i] for m, v in zip(meta_cols, meta, strict=True)}) for i in range(n)
+            ]
+            ids = b.column("track_id")
+            out = {
+                "part": pa.array(partition_of(ids, pa.array(np.zeros(n, np.int64)), parts), pa.int32()),
+                "side": pa.array(np.ones(n, np.int8)),
+                "track_id": ids,
+                "s_uri": b.column("uri"),
+                "s_content_version": b.column("content_version"),
+                "s_settings_id": b.column("settings_id"),
+                "s_meta_json": pa.array(meta_json, pa.string()),
+            }
+            yield pa.table(
+                [out[f.name] if f.name in out else pa.nulls(n, f.type) for f in UNION_SCHEMA],
+                schema=UNION_SCHEMA,
+            )
+
+
+def compare(row: dict[str, Any], version: str | None, settings_id: str, meta_cols: Sequence[str]) -> str:
+    """The kind of a stored catalog row with this ``version``, as :func:`make_plan` decides it."""
+    if version is None:
+        return "lookup_failed"
+    if version != row["s_content_version"] or row["uri"] != row["s_uri"]:
+        return "changed"
+    if row["s_settings_id"] != settings_id:
+        return "settings"
+    if meta_cols:
+        meta = json.loads(row.get("metadata_json") or "{}")
+        stored = json.loads(row.get("s_meta_json") or "{}")
+        if any(meta.get(m) != stored.get(m) for m in meta_cols):
+            return "metadata"
+    return "unchanged"
+
+
+def _out(kind: str, row: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "track_id": row.get("track_id"), "uri": row.get("uri"),
+            "metadata_json": row.get("metadata_json"), "content_version": row.get("content_version"),
+            "requests": 0, **extra}  # fmt: skip
+
+
+def _finish(out: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Number the rows to embed of one map call (``group``, ``seq``)."""
+    group = uuid.uuid4().int >> 65  # a random 63-bit id of this call's output
+    seq = 0
+    for r in out:
+        r["group"] = group
+        if r["kind"] in TODO_KINDS:
+            r["seq"] = seq
+            seq += 1
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+class PlanPart:
+    """``map_groups`` function of the plan's first stage: every catalog and stored row of one
+    hash partition -> :data:`STAGE_SCHEMA` rows (catalog order within the partition)."""
+
+    def __init__(
+        self, settings_id: str, meta_cols: Sequence[str], delete_missing: bool, lookup: bool
+    ) -> None:
+        self.settings_id, self.meta_cols = settings_id, list(meta_cols)
+        self.delete_missing, self.lookup = delete_missing, lookup
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        side = t["side"].to_numpy()
+        cat = t.filter(pa.array(side == 0)).sort_by("row_key").to_pylist()
+        stored = {r["track_id"]: r for r in t.filter(pa.array(side == 1)).to_pylist()}
+        out: list[dict[str, Any]] = []
+        first_row: dict[str, int] = {}
+        present: set[str] = set()
+        for r in cat:
+            tid = r["track_id"]
+            if r["error_type"]:
+                out.append(
+                    _out("rejected", r, stage="catalog", error_type=r["error_type"], message=r["message"])
+                )
+                if tid:
+                    present.add(tid)
+                continue
+            if tid in first_row:
+                e = DuplicateTrackId(duplicate_message(tid, first_row[tid]))
+                out.append(_out("rejected", r, stage="catalog", error_type=error_type(e), message=str(e)))
+                continue
+            first_row[tid] = r["row"]
+            s = stored.get(tid)
+            if s is None:
+                out.append(_out("new", r))
+                continue
+            merged = {
+                **r,
+                **{k: s[k] for k in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")},
+            }
+            if r["content_version"] is None and self.lookup:
+                out.append(_out("pending", merged, prefix=parent_prefix(r["uri"]),
+                                **{k: merged[k] for k in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")}))  # fmt: skip
+                continue
+            kind = compare(merged, r["content_version"], self.settings_id, self.meta_cols)
+            out.append(_lookup_failed(r) if kind == "lookup_failed" else _out(kind, r))
+        for tid, s in stored.items():
+            if tid not in first_row and tid not in present:
+                out.append(
+                    _out("removed" if self.delete_missing else "kept", {"track_id": tid, "uri": s["s_uri"]})
+                )
+        return _finish(out, STAGE_SCHEMA)
+
+
+def _lookup_failed(r: dict[str, Any], et: str | None = None, msg: str | None = None) -> dict[str, Any]:
+    return _out(
+        "lookup_failed", r, stage="lookup", error_type=et or "FetchError", message=msg or "no content version"
+    )
+
+
+class LookupGroup:
+    """``map_groups`` function of the plan's second stage: the "pending" rows of one parent prefix
+    get their object versions (:func:`pipeline.io.objects.object_versions`: one LIST per 1,000
+    objects, a HEAD each for a prefix with fewer than ``min_per_prefix`` of them) and their kind."""
+
+    def __init__(self, settings_id: str, meta_cols: Sequence[str], storage_options: dict | None,
+                 threads: int, min_per_prefix: int = 2) -> None:  # fmt: skip
+        self.settings_id, self.meta_cols = settings_id, list(meta_cols)
+        self.storage_options, self.threads, self.min_per_prefix = storage_options, threads, min_per_prefix
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        rows = t.to_pylist()
+        found = object_versions((r["uri"] for r in rows), self.storage_options, min_per_prefix=self.min_per_prefix,
+                                threads=self.threads, head=True)  # fmt: skip
+        out: list[dict[str, Any]] = []
+        for r in rows:
+            v = found.versions.get(r["uri"])
+            if v is None:
+                et, msg = found.errors.get(r["uri"], (None, None))
+                out.append(_lookup_failed(r, et, msg))
+                continue
+            kind = compare(r, v, self.settings_id, self.meta_cols)
+            out.append(_out(kind, {**r, "content_version": v}))
+        if out:
+            out[0]["requests"] = found.lists + found.heads
+        return _finish(out, pa.schema([*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64())]))
+
+
+def summarize(batch: pa.Table, sample: int) -> pa.Table:
+    """``map_batches`` function: per (group, kind) of a block, the row count, the requests and
+    the first ``sample`` track ids (JSON), in the block's order."""
+    out: list[dict[str, Any]] = []
+    if not batch.num_rows:
+        return pa.table({"group": pa.array([], pa.int64()), "kind": pa.array([], pa.string()),
+                         "n": pa.array([], pa.int64()), "requests": pa.array([], pa.int64()),
+                         "sample": pa.array([], pa.string())})  # fmt: skip
+    g = batch["group"].to_numpy()
+    kinds = batch["kind"].to_pylist()
+    ids = batch["track_id"].to_pylist()
+    req = batch["requests"].to_numpy()
+    seen: dict[tuple[int, str], dict[str, Any]] = {}
+    for i, key in enumerate(zip(g.tolist(), kinds, strict=True)):
+        s = seen.get(key)
+        if s is None:
+            s = seen[key] = {"group": key[0], "kind": key[1], "n": 0, "requests": 0, "ids": []}
+            out.append(s)
+        s["n"] += 1
+        s["requests"] += int(req[i])
+        if len(s["ids"]) < sample:
+            s["ids"].append(ids[i])
+    for s in out:
+        s["sample"] = json.dumps(s.pop("ids"))
+    return pa.Table.from_pylist(out)
+
+
+def todo_rows(batch: pa.Table, offsets: dict[int, int], chunk_size: int) -> pa.Table:
+    """``map_batches`` function: the rows to embed, with their chunk (from the driver's offsets)."""
+    keep = pc.is_in(batch["kind"], pa.array(TODO_KINDS, pa.string()))
+    t = batch.filter(keep)
+    if not t.num_rows:
+        return pa.table({"track_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),
+                         "metadata_json": pa.array([], pa.string()), "content_version": pa.array([], pa.string()),
+                         "chunk": pa.array([], pa.int64())})  # fmt: skip
+    off = np.array([offsets[g] for g in t["group"].to_pylist()], np.int64)
+    chunk = (off + t["seq"].to_numpy()) // chunk_size
+    return t.select(["track_id", "uri", "metadata_json", "content_version"]).append_column(
+        "chunk", pa.array(chunk, pa.int64())
+    )
+
+
+def of_kinds(batch: pa.Table, kinds: Sequence[str]) -> pa.Table:
+    """``map_batches`` function: the rows of these kinds."""
+    return batch.filter(pc.is_in(batch["kind"], pa.array(list(kinds), pa.string())))
+
+
+@dataclass
+class RayPlan:
+    """A plan made by :func:`ray_plan`: counts per kind, samples, and the rows as a dataset."""
+
+    ds: Any  # materialized ray Dataset of plan rows (PLAN_COLUMNS)
+    counts: dict[str, int]
+    samples: dict[str, list[str]]
+    stored_tracks: int
+    tracks_total: int
+    requests: int
+    catalog_meta: list[str]
+    offsets: dict[int, int] = field(default_factory=dict)  # group -> first position among rows to embed
+    todo_count: int = 0
+
+    def rows(self, kinds: Sequence[str], batch_rows: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+        """The plan rows of these kinds, ``batch_rows`` at a time (never all at once)."""
+        sub = self.ds.map_batches(
+            of_kinds, fn_kwargs={"kinds": list(kinds)}, batch_size=None, batch_format="pyarrow"
+        )
+        for b in sub.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+            if b.num_rows:
+                yield b.to_pylist()
+
+    def todo(self, chunk_size: int) -> Any:
+        """The rows to embed (``track_id``, ``uri``, ``metadata_json``, ``content_version``,
+        ``chunk``) as a lazy dataset; chunk ``k`` holds positions ``k*chunk_size ...``."""
+        return self.ds.map_batches(todo_rows, fn_kwargs={"offsets": self.offsets, "chunk_size": chunk_size},
+                                   batch_size=None, batch_format="pyarrow")  # fmt: skip
+
+
+def catalog_meta_columns(cat: Any) -> list[str]:
+    """Metadata column names of the catalog rows, in the order they first appear."""
+
+    def keys(batch: pa.Table) -> pa.Table:
+        first: dict[str, int] = {}
+        for key, text in zip(batch["row_key"].to_pylist(), batch["metadata_json"].to_pylist(), strict=True):
+            if text:
+                for k in json.loads(text):
+                    first.setdefault(k, key)
+        return pa.table(
+            {"key": pa.array(list(first), pa.string()), "row_key": pa.array(list(first.values()), pa.int64())}
+        )
+
+    got = cat.map_batches(keys, batch_size=None, batch_format="pyarrow").take_all()
+    first: dict[str, int] = {}
+    for r in got:
+        first[r["key"]] = min(first.get(r["key"], r["row_key"]), r["row_key"])
+    return sorted(first, key=first.__getitem__)
+
+
+def ray_plan(
+    job: RefreshJob,
+    store: StoreWriter | None,
+    settings_id: str,
+    meta_cols: Sequence[str] | None,
+    delete_missing: bool,
+    policy: UriPolicy,
+) -> RayPlan:
+    """Plan a refresh with Ray (see the module docstring). ``meta_cols``: the store's metadata
+    columns (``None``: no store yet: the catalog's, :attr:`RayPlan.catalog_meta`, are compared)."""
+    import ray
+
+    ensure_ray()
+    ej = job.embed
+    src = open_catalog(ej.catalog, ej.storage_options or None)
+    cat = catalog_dataset(src, policy, ej.max_row_chars).materialize()
+    n_cat = cat.count()
+    catalog_meta = catalog_meta_columns(cat)
+    compared = catalog_meta if meta_cols is None else list(meta_cols)
+    tracks = store.open("tracks") if store is not None else None
+    n_stored = tracks.count_rows() if tracks is not None else 0
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    parts = max(cpus, -(-(n_cat + n_stored) // ROWS_PER_PARTITION))
+    union = cat.map_batches(catalog_side, fn_kwargs={"parts": parts}, batch_size=None, batch_format="pyarrow")
+    if tracks is not None and n_stored:
+        frags = [{"fragment_id": f.fragment_id} for f in tracks.get_fragments()]
+        stored = ray.data.from_items(frags, override_num_blocks=len(frags)).map_batches(
+            stored_side,
+            fn_kwargs={
+                "uri": store.uri("tracks"),
+                "version": tracks.version,
+                "storage_options": store.lance_options,
+                "meta_cols": list(meta_cols or []),
+                "parts": parts,
+            },  # fmt: skip
+            batch_size=1,
+            batch_format="pyarrow",
+        )
+        union = union.union(stored)
+    first = (
+        union.groupby("part")
+        .map_groups(
+            PlanPart,
+            fn_constructor_kwargs={
+                "settings_id": settings_id,
+                "meta_cols": compared,
+                "delete_missing": delete_missing,
+                "lookup": n_stored > 0,
+            },  # fmt: skip
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+    plan = first.map_batches(lambda b: of_kinds(b, [k for k in _ALL_KINDS if k != "pending"]).select(PLAN_COLUMNS),
+                             batch_size=None, batch_format="pyarrow")  # fmt: skip
+    pending = _nonempty(
+        first.map_batches(of_kinds, fn_kwargs={"kinds": ["pending"]}, batch_size=None, batch_format="pyarrow")
+    )
+    if pending is not None:
+        looked = pending.groupby("prefix").map_groups(
+            LookupGroup,
+            fn_constructor_kwargs={
+                "settings_id": settings_id,
+                "meta_cols": compared,
+                "storage_options": ej.storage_options or None,
+                "threads": job.lookup_threads,
+            },
+            batch_format="pyarrow",
+        )
+        plan = plan.union(looked)
+    plan_ds = plan.materialize()
+    del cat, first
+    return _summarized(plan_ds, job.sample, n_stored, n_cat, catalog_meta)
+
+
+def _nonempty(ds: Any) -> Any:
+    """``ds`` materialized without its empty blocks (``None`` if it has no rows). ``map_groups``
+    emits a column-less block for an empty partition, which a later hash shuffle cannot concatenate
+    with the others; only the row counts come to the driver."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def rows(block: pa.Table) -> int:
+        return block.num_rows
+
+    refs = ds.materialize().to_arrow_refs()
+    counts = ray.get([rows.remote(r) for r in refs])
+    keep = [r for r, n in zip(refs, counts, strict=True) if n]
+    return ray.data.from_arrow_refs(keep) if keep else None
+
+
+_ALL_KINDS = ("new", "changed", "settings", "metadata", "unchanged", "removed", "kept", "lookup_failed",
+              "rejected", "pending")  # fmt: skip
+
+
+def _summarized(plan_ds: Any, sample: int, n_stored: int, n_cat: int, catalog_meta: list[str]) -> RayPlan:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # groups in the order the todo pass will see them
+    try:
+        rows = plan_ds.map_batches(summarize, fn_kwargs={"sample": sample}, batch_size=None,
+                                   batch_format="pyarrow").take_all()  # fmt: skip
+    finally:
+        ctx.execution_options.preserve_order = before
+    counts = dict.fromkeys(_ALL_KINDS[:-1], 0)
+    samples: dict[str, list[str]] = {k: [] for k in counts if k != "unchanged"}
+    offsets: dict[int, int] = {}
+    requests = todo = 0
+    for r in rows:
+        counts[r["kind"]] += r["n"]
+        requests += r["requests"]
+        if r["kind"] in samples and len(samples[r["kind"]]) < sample:
+            samples[r["kind"]] += json.loads(r["sample"])[: sample - len(samples[r["kind"]])]
+        if r["kind"] in TODO_KINDS:
+            if r["group"] not in offsets:
+                offsets[r["group"]] = todo
+            todo += r["n"]
+    return RayPlan(plan_ds, counts, samples, n_stored, n_cat, requests, catalog_meta, offsets, todo)
