@@ -325,7 +325,8 @@ class ToFrames:
         for r in b:
             t = np.asarray(r["frame_times"], np.float64)
             tid += [r["track_id"]] * len(t)
-            fix += np.floor(t * self.hz).astype(np.int64).tolist()
+            # frame index of a centre time; the tolerance keeps 0.7999999 s at 5 Hz in frame 4, not 3
+            fix += np.floor(t * self.hz + 1e-6).astype(np.int64).tolist()
             times += t.tolist()
             for lay in self.layers:
                 vecs[lay].append(

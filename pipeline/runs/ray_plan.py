@@ -29,13 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schemas
-from pipeline.errors import DuplicateTrackId, error_type
+from pipeline.errors import DuplicateTrackId, error_type, redact
 from pipeline.flow.catalog_rows import catalog_dataset
 from pipeline.flow.runtime import ensure_ray
 from pipeline.io.catalog import duplicate_message, open_catalog
 from pipeline.io.objects import object_versions, parent_prefix
 from pipeline.io.uris import UriPolicy
 from pipeline.runs.settings import RefreshJob
+from pipeline.store.maintenance import hash_buckets
 from pipeline.store.tables import StoreWriter
 
 #: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
@@ -105,16 +106,14 @@ def use_ray_plan(job: RefreshJob) -> bool:
 
 
 def partition_of(ids: pa.Array, fallback: pa.Array, parts: int) -> np.ndarray:
-    """Hash partition (0..parts-1) of each track id; rows without an id use ``fallback``."""
-    import pandas as pd
-
-    values = ids.to_numpy(zero_copy_only=False)
-    missing = pd.isna(values)
-    h = pd.util.hash_array(np.where(missing, "", values).astype(object)) % np.uint64(parts)
+    """Hash partition (0..parts-1) of each track id (:func:`pipeline.store.maintenance.hash_buckets`,
+    the sweep's buckets); rows without an id (rejected rows) spread by ``fallback``."""
+    h = hash_buckets(ids, parts)
+    missing = ids.is_null().to_numpy(zero_copy_only=False)
     if missing.any():
-        fb = fallback.to_numpy(zero_copy_only=False).astype(np.uint64) % np.uint64(parts)
+        fb = (fallback.to_numpy(zero_copy_only=False).astype(np.uint64) % np.uint64(parts)).astype(np.int32)
         h = np.where(missing, fb, h)
-    return h.astype(np.int32)
+    return h
 
 
 def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
@@ -181,16 +180,61 @@ def _out(kind: str, row: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "requests": 0, **extra}  # fmt: skip
 
 
-def _finish(out: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Number the rows to embed of one map call (``group``, ``seq``)."""
-    group = uuid.uuid4().int >> 65  # a random 63-bit id of this call's output
-    seq = 0
-    for r in out:
-        r["group"] = group
-        if r["kind"] in TODO_KINDS:
-            r["seq"] = seq
-            seq += 1
-    return pa.Table.from_pylist(out, schema=schema)
+def _metadata_differs(row: dict[str, Any], meta_cols: Sequence[str]) -> bool:
+    meta = json.loads(row.get("metadata_json") or "{}")
+    stored = json.loads(row.get("s_meta_json") or "{}")
+    return any(meta.get(m) != stored.get(m) for m in meta_cols)
+
+
+def _stage_table(t: pa.Table, kind: np.ndarray, stage: Any = None, error_type: Any = None, message: Any = None,
+                 prefix: Any = None, keep_stored: np.ndarray | None = None) -> pa.Table:  # fmt: skip
+    """Rows of ``t`` (union columns) as :data:`STAGE_SCHEMA` rows of these kinds; ``stage`` /
+    ``error_type`` / ``message`` replace the row's where given (not None); the stored values
+    stay only where ``keep_stored``."""
+    n = t.num_rows
+
+    def col(name: str, given: Any) -> pa.Array:
+        if given is None:
+            return t[name] if name in t.column_names else pa.nulls(n, pa.string())
+        given = pa.array(list(given), pa.string())
+        return pc.coalesce(given, t[name]) if name in t.column_names else given
+
+    cols: dict[str, Any] = {
+        "kind": pa.array(kind.tolist(), pa.string()),
+        "track_id": t["track_id"],
+        "uri": t["uri"],
+        "metadata_json": t["metadata_json"]
+        if "metadata_json" in t.column_names
+        else pa.nulls(n, pa.string()),
+        "content_version": t["content_version"],
+        "stage": col("stage", stage),
+        "error_type": col("error_type", error_type),
+        "message": col("message", message),
+        "group": pa.nulls(n, pa.int64()),
+        "seq": pa.nulls(n, pa.int64()),
+        "requests": pa.array(np.zeros(n, np.int64)),
+        "prefix": pa.array(prefix, pa.string()) if prefix is not None else pa.nulls(n, pa.string()),
+    }
+    keep = pa.array(keep_stored if keep_stored is not None else np.zeros(n, bool))
+    for c in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json"):
+        cols[c] = pc.if_else(keep, t[c], pa.scalar(None, pa.string()))
+    return pa.table([pa.array(cols[f.name]) if not isinstance(cols[f.name], pa.ChunkedArray) else cols[f.name]
+                     for f in STAGE_SCHEMA], schema=STAGE_SCHEMA)  # fmt: skip
+
+
+def _number(t: pa.Table) -> pa.Table:
+    """Number the rows to embed of one map call: ``group`` (a random 63-bit id of the call's
+    output) and ``seq`` (their position among its rows to embed)."""
+    todo = pc.is_in(t["kind"], pa.array(TODO_KINDS, pa.string())).to_numpy(zero_copy_only=False)
+    seq = np.cumsum(todo) - 1
+    t = t.set_column(
+        t.schema.get_field_index("group"),
+        "group",
+        pa.array(np.full(t.num_rows, uuid.uuid4().int >> 65, np.int64)),
+    )
+    return t.set_column(
+        t.schema.get_field_index("seq"), "seq", pa.array(np.where(todo, seq, 0), pa.int64(), mask=~todo)
+    )
 
 
 class PlanPart:
@@ -204,46 +248,92 @@ class PlanPart:
         self.delete_missing, self.lookup = delete_missing, lookup
 
     def __call__(self, t: pa.Table) -> pa.Table:
+        """Vectorised over the partition; Python only for duplicates and differing metadata."""
+        import pandas as pd
+
         side = t["side"].to_numpy()
-        cat = t.filter(pa.array(side == 0)).sort_by("row_key").to_pylist()
-        stored = {r["track_id"]: r for r in t.filter(pa.array(side == 1)).to_pylist()}
-        out: list[dict[str, Any]] = []
-        first_row: dict[str, int] = {}
-        present: set[str] = set()
-        for r in cat:
-            tid = r["track_id"]
-            if r["error_type"]:
-                out.append(
-                    _out("rejected", r, stage="catalog", error_type=r["error_type"], message=r["message"])
+        cat = t.filter(pa.array(side == 0)).sort_by("row_key")
+        stored = t.filter(pa.array(side == 1))
+        rejected = cat["error_type"].is_valid().to_numpy(zero_copy_only=False)
+        valid_ix = np.flatnonzero(~rejected)
+        dup = (
+            pd.Series(cat["track_id"].take(pa.array(valid_ix, pa.int64())).to_numpy(zero_copy_only=False))
+            .duplicated(keep="first")
+            .to_numpy()
+        )
+        win = cat.take(pa.array(valid_ix[~dup], pa.int64()))
+        pos = pc.index_in(win["track_id"], value_set=stored["track_id"])
+        is_stored = pos.is_valid().to_numpy(zero_copy_only=False)
+        s_cols = ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")
+        for c in s_cols:  # the stored values beside each catalog row (null where not stored)
+            win = win.set_column(win.schema.get_field_index(c), c, stored[c].take(pos))
+        cv_null = win["content_version"].is_null().to_numpy(zero_copy_only=False)
+
+        def differs(a: str, b: str) -> np.ndarray:
+            return ~pc.fill_null(pc.equal(win[a], win[b]), False).to_numpy(zero_copy_only=False)
+
+        kind = np.full(win.num_rows, "unchanged", dtype=object)
+        changed = differs("content_version", "s_content_version") | differs("uri", "s_uri")
+        settings = ~pc.fill_null(pc.equal(win["s_settings_id"], self.settings_id), False).to_numpy(
+            zero_copy_only=False
+        )
+        kind[settings] = "settings"
+        kind[changed] = "changed"
+        same = (kind == "unchanged") & is_stored & ~cv_null
+        if self.meta_cols:  # metadata: equal JSON text is equal; other rows compared as objects
+            for i in np.flatnonzero(same & differs("metadata_json", "s_meta_json")):
+                row = {
+                    "metadata_json": win["metadata_json"][i].as_py(),
+                    "s_meta_json": win["s_meta_json"][i].as_py(),
+                }
+                if _metadata_differs(row, self.meta_cols):
+                    kind[i] = "metadata"
+        kind[cv_null & is_stored] = "pending" if self.lookup else "lookup_failed"
+        kind[~is_stored] = "new"
+        n = win.num_rows
+        pending = kind == "pending"
+        prefixes = [parent_prefix(u) if p else None for u, p in zip(win["uri"].to_pylist(), pending, strict=True)] if pending.any() else None  # fmt: skip
+        failed = kind == "lookup_failed"
+        parts = [
+            _stage_table(
+                win,
+                kind,
+                stage=np.where(failed, "lookup", None),
+                error_type=np.where(failed, "FetchError", None),
+                message=np.where(failed, "no content version", None),
+                prefix=prefixes,
+                keep_stored=pending,
+            )
+        ]
+        bad = cat.filter(pa.array(rejected))  # refused / unparsable rows, in catalog order
+        dups = cat.take(pa.array(valid_ix[dup], pa.int64()))
+        if dups.num_rows:
+            first = dict(zip(win["track_id"].to_pylist(), win["row"].to_pylist(), strict=True))
+            msgs = [
+                str(DuplicateTrackId(duplicate_message(tid, first[tid])))
+                for tid in dups["track_id"].to_pylist()
+            ]
+            dups = dups.set_column(dups.schema.get_field_index("uri"), "uri",
+                                   pa.array([redact(u) for u in dups["uri"].to_pylist()], pa.string()))  # fmt: skip
+            dups = dups.set_column(dups.schema.get_field_index("error_type"), "error_type",
+                                   pa.array([error_type(DuplicateTrackId(""))] * dups.num_rows, pa.string()))  # fmt: skip
+            dups = dups.set_column(
+                dups.schema.get_field_index("message"), "message", pa.array(msgs, pa.string())
+            )
+        for r in (bad, dups):
+            if r.num_rows:
+                parts.append(_stage_table(r, np.full(r.num_rows, "rejected", dtype=object),
+                                          stage=np.full(r.num_rows, "catalog", dtype=object)))  # fmt: skip
+        present = pa.concat_arrays([win["track_id"].combine_chunks(), bad["track_id"].combine_chunks()]) if n or bad.num_rows else pa.array([], pa.string())  # fmt: skip
+        gone = stored.filter(pc.invert(pc.is_in(stored["track_id"], value_set=present)))
+        if gone.num_rows:
+            gone = gone.set_column(gone.schema.get_field_index("uri"), "uri", gone["s_uri"])
+            parts.append(
+                _stage_table(
+                    gone, np.full(gone.num_rows, "removed" if self.delete_missing else "kept", dtype=object)
                 )
-                if tid:
-                    present.add(tid)
-                continue
-            if tid in first_row:
-                e = DuplicateTrackId(duplicate_message(tid, first_row[tid]))
-                out.append(_out("rejected", r, stage="catalog", error_type=error_type(e), message=str(e)))
-                continue
-            first_row[tid] = r["row"]
-            s = stored.get(tid)
-            if s is None:
-                out.append(_out("new", r))
-                continue
-            merged = {
-                **r,
-                **{k: s[k] for k in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")},
-            }
-            if r["content_version"] is None and self.lookup:
-                out.append(_out("pending", merged, prefix=parent_prefix(r["uri"]),
-                                **{k: merged[k] for k in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")}))  # fmt: skip
-                continue
-            kind = compare(merged, r["content_version"], self.settings_id, self.meta_cols)
-            out.append(_lookup_failed(r) if kind == "lookup_failed" else _out(kind, r))
-        for tid, s in stored.items():
-            if tid not in first_row and tid not in present:
-                out.append(
-                    _out("removed" if self.delete_missing else "kept", {"track_id": tid, "uri": s["s_uri"]})
-                )
-        return _finish(out, STAGE_SCHEMA)
+            )
+        return _number(pa.concat_tables(parts))
 
 
 def _lookup_failed(r: dict[str, Any], et: str | None = None, msg: str | None = None) -> dict[str, Any]:
@@ -277,7 +367,9 @@ class LookupGroup:
             out.append(_out(kind, {**r, "content_version": v}))
         if out:
             out[0]["requests"] = found.lists + found.heads
-        return _finish(out, pa.schema([*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64())]))
+        return _number(
+            pa.Table.from_pylist(out, schema=pa.schema([*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64())]))
+        )
 
 
 def summarize(batch: pa.Table, sample: int) -> pa.Table:
@@ -340,6 +432,7 @@ class RayPlan:
     catalog_meta: list[str]
     offsets: dict[int, int] = field(default_factory=dict)  # group -> first position among rows to embed
     todo_count: int = 0
+    stage_s: dict[str, float] = field(default_factory=dict)  # seconds per step of the plan
 
     def rows(self, kinds: Sequence[str], batch_rows: int = 10_000) -> Iterator[list[dict[str, Any]]]:
         """The plan rows of these kinds, ``batch_rows`` at a time (never all at once)."""
@@ -387,12 +480,23 @@ def ray_plan(
 ) -> RayPlan:
     """Plan a refresh with Ray (see the module docstring). ``meta_cols``: the store's metadata
     columns (``None``: no store yet: the catalog's, :attr:`RayPlan.catalog_meta`, are compared)."""
+    import time
+
     import ray
 
     ensure_ray()
+    t0 = time.perf_counter()
+    stage_s: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        stage_s[name] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
     ej = job.embed
     src = open_catalog(ej.catalog, ej.storage_options or None)
     cat = catalog_dataset(src, policy, ej.max_row_chars).materialize()
+    lap("plan_catalog")
     n_cat = cat.count()
     catalog_meta = catalog_meta_columns(cat)
     compared = catalog_meta if meta_cols is None else list(meta_cols)
@@ -417,7 +521,7 @@ def ray_plan(
         )
         union = union.union(stored)
     first = (
-        union.groupby("part")
+        union.groupby("part", num_partitions=parts)
         .map_groups(
             PlanPart,
             fn_constructor_kwargs={
@@ -430,13 +534,14 @@ def ray_plan(
         )
         .materialize()
     )
+    lap("plan_join")
     plan = first.map_batches(lambda b: of_kinds(b, [k for k in _ALL_KINDS if k != "pending"]).select(PLAN_COLUMNS),
                              batch_size=None, batch_format="pyarrow")  # fmt: skip
     pending = _nonempty(
         first.map_batches(of_kinds, fn_kwargs={"kinds": ["pending"]}, batch_size=None, batch_format="pyarrow")
     )
     if pending is not None:
-        looked = pending.groupby("prefix").map_groups(
+        looked = pending.groupby("prefix", num_partitions=parts).map_groups(
             LookupGroup,
             fn_constructor_kwargs={
                 "settings_id": settings_id,
@@ -448,8 +553,12 @@ def ray_plan(
         )
         plan = plan.union(looked)
     plan_ds = plan.materialize()
+    lap("plan_lookup")
     del cat, first
-    return _summarized(plan_ds, job.sample, n_stored, n_cat, catalog_meta)
+    out = _summarized(plan_ds, job.sample, n_stored, n_cat, catalog_meta)
+    lap("plan_summary")
+    out.stage_s = stage_s
+    return out
 
 
 def _nonempty(ds: Any) -> Any:

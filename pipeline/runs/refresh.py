@@ -347,7 +347,7 @@ def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
 
 
 @dataclass
-class _Planned:
+class Planned:
     """A plan as :func:`_run_locked` applies it, made on the driver or with Ray."""
 
     planner: str  # "driver" | "ray"
@@ -377,8 +377,8 @@ def _store_meta(store: StoreWriter | None, catalog_meta: Sequence[str], run_id: 
     return meta_cols
 
 
-def _plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
-                    stage_s: dict[str, float]) -> _Planned:  # fmt: skip
+def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
+                    stage_s: dict[str, float]) -> Planned:  # fmt: skip
     """The plan made on the driver (:func:`pipeline.runs.plan.make_plan`): catalog rows and the
     stored projection as Arrow in this process."""
     ej = job.embed
@@ -402,7 +402,7 @@ def _plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, del
                       "message": r.message} for r in rejected]  # fmt: skip
     removed, metadata = sorted(plan.removed), [it["row"] for it in plan.metadata]
     size = job.chunk_size
-    return _Planned(
+    return Planned(
         "driver", info, meta_cols, plan.counts(), plan.samples(job.sample), plan.stored_tracks,
         len(rows) + len(rejected), looked.requests, plan.rejected + plan.lookup_failed,
         removed=lambda: (removed[i : i + 10_000] for i in range(0, len(removed), 10_000)),
@@ -411,8 +411,8 @@ def _plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, del
     )  # fmt: skip
 
 
-def _plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
-                   stage_s: dict[str, float]) -> _Planned:  # fmt: skip
+def plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
+                   stage_s: dict[str, float]) -> Planned:  # fmt: skip
     """The plan made by Ray (:func:`pipeline.runs.ray_plan.ray_plan`): no catalog row, stored
     row or plan row is held by the driver, only counts, samples, error rows and chunk offsets."""
     ej = job.embed
@@ -426,13 +426,14 @@ def _plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
         check_schemas(store, info, store_meta)
     rp = ray_plan(job, store, info.settings_id, store_meta, delete_missing, catalog_policy(ej))
     stage_s["plan"] = time.perf_counter() - t0
+    stage_s.update(rp.stage_s)
     meta_cols = _store_meta(store, rp.catalog_meta, run_id)
     if store is not None and store_meta is None:
         check_schemas(store, info, meta_cols)
     errors = [{k: r[k] for k in ("track_id", "uri", "stage", "error_type", "message")}
               for b in rp.rows(["rejected", "lookup_failed"]) for r in b]  # fmt: skip
     size = job.chunk_size
-    return _Planned(
+    return Planned(
         "ray", info, meta_cols, {k: rp.counts.get(k, 0) for k in PLAN_KINDS}, rp.samples, rp.stored_tracks,
         rp.tracks_total, rp.requests, errors,
         removed=lambda: ([r["track_id"] for r in b] for b in rp.rows(["removed"])),
@@ -446,7 +447,7 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
                 progress: bool = False, model_stage: type | None = None) -> RefreshReport:  # fmt: skip
     ej = job.embed
     delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
-    planned = (_plan_with_ray if use_ray_plan(job) else _plan_on_driver)(
+    planned = (plan_with_ray if use_ray_plan(job) else plan_on_driver)(
         job, store, run_id, delete_missing, stage_s
     )
     info, meta_cols = planned.info, planned.meta_cols
@@ -492,14 +493,14 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
         configure_data_context(progress)  # the embed job's retry and shuffle settings
         embed_and_commit(c, todo, info, meta_cols, model_stage)
     with c.timed("sweep"):
-        report.garbage_rows, without_windows = sweep(store, lease)
+        report.garbage_rows, without_windows, n_without = sweep(store, lease)
     failpoint("swept")
     if any(report.garbage_rows.values()):
         _event("orphans swept", run_id, rows=report.garbage_rows)
-    report.extra["tracks_without_windows"] = len(without_windows)
+    report.extra["tracks_without_windows"] = n_without
     if without_windows:
         _event("tracks without windows (a stale writer?): delete their rows and refresh", run_id,
-               logging.WARNING, count=len(without_windows), sample=without_windows[: job.sample])  # fmt: skip
+               logging.WARNING, count=n_without, sample=without_windows[: job.sample])  # fmt: skip
     if job.maintenance:
         with c.timed("maintenance"):
             report.maintenance = maintain(store, job.retention_days)

@@ -15,38 +15,66 @@ from pipeline.store.commits import delete_rows, retry_write
 from pipeline.store.lease import StoreLock
 from pipeline.store.tables import StoreWriter, in_lists, sql_str
 
+#: Tracks per bucket of the sweep: the driver holds one bucket's keys at a time.
+SWEEP_BUCKET_ROWS = 1_000_000
+#: Ids of tracks without windows the sweep returns at most (it counts them all).
+MISSING_SAMPLE = 1000
 
-def sweep(store: StoreWriter, lease: StoreLock | None = None) -> tuple[dict[str, int], list[str]]:
+
+def hash_buckets(ids: pa.Array | pa.ChunkedArray, n: int) -> Any:
+    """A stable hash bucket (0..n-1, numpy int32) of each string id (nulls: bucket 0)."""
+    import numpy as np
+    import pandas as pd
+
+    values = ids.to_numpy(zero_copy_only=False) if not isinstance(ids, np.ndarray) else ids
+    values = np.where(pd.isna(values), "", values).astype(object)
+    return (pd.util.hash_array(values) % np.uint64(max(1, n))).astype(np.int32)
+
+
+def _keys_in_bucket(ds: Any, keys: list[str], bucket: int, buckets: int) -> Any:
+    """The ``keys`` columns of ``ds``, streamed, keeping the rows of one hash bucket of track_id."""
+    for batch in ds.to_batches(columns=keys):
+        if buckets > 1:
+            batch = batch.filter(pa.array(hash_buckets(batch.column("track_id"), buckets) == bucket))
+        if batch.num_rows:
+            yield batch
+
+
+def sweep(store: StoreWriter, lease: StoreLock | None = None) -> tuple[dict[str, int], list[str], int]:
     """Delete every windows/frames row whose ``(track_id, run_id)`` is not a ``tracks`` row:
-    superseded or orphaned rows a killed run left behind. Returns the rows deleted per table and
-    the ids of tracks whose windows are missing (never expected: reported, see docs/refresh.md).
+    superseded or orphaned rows a killed run left behind. Returns the rows deleted per table, the
+    ids of tracks whose windows are missing (never expected: reported, see docs/refresh.md; at
+    most :data:`MISSING_SAMPLE`) and how many there are.
 
-    Only the key columns of ``windows`` are scanned (streamed): a frames row is written after,
-    and deleted before, the windows row of the same ``(track_id, run_id)``, so orphan frames
-    always have orphan windows.
+    Only the key columns are scanned (streamed), one hash bucket of track ids at a time
+    (:data:`SWEEP_BUCKET_ROWS` tracks a bucket), so the driver's memory does not grow with the
+    store. A frames row is written after, and deleted before, the windows row of the same
+    ``(track_id, run_id)``, so orphan frames always have orphan windows.
     """
     windows = store.open("windows")
     tracks = store.open("tracks")
-    if windows is None:
-        return {}, (
-            [] if tracks is None else sorted(tracks.to_table(columns=["track_id"])["track_id"].to_pylist())
-        )
     keys = ["track_id", "run_id"]
-    valid = tracks.to_table(columns=keys) if tracks is not None else pa.schema(
-        [("track_id", pa.string()), ("run_id", pa.string())]).empty_table()  # fmt: skip
-    parts, found = [], []
-    for batch in windows.to_batches(columns=keys):
-        pairs = pa.Table.from_batches([batch]).group_by(keys).aggregate([])
-        orphans = pairs.join(valid, keys=keys, join_type="left anti")
-        if orphans.num_rows:
-            parts.append(orphans)
-        found.append(pairs.join(valid, keys=keys, join_type="left semi"))
-    have = pa.concat_tables(found).group_by(keys).aggregate([]) if found else valid.schema.empty_table()
-    missing = sorted(valid.join(have, keys=keys, join_type="left anti")["track_id"].to_pylist())
+    empty = pa.schema([("track_id", pa.string()), ("run_id", pa.string())]).empty_table()
+    buckets = max(1, -(-(tracks.count_rows() if tracks is not None else 0) // SWEEP_BUCKET_ROWS))
     by_run: dict[str, set[str]] = {}
-    for part in parts:
-        for r in part.to_pylist():
-            by_run.setdefault(r["run_id"], set()).add(r["track_id"])
+    missing: list[str] = []
+    n_missing = 0
+    for k in range(buckets):
+        got = list(_keys_in_bucket(tracks, keys, k, buckets)) if tracks is not None else []
+        valid = pa.Table.from_batches(got, schema=got[0].schema) if got else empty
+        found = []
+        for batch in _keys_in_bucket(windows, keys, k, buckets) if windows is not None else ():
+            pairs = pa.Table.from_batches([batch]).group_by(keys).aggregate([])
+            orphans = pairs.join(valid, keys=keys, join_type="left anti")
+            for r in orphans.to_pylist():
+                by_run.setdefault(r["run_id"], set()).add(r["track_id"])
+            found.append(pairs.join(valid, keys=keys, join_type="left semi"))
+        have = pa.concat_tables(found).group_by(keys).aggregate([]) if found else empty
+        lacking = valid.join(have, keys=keys, join_type="left anti")["track_id"]
+        n_missing += len(lacking)
+        if len(missing) < MISSING_SAMPLE:
+            missing += lacking.to_pylist()[: MISSING_SAMPLE - len(missing)]
+        del valid, found, have
     out: dict[str, int] = {}
     for name in ("frames", "windows"):  # frames first: frames rows never outlive their windows rows
         ds = store.open(name)
@@ -59,7 +87,7 @@ def sweep(store: StoreWriter, lease: StoreLock | None = None) -> tuple[dict[str,
                     lease.check()
                 n += delete_rows(ds, f"run_id = {sql_str(rid)} AND {pred}")
         out[name] = n
-    return out, missing
+    return out, sorted(missing), n_missing
 
 
 def maintain(store: StoreWriter, retention_days: float) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def test_no_change_is_free_and_dry_run_writes_nothing(world: World) -> None:
     assert check_consistent(store) == v1
     # the sweep reports (never hides) a track whose windows went missing
     lance.dataset(str(store / "windows.lance")).delete("track_id = 'a'")
-    assert sweep(StoreWriter(str(store))) == ({"frames": 0, "windows": 0}, ["a"])
+    assert sweep(StoreWriter(str(store))) == ({"frames": 0, "windows": 0}, ["a"], 1)
     # a dry run against a store that does not exist yet creates nothing either
     ghost = world.root / "ghost"
     assert run_refresh(replace(refresh_job(world.cat_v1, str(ghost)), dry_run=True)).plan["new"] == 5
