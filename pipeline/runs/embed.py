@@ -61,7 +61,9 @@ def run_embed(
         RunFailed: the stream failed; the message says how many chunks were committed.
     """
     check_output(job.output, job.storage_options)  # fail in seconds, not after the whole run
-    report = run_refresh(embed_refresh_job(job, chunk_size, break_lease, planner), progress, model_stage=model_stage)
+    report = run_refresh(
+        embed_refresh_job(job, chunk_size, break_lease, planner), progress, model_stage=model_stage
+    )
     if job.format == "parquet" and report.status == "ok":
         from pipeline.runs.export import export_parquet
 

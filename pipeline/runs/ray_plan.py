@@ -45,6 +45,8 @@ RAY_PLAN_MIN_BYTES = 32 * 1024**2
 RAY_PLAN_MIN_SUBPREFIXES = 8
 #: Target rows per hash partition of the plan.
 ROWS_PER_PARTITION = 200_000
+#: Rows per block of the materialized plan (the driver keeps an offset per block).
+PLAN_ROWS_PER_BLOCK = 100_000
 #: Plan kinds whose rows are embedded.
 TODO_KINDS = ("new", "changed", "settings")
 
@@ -222,9 +224,10 @@ def _stage_table(t: pa.Table, kind: np.ndarray, stage: Any = None, error_type: A
                      for f in STAGE_SCHEMA], schema=STAGE_SCHEMA)  # fmt: skip
 
 
-def _number(t: pa.Table) -> pa.Table:
-    """Number the rows to embed of one map call: ``group`` (a random 63-bit id of the call's
-    output) and ``seq`` (their position among its rows to embed)."""
+def number_block(t: pa.Table) -> pa.Table:
+    """``map_batches`` function: number the rows to embed of one block: ``group`` (a random 63-bit
+    id of the block) and ``seq`` (their position among its rows to embed). The driver keeps one
+    offset per block (:func:`_summarized`), never one per row or per prefix."""
     todo = pc.is_in(t["kind"], pa.array(TODO_KINDS, pa.string())).to_numpy(zero_copy_only=False)
     seq = np.cumsum(todo) - 1
     t = t.set_column(
@@ -333,7 +336,7 @@ class PlanPart:
                     gone, np.full(gone.num_rows, "removed" if self.delete_missing else "kept", dtype=object)
                 )
             )
-        return _number(pa.concat_tables(parts))
+        return pa.concat_tables(parts)
 
 
 def _lookup_failed(r: dict[str, Any], et: str | None = None, msg: str | None = None) -> dict[str, Any]:
@@ -367,8 +370,8 @@ class LookupGroup:
             out.append(_out(kind, {**r, "content_version": v}))
         if out:
             out[0]["requests"] = found.lists + found.heads
-        return _number(
-            pa.Table.from_pylist(out, schema=pa.schema([*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64())]))
+        return pa.Table.from_pylist(
+            out, schema=pa.schema([*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64())])
         )
 
 
@@ -552,7 +555,11 @@ def ray_plan(
             batch_format="pyarrow",
         )
         plan = plan.union(looked)
-    plan_ds = plan.materialize()
+    plan_ds = (
+        plan.repartition(target_num_rows_per_block=PLAN_ROWS_PER_BLOCK)
+        .map_batches(number_block, batch_size=None, batch_format="pyarrow")
+        .materialize()
+    )
     lap("plan_lookup")
     del cat, first
     out = _summarized(plan_ds, job.sample, n_stored, n_cat, catalog_meta)

@@ -189,4 +189,3 @@ def test_listing_lookups_cost_the_same_requests_on_s3(ray_cluster, s3_server, tm
     assert [r["track_id"] for r in ray.todo.ds.take_all()] == ["t0"]
     dry = run_refresh(replace(replace(job, planner="ray"), dry_run=True))
     assert dry.extra["object_requests"] == 3 and dry.plan["changed"] == 1
-
