@@ -56,7 +56,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schemas
-from pipeline.errors import InjectedFailure, RefreshError, RunFailed, root_cause
+from pipeline.errors import CatalogError, InjectedFailure, PipelineError, RefreshError, RunFailed, root_cause
 from pipeline.flow.runtime import (
     cluster_gpus,
     configure_data_context,
@@ -424,7 +424,15 @@ def plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, delet
     store_meta = schemas.metadata_columns(tracks_ds.schema) if tracks_ds is not None else None
     if store is not None and store_meta is not None:
         check_schemas(store, info, store_meta)
-    rp = ray_plan(job, store, info.settings_id, store_meta, delete_missing, catalog_policy(ej))
+    try:
+        rp = ray_plan(job, store, info.settings_id, store_meta, delete_missing, catalog_policy(ej))
+    except Exception as e:  # a task's error arrives wrapped by Ray: one line with its root cause
+        if isinstance(e, PipelineError) and "ray::" not in str(e):
+            raise
+        cause = root_cause(e)
+        if cause.startswith("CatalogError: "):
+            raise CatalogError(cause.removeprefix("CatalogError: ")) from e
+        raise RunFailed(f"planning failed (nothing was written): {cause}") from e
     stage_s["plan"] = time.perf_counter() - t0
     stage_s.update(rp.stage_s)
     meta_cols = _store_meta(store, rp.catalog_meta, run_id)
@@ -447,9 +455,11 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
                 progress: bool = False, model_stage: type | None = None) -> RefreshReport:  # fmt: skip
     ej = job.embed
     delete_missing = job.delete_missing and ej.limit is None  # a --limit catalog is partial
-    planned = (plan_with_ray if use_ray_plan(job) else plan_on_driver)(
-        job, store, run_id, delete_missing, stage_s
-    )
+    if use_ray_plan(job):
+        configure_data_context(progress)  # the same retry settings as the embed stream
+        planned = plan_with_ray(job, store, run_id, delete_missing, stage_s)
+    else:
+        planned = plan_on_driver(job, store, run_id, delete_missing, stage_s)
     info, meta_cols = planned.info, planned.meta_cols
     report.model_id, report.settings_id = info.model_id, info.settings_id
     report.extra["object_requests"] = planned.requests

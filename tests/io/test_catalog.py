@@ -781,3 +781,46 @@ def test_streaming_reads_only_what_it_needs(tmp_path: Path, fmt: str) -> None:
     assert [e.uri for e in entries] == [str(tmp_path / f"f{i}.wav") for i in range(3)]
     assert peak < size / 4, (peak, size)
     assert pa.total_allocated_bytes() - pool0 < size / 4
+
+
+def test_catalog_parts_read_like_the_whole_catalog(music_root: Path, tmp_path: Path) -> None:
+    """A catalog split into parts (a listing by sub-directory, a Parquet file by row groups) reads
+    the same records in the same order as the whole catalog, each part on its own."""
+    from pipeline.io.catalog import CatalogPart, catalog_parts, iter_part, open_catalog
+
+    (music_root / "zeta").mkdir()
+    (music_root / "zeta" / "z.mp3").write_bytes(b"ID3")
+    (music_root / ".hidden-dir").mkdir()
+    (music_root / ".hidden-dir" / "h.wav").write_bytes(b"RIFF")
+    src = open_catalog(str(music_root))
+    parts = catalog_parts(src)
+    assert [(p.path, p.top_only) for p in parts] == [
+        (str(music_root), True), (str(music_root / "sub"), False), (str(music_root / "zeta"), False)]  # fmt: skip
+    split = [rec["uri"] for p in parts for _, rec in iter_part(src, p)]
+    whole = [rec["uri"] for _, rec in iter_part(src, CatalogPart())]
+    assert split == whole == [e.uri for e in read_catalog(str(music_root))[0]]
+    assert len(whole) == 5 and not any("hidden" in u for u in whole)
+
+    rows = [{"track_id": f"t{i}", "uri": str(music_root / "a.wav")} for i in range(25)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cat.parquet", row_group_size=4)  # 7 groups
+    src = open_catalog(str(tmp_path / "cat.parquet"))
+    parts = catalog_parts(src, rows_per_part=10)
+    assert [p.row_groups for p in parts] == [(0, 1, 2), (3, 4, 5), (6,)]
+    assert [p.first_row for p in parts] == [0, 12, 24]
+    split = [(ix, rec["track_id"]) for p in parts for ix, rec in iter_part(src, p)]
+    assert split == [(i, f"t{i}") for i in range(25)]
+    (tmp_path / "cat.csv").write_text("uri\na.wav\n")
+    assert catalog_parts(open_catalog(str(tmp_path / "cat.csv"))) == [CatalogPart()]  # one reader
+
+
+def test_s3_listing_parts(s3_bucket: dict) -> None:
+    """An object-store prefix splits by sub-prefix (one LIST of the top level) and its parts list
+    the same objects as the whole listing."""
+    from pipeline.io.catalog import CatalogPart, catalog_parts, iter_part, open_catalog
+
+    src = open_catalog("s3://music/lib/", storage_options=s3_bucket["so"])
+    parts = catalog_parts(src)
+    assert [p.top_only for p in parts] == [True] + [False] * (len(parts) - 1) and len(parts) >= 2
+    split = [rec["uri"] for p in parts for _, rec in iter_part(src, p)]
+    assert split == [rec["uri"] for _, rec in iter_part(src, CatalogPart())]
+    assert split == [f"s3://music/lib/clips/{n}" for n in sorted(s3_bucket["names"])]

@@ -189,3 +189,14 @@ def test_listing_lookups_cost_the_same_requests_on_s3(ray_cluster, s3_server, tm
     assert [r["track_id"] for r in ray.todo.ds.take_all()] == ["t0"]
     dry = run_refresh(replace(replace(job, planner="ray"), dry_run=True))
     assert dry.extra["object_requests"] == 3 and dry.plan["changed"] == 1
+
+
+def test_a_broken_catalog_is_one_line_under_ray(ray_cluster, tmp_path: Path) -> None:
+    from pipeline.errors import CatalogError
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("track_id,path\nx,/a.wav\n")
+    with pytest.raises(
+        CatalogError, match=r"^.*bad.csv: catalog has no 'uri' column \(columns: track_id, path\)$"
+    ):
+        run_refresh(replace(refresh_job(str(bad), str(tmp_path / "s"), planner="ray"), dry_run=True))
