@@ -1,17 +1,8 @@
 #!/usr/bin/env python
-"""Bring an embedding store in line with a catalog: embed new and changed tracks, re-embed
-tracks whose settings changed, delete tracks gone from the catalog, leave the rest untouched.
+"""Refresh a store from its catalog (thin entry script: the job is ``pipeline.runs.commands.refresh_main``;
+``--help`` prints what it does, its flags and exit codes).
 
-    python jobs/refresh_catalog.py --catalog s3://bucket/catalog.csv --store s3://bucket/store
-    python jobs/refresh_catalog.py --catalog ... --store ... --dry-run      # plan only, writes nothing
-    ray job submit --working-dir . -- python jobs/refresh_catalog.py --catalog ... --store ...
-
-Commits every --chunk-size tracks (a rerun after a crash resumes where it stopped), holds a
-lease on the store (a second concurrent refresh exits with code 4), then compacts, optimises
-indices and removes versions older than --retention-days. See docs/refresh.md.
-
-Exit codes: 0 ok; 1 error (the run stopped; rerun to resume); 2 bad flags; 3 more failed
-tracks than --max-error-rate; 4 another refresh holds the store.
+    python jobs/refresh_catalog.py --catalog s3://bucket/catalog.csv --store s3://bucket/store [--dry-run]
 """
 
 from __future__ import annotations

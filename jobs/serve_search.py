@@ -26,8 +26,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import positive_int  # noqa: E402
-from pipeline.search.cli import OneLineArgumentParser, storage_options_arg  # noqa: E402
+from pipeline.cli import (
+    add_store_args,  # noqa: E402
+    positive_int,  # noqa: E402
+)
+from pipeline.search.cli import OneLineArgumentParser  # noqa: E402
 from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402
 
 DEFAULT_MAX_ONGOING = 64
@@ -128,13 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="serve_search", description="Serve similarity search over HTTP (Ray Serve)."
     )
-    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
-    p.add_argument(
-        "--storage-options",
-        type=storage_options_arg,
-        default=None,
-        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
-    )
+    add_store_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     p.add_argument(

@@ -82,6 +82,27 @@ def _prefixes(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def storage_options_arg(text: str) -> dict[str, Any]:
+    """argparse type for ``--storage-options``: a JSON object (s3fs-style or Lance ``aws_*`` keys)."""
+    from pipeline.io.objects import parse_storage_options
+
+    try:
+        return parse_storage_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--storage-options ")) from None
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """``--store`` and ``--storage-options`` of the commands that read a store."""
+    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
+    p.add_argument(
+        "--storage-options",
+        type=storage_options_arg,
+        default=None,
+        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pipeline.cli import layers_arg, number_arg, positive_int
+from pipeline.cli import add_store_args, layers_arg, number_arg, positive_int
 from pipeline.errors import SearchError, one_line, redact
-from pipeline.search.cli import OneLineArgumentParser, storage_options_arg
+from pipeline.search.cli import OneLineArgumentParser
 
 __all__ = [
     "duplicates_parser",
@@ -44,13 +44,7 @@ def _layer_arg(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
-    p.add_argument(
-        "--storage-options",
-        type=storage_options_arg,
-        default=None,
-        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
-    )
+    add_store_args(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 

@@ -50,36 +50,16 @@ PLAN_ROWS_PER_BLOCK = 100_000
 #: Plan kinds whose rows are embedded.
 TODO_KINDS = ("new", "changed", "settings")
 
+#: The stored values compared with each catalog row (``s_`` for stored), carried by the first stage.
+STORED_COLUMNS = ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")
+STORED_FIELDS = [(c, pa.string()) for c in STORED_COLUMNS]
 #: The stream the plan's first stage groups: catalog rows (side 0) and stored rows (side 1).
 UNION_SCHEMA = pa.schema(
-    [
-        ("part", pa.int32()),
-        ("side", pa.int8()),
-        ("row_key", pa.int64()),
-        ("row", pa.int64()),
-        ("track_id", pa.string()),
-        ("uri", pa.string()),
-        ("metadata_json", pa.string()),
-        ("content_version", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-        ("s_uri", pa.string()),
-        ("s_content_version", pa.string()),
-        ("s_settings_id", pa.string()),
-        ("s_meta_json", pa.string()),
-    ]
+    [("part", pa.int32()), ("side", pa.int8()), *schemas.CATALOG_ROWS_SCHEMA, *STORED_FIELDS]
 )
 #: First-stage output: plan rows, plus the stored values and the prefix of "pending" rows.
 STAGE_SCHEMA = pa.schema(
-    [
-        *schemas.PLAN_ROWS_SCHEMA,
-        ("requests", pa.int64()),
-        ("prefix", pa.string()),
-        ("s_uri", pa.string()),
-        ("s_content_version", pa.string()),
-        ("s_settings_id", pa.string()),
-        ("s_meta_json", pa.string()),
-    ]
+    [*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64()), ("prefix", pa.string()), *STORED_FIELDS]
 )
 PLAN_COLUMNS = [*schemas.PLAN_ROWS_SCHEMA.names, "requests"]
 
@@ -124,7 +104,7 @@ def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
     cols = {name: batch[name] for name in schemas.CATALOG_ROWS_SCHEMA.names}
     cols["part"] = pa.array(partition_of(batch["track_id"], batch["row_key"], parts), pa.int32())
     cols["side"] = pa.array(np.zeros(n, np.int8))
-    for name in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json"):
+    for name in STORED_COLUMNS:
         cols[name] = pa.nulls(n, pa.string())
     return pa.table([cols[f.name] for f in UNION_SCHEMA], schema=UNION_SCHEMA)
 
@@ -218,7 +198,7 @@ def _stage_table(t: pa.Table, kind: np.ndarray, stage: Any = None, error_type: A
         "prefix": pa.array(prefix, pa.string()) if prefix is not None else pa.nulls(n, pa.string()),
     }
     keep = pa.array(keep_stored if keep_stored is not None else np.zeros(n, bool))
-    for c in ("s_uri", "s_content_version", "s_settings_id", "s_meta_json"):
+    for c in STORED_COLUMNS:
         cols[c] = pc.if_else(keep, t[c], pa.scalar(None, pa.string()))
     return pa.table([pa.array(cols[f.name]) if not isinstance(cols[f.name], pa.ChunkedArray) else cols[f.name]
                      for f in STAGE_SCHEMA], schema=STAGE_SCHEMA)  # fmt: skip
@@ -267,7 +247,7 @@ class PlanPart:
         win = cat.take(pa.array(valid_ix[~dup], pa.int64()))
         pos = pc.index_in(win["track_id"], value_set=stored["track_id"])
         is_stored = pos.is_valid().to_numpy(zero_copy_only=False)
-        s_cols = ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")
+        s_cols = STORED_COLUMNS
         for c in s_cols:  # the stored values beside each catalog row (null where not stored)
             win = win.set_column(win.schema.get_field_index(c), c, stored[c].take(pos))
         cv_null = win["content_version"].is_null().to_numpy(zero_copy_only=False)

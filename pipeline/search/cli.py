@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.cli import OneLineParser, positive_int
+from pipeline.cli import OneLineParser, add_store_args, positive_int
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.index import INDEX_TYPES
 from pipeline.search.reader import LEVELS, MAX_K, AudioQuery, SearchResults, TrackQuery, open_store
@@ -29,7 +29,6 @@ __all__ = [
     "positive_int",
     "run_build_index",
     "run_search",
-    "storage_options_arg",
 ]
 
 
@@ -42,16 +41,6 @@ def k_arg(text: str) -> int:
     if v > MAX_K:
         raise argparse.ArgumentTypeError(f"k must be at most {MAX_K}, got {v}")
     return v
-
-
-def storage_options_arg(text: str) -> dict[str, Any]:
-    """argparse type for ``--storage-options``: a JSON object."""
-    from pipeline.io.objects import parse_storage_options
-
-    try:
-        return parse_storage_options(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--storage-options ")) from None
 
 
 def _fail(prog: str, exc: BaseException, code: int, err: TextIO) -> int:
@@ -230,7 +219,7 @@ def search_parser() -> argparse.ArgumentParser:
         prog="search",
         description="Find the tracks most similar to a track, an audio file or a vector.",
     )
-    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
+    add_store_args(p)
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--track-id", help="query by a track of the store (left out of the results)")
     q.add_argument("--audio", help="query by an audio file path or URI (embedded with the store's model)")
@@ -246,12 +235,6 @@ def search_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--refine-factor", type=positive_int, default=None, help="re-rank k*F candidates exactly")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument(
-        "--storage-options",
-        type=storage_options_arg,
-        default=None,
-        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
-    )
     p.add_argument(
         "--checkpoint", default=None, help="model for --audio (default: the one in the store's run records)"
     )
@@ -287,7 +270,7 @@ def build_index_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="build_index", description="Build cosine ANN indexes over the store's vectors."
     )
-    p.add_argument("--store", required=True, help="store root: local directory or s3://bucket/prefix")
+    add_store_args(p)
     p.add_argument(
         "--layer",
         type=int,
@@ -312,12 +295,6 @@ def build_index_parser() -> argparse.ArgumentParser:
         help="build no index below this many rows (default: exact-search threshold for auto)",
     )
     p.add_argument("--replace", action="store_true", help="retrain existing indexes instead of updating them")
-    p.add_argument(
-        "--storage-options",
-        type=storage_options_arg,
-        default=None,
-        help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
-    )
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     return p
 

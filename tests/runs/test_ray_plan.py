@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lance
+import numpy as np
 import pytest
 
 from pipeline.errors import InjectedFailure
@@ -200,3 +201,27 @@ def test_a_broken_catalog_is_one_line_under_ray(ray_cluster, tmp_path: Path) -> 
         CatalogError, match=r"^.*bad.csv: catalog has no 'uri' column \(columns: track_id, path\)$"
     ):
         run_refresh(replace(refresh_job(str(bad), str(tmp_path / "s"), planner="ray"), dry_run=True))
+
+
+def test_embed_of_a_listing_split_by_sub_prefix(ray_cluster, tmp_path: Path) -> None:
+    """The embed job over a directory whose sub-directories are read side by side (Ray planner)
+    makes the same store as the driver's single listing."""
+    from pipeline.runs.embed import run_embed
+
+    lib = tmp_path / "lib"
+    for k, sub in enumerate(("label-a", "label-b/2019", "label-c")):
+        (lib / sub).mkdir(parents=True)
+        for j in range(2):
+            write_tone(lib / sub / f"t{j}.{('wav', 'flac')[j]}", 0.8 + 0.1 * j, 250.0 + 60 * k + 20 * j)
+    write_tone(lib / "top.ogg", 0.9, 700.0)
+    reports = {}
+    for planner in ("ray", "driver"):
+        job = embed_job(str(lib), str(tmp_path / planner))
+        reports[planner] = run_embed(job, progress=False, chunk_size=3, planner=planner)
+    assert reports["ray"].extra["planner"] == "ray" and reports["driver"].extra["planner"] == "driver"
+    assert reports["ray"].tracks_ok == reports["driver"].tracks_ok == 7
+    a, b = check_consistent(tmp_path / "ray"), check_consistent(tmp_path / "driver")
+    assert sorted(a["tracks"]) == sorted(b["tracks"]) and len(a["windows"]) == len(b["windows"])
+    for tid, ta in a["tracks"].items():
+        assert ta["uri"] == b["tracks"][tid]["uri"] and ta["num_windows"] == b["tracks"][tid]["num_windows"]
+        np.testing.assert_allclose(ta["layer_3"], b["tracks"][tid]["layer_3"], atol=1e-5)
