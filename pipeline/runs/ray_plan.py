@@ -36,7 +36,7 @@ from pipeline.io.catalog import duplicate_message, open_catalog
 from pipeline.io.objects import object_versions, parent_prefix
 from pipeline.io.uris import UriPolicy
 from pipeline.runs.settings import RefreshJob
-from pipeline.store.maintenance import hash_buckets
+from pipeline.store.maintenance import MISSING_SAMPLE, Orphans, find_orphans, hash_buckets
 from pipeline.store.tables import StoreWriter
 
 #: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
@@ -109,35 +109,52 @@ def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
     return pa.table([cols[f.name] for f in UNION_SCHEMA], schema=UNION_SCHEMA)
 
 
-def stored_side(batch: pa.Table, uri: str, version: int, storage_options: dict | None,
-                meta_cols: Sequence[str], parts: int) -> Iterator[pa.Table]:  # fmt: skip
-    """Ray Data ``map_batches`` function: the projection of the ``tracks.lance`` fragments in
-    ``batch`` (their ids) -> :data:`UNION_SCHEMA` (side 1), the metadata columns as JSON text."""
+def fragments_dataset(store: StoreWriter, name: str, fn: Any, fn_kwargs: dict[str, Any]) -> Any:
+    """A lazy dataset of table ``name`` read fragment by fragment (one task per fragment, at the
+    version open now): ``fn(batches, **fn_kwargs)`` turns each fragment's record batches into
+    blocks."""
+    import ray
+
+    ds = store.open(name)
+    frags = [{"fragment_id": f.fragment_id} for f in ds.get_fragments()]
+    kw = {"fn": fn, "uri": store.uri(name), "version": ds.version, "storage_options": store.lance_options,
+          "fn_kwargs": fn_kwargs}  # fmt: skip
+    return ray.data.from_items(frags, override_num_blocks=max(1, len(frags))).map_batches(
+        _read_fragments, fn_kwargs=kw, batch_size=1, batch_format="pyarrow"
+    )
+
+
+def _read_fragments(batch: pa.Table, fn: Any, uri: str, version: int, storage_options: dict | None,
+                    fn_kwargs: dict[str, Any]) -> Iterator[pa.Table]:  # fmt: skip
     import lance
 
     ds = lance.dataset(uri, version=version, storage_options=storage_options)
-    cols = ["track_id", "uri", "content_version", "settings_id", *meta_cols]
     for fid in batch["fragment_id"].to_pylist():
-        for b in ds.get_fragment(fid).to_batches(columns=cols, batch_size=1 << 16):
-            n = b.num_rows
-            meta = [b.column(m).to_pylist() for m in meta_cols]
-            meta_json = [
-                json.dumps({m: v[i] for m, v in zip(meta_cols, meta, strict=True)}) for i in range(n)
-            ]
-            ids = b.column("track_id")
-            out = {
-                "part": pa.array(partition_of(ids, pa.array(np.zeros(n, np.int64)), parts), pa.int32()),
-                "side": pa.array(np.ones(n, np.int8)),
-                "track_id": ids,
-                "s_uri": b.column("uri"),
-                "s_content_version": b.column("content_version"),
-                "s_settings_id": b.column("settings_id"),
-                "s_meta_json": pa.array(meta_json, pa.string()),
-            }
-            yield pa.table(
-                [out[f.name] if f.name in out else pa.nulls(n, f.type) for f in UNION_SCHEMA],
-                schema=UNION_SCHEMA,
-            )
+        yield from fn(ds.get_fragment(fid), **fn_kwargs)
+
+
+def stored_side(fragment: Any, meta_cols: Sequence[str], parts: int) -> Iterator[pa.Table]:
+    """The projection of a ``tracks.lance`` fragment -> :data:`UNION_SCHEMA` (side 1), the
+    metadata columns as JSON text."""
+    cols = ["track_id", "uri", "content_version", "settings_id", *meta_cols]
+    for b in fragment.to_batches(columns=cols, batch_size=1 << 16):
+        n = b.num_rows
+        meta = [b.column(m).to_pylist() for m in meta_cols]
+        meta_json = [json.dumps({m: v[i] for m, v in zip(meta_cols, meta, strict=True)}) for i in range(n)]
+        ids = b.column("track_id")
+        out = {
+            "part": pa.array(partition_of(ids, pa.array(np.zeros(n, np.int64)), parts), pa.int32()),
+            "side": pa.array(np.ones(n, np.int8)),
+            "track_id": ids,
+            "s_uri": b.column("uri"),
+            "s_content_version": b.column("content_version"),
+            "s_settings_id": b.column("settings_id"),
+            "s_meta_json": pa.array(meta_json, pa.string()),
+        }
+        yield pa.table(
+            [out[f.name] if f.name in out else pa.nulls(n, f.type) for f in UNION_SCHEMA],
+            schema=UNION_SCHEMA,
+        )
 
 
 def compare(row: dict[str, Any], version: str | None, settings_id: str, meta_cols: Sequence[str]) -> str:
@@ -489,18 +506,8 @@ def ray_plan(
     parts = max(cpus, -(-(n_cat + n_stored) // ROWS_PER_PARTITION))
     union = cat.map_batches(catalog_side, fn_kwargs={"parts": parts}, batch_size=None, batch_format="pyarrow")
     if tracks is not None and n_stored:
-        frags = [{"fragment_id": f.fragment_id} for f in tracks.get_fragments()]
-        stored = ray.data.from_items(frags, override_num_blocks=len(frags)).map_batches(
-            stored_side,
-            fn_kwargs={
-                "uri": store.uri("tracks"),
-                "version": tracks.version,
-                "storage_options": store.lance_options,
-                "meta_cols": list(meta_cols or []),
-                "parts": parts,
-            },  # fmt: skip
-            batch_size=1,
-            batch_format="pyarrow",
+        stored = fragments_dataset(
+            store, "tracks", stored_side, {"meta_cols": list(meta_cols or []), "parts": parts}
         )
         union = union.union(stored)
     first = (
@@ -593,3 +600,63 @@ def _summarized(plan_ds: Any, sample: int, n_stored: int, n_cat: int, catalog_me
                 offsets[r["group"]] = todo
             todo += r["n"]
     return RayPlan(plan_ds, counts, samples, n_stored, n_cat, requests, catalog_meta, offsets, todo)
+
+
+# --------------------------------------------------------------------------- the orphan sweep, in Ray
+
+SWEEP_KEYS = ["track_id", "run_id"]
+
+
+def _sweep_side(fragment: Any, side: int, parts: int) -> Iterator[pa.Table]:
+    """``(track_id, run_id)`` keys of a fragment (windows: distinct per batch), with part and side."""
+    for b in fragment.to_batches(columns=SWEEP_KEYS, batch_size=1 << 16):
+        t = pa.Table.from_batches([b])
+        if side:
+            t = t.group_by(SWEEP_KEYS).aggregate([])
+        n = t.num_rows
+        ids = t["track_id"].combine_chunks()
+        part = partition_of(ids, pa.array(np.zeros(n, np.int64)), parts)
+        yield t.append_column("part", pa.array(part, pa.int32())).append_column(
+            "side", pa.array(np.full(n, side, np.int8))
+        )
+
+
+def sweep_part(t: pa.Table) -> pa.Table:
+    """``map_groups`` function: one hash partition's windows keys no track row points at
+    (``orphan``) and track rows without windows (``missing``)."""
+    side = t["side"].to_numpy()
+    tracks = t.filter(pa.array(side == 0)).select(SWEEP_KEYS)
+    wins = t.filter(pa.array(side == 1)).select(SWEEP_KEYS).group_by(SWEEP_KEYS).aggregate([])
+    orphans = wins.join(tracks, keys=SWEEP_KEYS, join_type="left anti")
+    missing = tracks.join(wins, keys=SWEEP_KEYS, join_type="left anti")
+    return pa.concat_tables([
+        orphans.append_column("kind", pa.array(["orphan"] * orphans.num_rows, pa.string())),
+        missing.append_column("kind", pa.array(["missing"] * missing.num_rows, pa.string())),
+    ])  # fmt: skip
+
+
+def find_orphans_ray(store: StoreWriter) -> Orphans:
+    """:func:`pipeline.store.maintenance.find_orphans` as a distributed anti-join of the windows
+    keys with the tracks keys: only the orphans (a killed run's chunks in flight, at most) and
+    the missing tracks' count and sample come to the driver."""
+    import ray
+
+    tracks, windows = store.open("tracks"), store.open("windows")
+    if tracks is None or windows is None:
+        return find_orphans(store)  # nothing to join
+    ensure_ray()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    parts = max(cpus, -(-tracks.count_rows() // ROWS_PER_PARTITION))
+    union = fragments_dataset(store, "tracks", _sweep_side, {"side": 0, "parts": parts}).union(
+        fragments_dataset(store, "windows", _sweep_side, {"side": 1, "parts": parts})
+    )
+    found = union.groupby("part", num_partitions=parts).map_groups(sweep_part, batch_format="pyarrow")
+    out = Orphans()
+    for b in found.iter_batches(batch_size=10_000, batch_format="pyarrow"):
+        if "kind" not in b.column_names or not b.num_rows:  # an empty partition's column-less block
+            continue
+        miss = b.filter(pc.equal(b["kind"], "missing"))
+        out.add_missing(miss["track_id"].to_pylist()[:MISSING_SAMPLE], miss.num_rows)
+        for r in b.filter(pc.equal(b["kind"], "orphan")).to_pylist():
+            out.by_run.setdefault(r["run_id"], set()).add(r["track_id"])
+    return out

@@ -75,7 +75,7 @@ from pipeline.runs.plan import (
     make_plan,
     read_stored,
 )
-from pipeline.runs.ray_plan import ray_plan, use_ray_plan
+from pipeline.runs.ray_plan import find_orphans_ray, ray_plan, use_ray_plan
 from pipeline.runs.report import (
     RefreshReport,
     audio_seconds,
@@ -503,7 +503,8 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
         configure_data_context(progress)  # the embed job's retry and shuffle settings
         embed_and_commit(c, todo, info, meta_cols, model_stage)
     with c.timed("sweep"):
-        report.garbage_rows, without_windows, n_without = sweep(store, lease)
+        found = find_orphans_ray(store) if planned.planner == "ray" else None  # a flat driver
+        report.garbage_rows, without_windows, n_without = sweep(store, lease, found)
     failpoint("swept")
     if any(report.garbage_rows.values()):
         _event("orphans swept", run_id, rows=report.garbage_rows)

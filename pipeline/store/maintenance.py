@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -40,41 +41,57 @@ def _keys_in_bucket(ds: Any, keys: list[str], bucket: int, buckets: int) -> Any:
             yield batch
 
 
-def sweep(store: StoreWriter, lease: StoreLock | None = None) -> tuple[dict[str, int], list[str], int]:
-    """Delete every windows/frames row whose ``(track_id, run_id)`` is not a ``tracks`` row:
-    superseded or orphaned rows a killed run left behind. Returns the rows deleted per table, the
-    ids of tracks whose windows are missing (never expected: reported, see docs/refresh.md; at
-    most :data:`MISSING_SAMPLE`) and how many there are.
+@dataclass
+class Orphans:
+    """What :func:`find_orphans` found: ``by_run`` (run_id -> track ids) of the windows/frames
+    rows no ``tracks`` row points at, and the tracks whose windows are missing (never expected:
+    reported, see docs/refresh.md): their count and at most :data:`MISSING_SAMPLE` ids."""
+
+    by_run: dict[str, set[str]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    n_missing: int = 0
+
+    def add_missing(self, ids: list[str], n: int) -> None:
+        self.n_missing += n
+        if len(self.missing) < MISSING_SAMPLE:
+            self.missing += ids[: MISSING_SAMPLE - len(self.missing)]
+
+
+def find_orphans(store: StoreWriter) -> Orphans:
+    """Compare the ``(track_id, run_id)`` keys of ``windows`` with those of ``tracks``.
 
     Only the key columns are scanned (streamed), one hash bucket of track ids at a time
     (:data:`SWEEP_BUCKET_ROWS` tracks a bucket), so the driver's memory does not grow with the
-    store. A frames row is written after, and deleted before, the windows row of the same
-    ``(track_id, run_id)``, so orphan frames always have orphan windows.
+    store beyond one bucket (a Ray version for large stores: :func:`pipeline.runs.ray_plan.find_orphans_ray`).
+    Frames need no scan: a frames row is written after, and deleted before, the windows row of
+    the same ``(track_id, run_id)``, so orphan frames always have orphan windows.
     """
     windows = store.open("windows")
     tracks = store.open("tracks")
     keys = ["track_id", "run_id"]
     empty = pa.schema([("track_id", pa.string()), ("run_id", pa.string())]).empty_table()
     buckets = max(1, -(-(tracks.count_rows() if tracks is not None else 0) // SWEEP_BUCKET_ROWS))
-    by_run: dict[str, set[str]] = {}
-    missing: list[str] = []
-    n_missing = 0
+    out = Orphans()
     for k in range(buckets):
         got = list(_keys_in_bucket(tracks, keys, k, buckets)) if tracks is not None else []
         valid = pa.Table.from_batches(got, schema=got[0].schema) if got else empty
         found = []
         for batch in _keys_in_bucket(windows, keys, k, buckets) if windows is not None else ():
             pairs = pa.Table.from_batches([batch]).group_by(keys).aggregate([])
-            orphans = pairs.join(valid, keys=keys, join_type="left anti")
-            for r in orphans.to_pylist():
-                by_run.setdefault(r["run_id"], set()).add(r["track_id"])
+            for r in pairs.join(valid, keys=keys, join_type="left anti").to_pylist():
+                out.by_run.setdefault(r["run_id"], set()).add(r["track_id"])
             found.append(pairs.join(valid, keys=keys, join_type="left semi"))
         have = pa.concat_tables(found).group_by(keys).aggregate([]) if found else empty
         lacking = valid.join(have, keys=keys, join_type="left anti")["track_id"]
-        n_missing += len(lacking)
-        if len(missing) < MISSING_SAMPLE:
-            missing += lacking.to_pylist()[: MISSING_SAMPLE - len(missing)]
+        out.add_missing(lacking.to_pylist()[:MISSING_SAMPLE], len(lacking))
         del valid, found, have
+    return out
+
+
+def delete_orphans(
+    store: StoreWriter, by_run: dict[str, set[str]], lease: StoreLock | None = None
+) -> dict[str, int]:
+    """Delete the windows and frames rows of these ``(track_id, run_id)`` keys; rows per table."""
     out: dict[str, int] = {}
     for name in ("frames", "windows"):  # frames first: frames rows never outlive their windows rows
         ds = store.open(name)
@@ -87,7 +104,18 @@ def sweep(store: StoreWriter, lease: StoreLock | None = None) -> tuple[dict[str,
                     lease.check()
                 n += delete_rows(ds, f"run_id = {sql_str(rid)} AND {pred}")
         out[name] = n
-    return out, sorted(missing), n_missing
+    return out
+
+
+def sweep(
+    store: StoreWriter, lease: StoreLock | None = None, found: Orphans | None = None
+) -> tuple[dict[str, int], list[str], int]:
+    """Delete every windows/frames row whose ``(track_id, run_id)`` is not a ``tracks`` row:
+    superseded or orphaned rows a killed run left behind (:func:`find_orphans`, or ``found``).
+    Returns the rows deleted per table, the ids of tracks whose windows are missing (at most
+    :data:`MISSING_SAMPLE`) and how many there are."""
+    found = found if found is not None else find_orphans(store)
+    return delete_orphans(store, found.by_run, lease), sorted(found.missing), found.n_missing
 
 
 def maintain(store: StoreWriter, retention_days: float) -> dict[str, Any]:

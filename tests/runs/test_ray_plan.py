@@ -225,3 +225,17 @@ def test_embed_of_a_listing_split_by_sub_prefix(ray_cluster, tmp_path: Path) -> 
     for tid, ta in a["tracks"].items():
         assert ta["uri"] == b["tracks"][tid]["uri"] and ta["num_windows"] == b["tracks"][tid]["num_windows"]
         np.testing.assert_allclose(ta["layer_3"], b["tracks"][tid]["layer_3"], atol=1e-5)
+
+
+def test_orphans_found_by_ray_as_on_the_driver(ray_cluster, tmp_path: Path) -> None:
+    """The sweep's distributed anti-join finds the same orphan rows and missing tracks."""
+    from pipeline.runs.ray_plan import find_orphans_ray
+    from pipeline.store.maintenance import find_orphans, sweep
+    from tests.support.stores import orphan_store
+
+    store = StoreWriter(str(orphan_store(tmp_path / "s")))
+    by_ray, by_driver = find_orphans_ray(store), find_orphans(store)
+    assert by_ray.by_run == by_driver.by_run == {"r0": {"t03", "t07"}, "r9": {"gone"}}
+    assert (by_ray.missing, by_ray.n_missing) == (by_driver.missing, by_driver.n_missing) == (["t09"], 1)
+    assert sweep(store, found=by_ray) == ({"frames": 4, "windows": 4}, ["t09"], 1)
+    assert find_orphans_ray(store).by_run == {}

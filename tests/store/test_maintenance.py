@@ -14,22 +14,12 @@ import pytest
 from pipeline.store import maintenance
 from pipeline.store.maintenance import hash_buckets, sweep
 from pipeline.store.tables import StoreWriter
-
-
-def _store(root: Path) -> Path:
-    ids = [f"t{i:02d}" for i in range(50)]
-    lance.write_dataset(pa.table({"track_id": ids, "run_id": ["r1"] * 50}), str(root / "tracks.lance"))
-    win = [(t, "r1", w) for t in ids if t != "t09" for w in range(2)]  # t09 lost its windows
-    win += [("t03", "r0", 0), ("t07", "r0", 0), ("t07", "r0", 1), ("gone", "r9", 0)]  # superseded, orphan
-    for name, col in (("windows", "window_ix"), ("frames", "frame_ix")):
-        t, r, w = zip(*win, strict=True)
-        lance.write_dataset(pa.table({"track_id": t, "run_id": r, col: w}), str(root / f"{name}.lance"))
-    return root
+from tests.support.stores import orphan_store
 
 
 @pytest.mark.parametrize("bucket_rows", [1_000_000, 8])
 def test_sweep_is_the_same_bucket_by_bucket(tmp_path: Path, monkeypatch, bucket_rows: int) -> None:
-    store = _store(tmp_path / "s")
+    store = orphan_store(tmp_path / "s")
     monkeypatch.setattr(maintenance, "SWEEP_BUCKET_ROWS", bucket_rows)  # 50 tracks: 1 or 7 buckets
     deleted, missing, n_missing = sweep(StoreWriter(str(store)))
     assert deleted == {"frames": 4, "windows": 4} and missing == ["t09"] and n_missing == 1

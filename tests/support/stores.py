@@ -147,3 +147,18 @@ def model_settings(job: EmbedJob) -> tuple[str, str, tuple[int, ...], int]:
 
     info = model_info_for_plan(job)
     return info.model_id, info.settings_id, tuple(info.settings.layers), int(info.dim)
+
+
+def orphan_store(root: Path) -> Path:
+    """Key columns of a store of 50 tracks (run r1) whose windows/frames hold 4 rows no track
+    points at (superseded runs r0 of t03 and t07, an orphan run r9) and lack t09's rows."""
+    import lance
+
+    ids = [f"t{i:02d}" for i in range(50)]
+    lance.write_dataset(pa.table({"track_id": ids, "run_id": ["r1"] * 50}), str(root / "tracks.lance"))
+    win = [(t, "r1", w) for t in ids if t != "t09" for w in range(2)]  # t09 lost its windows
+    win += [("t03", "r0", 0), ("t07", "r0", 0), ("t07", "r0", 1), ("gone", "r9", 0)]  # superseded, orphan
+    for name, col in (("windows", "window_ix"), ("frames", "frame_ix")):
+        t, r, w = zip(*win, strict=True)
+        lance.write_dataset(pa.table({"track_id": t, "run_id": r, col: w}), str(root / f"{name}.lance"))
+    return root
