@@ -642,14 +642,14 @@ def find_orphans_ray(store: StoreWriter) -> Orphans:
     import ray
 
     tracks, windows = store.open("tracks"), store.open("windows")
-    if tracks is None or windows is None:
-        return find_orphans(store)  # nothing to join
+    if tracks is None:
+        return find_orphans(store)  # no track rows: every windows row is an orphan, found by run
     ensure_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parts = max(cpus, -(-tracks.count_rows() // ROWS_PER_PARTITION))
-    union = fragments_dataset(store, "tracks", _sweep_side, {"side": 0, "parts": parts}).union(
-        fragments_dataset(store, "windows", _sweep_side, {"side": 1, "parts": parts})
-    )
+    union = fragments_dataset(store, "tracks", _sweep_side, {"side": 0, "parts": parts})
+    if windows is not None:
+        union = union.union(fragments_dataset(store, "windows", _sweep_side, {"side": 1, "parts": parts}))
     found = union.groupby("part", num_partitions=parts).map_groups(sweep_part, batch_format="pyarrow")
     out = Orphans()
     for b in found.iter_batches(batch_size=10_000, batch_format="pyarrow"):
