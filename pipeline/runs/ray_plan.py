@@ -629,10 +629,16 @@ def sweep_part(t: pa.Table) -> pa.Table:
     wins = t.filter(pa.array(side == 1)).select(SWEEP_KEYS).group_by(SWEEP_KEYS).aggregate([])
     orphans = wins.join(tracks, keys=SWEEP_KEYS, join_type="left anti")
     missing = tracks.join(wins, keys=SWEEP_KEYS, join_type="left anti")
-    return pa.concat_tables([
-        orphans.append_column("kind", pa.array(["orphan"] * orphans.num_rows, pa.string())),
-        missing.append_column("kind", pa.array(["missing"] * missing.num_rows, pa.string())),
-    ])  # fmt: skip
+    sample = missing.slice(0, MISSING_SAMPLE)  # the driver gets a sample and the count, not every id
+
+    def tagged(t: pa.Table, kind: str, n: int) -> pa.Table:
+        t = t.append_column("kind", pa.array([kind] * t.num_rows, pa.string()))
+        return t.append_column("n", pa.array(np.full(t.num_rows, n, np.int64)))
+
+    count = pa.table({"track_id": [None], "run_id": [None], "kind": ["missing_count"], "n": [missing.num_rows]},
+                     schema=pa.schema([("track_id", pa.string()), ("run_id", pa.string()), ("kind", pa.string()),
+                                       ("n", pa.int64())]))  # fmt: skip
+    return pa.concat_tables([tagged(orphans, "orphan", 1), tagged(sample, "missing", 0), count])
 
 
 def find_orphans_ray(store: StoreWriter) -> Orphans:
@@ -655,8 +661,8 @@ def find_orphans_ray(store: StoreWriter) -> Orphans:
     for b in found.iter_batches(batch_size=10_000, batch_format="pyarrow"):
         if "kind" not in b.column_names or not b.num_rows:  # an empty partition's column-less block
             continue
-        miss = b.filter(pc.equal(b["kind"], "missing"))
-        out.add_missing(miss["track_id"].to_pylist()[:MISSING_SAMPLE], miss.num_rows)
+        out.add_missing(b.filter(pc.equal(b["kind"], "missing"))["track_id"].to_pylist(), 0)
+        out.n_missing += int(pc.sum(b.filter(pc.equal(b["kind"], "missing_count"))["n"]).as_py() or 0)
         for r in b.filter(pc.equal(b["kind"], "orphan")).to_pylist():
             out.by_run.setdefault(r["run_id"], set()).add(r["track_id"])
     return out
