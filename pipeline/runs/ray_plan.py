@@ -165,11 +165,8 @@ def compare(row: dict[str, Any], version: str | None, settings_id: str, meta_col
         return "changed"
     if row["s_settings_id"] != settings_id:
         return "settings"
-    if meta_cols:
-        meta = json.loads(row.get("metadata_json") or "{}")
-        stored = json.loads(row.get("s_meta_json") or "{}")
-        if any(meta.get(m) != stored.get(m) for m in meta_cols):
-            return "metadata"
+    if meta_cols and _metadata_differs(row, meta_cols):
+        return "metadata"
     return "unchanged"
 
 

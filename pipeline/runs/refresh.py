@@ -4,7 +4,8 @@
 already there. It shares the embed job's steps (catalog reading, model probe, the one streaming
 pass of :mod:`pipeline.flow.streaming`) and adds:
 
-Plan (:func:`pipeline.runs.plan.make_plan`)
+Plan (:func:`pipeline.runs.plan.make_plan` on the driver, or :mod:`pipeline.runs.ray_plan`, the same
+decisions as a distributed join for large catalogs: ``--planner``)
     Every catalog row is compared with ``tracks.lance`` by ``track_id`` on three things: the
     object's ``content_version`` (ETag, or size+mtime, read from object metadata in parallel:
     a thread pool on the driver, a Ray map for large catalogs; no audio is downloaded), its
