@@ -59,7 +59,12 @@ TRACK_LENGTHS_S = (150.0, 187.5, 132.0, 215.0, 171.0, 98.5, 240.0, 160.0)
 
 
 def find_shared() -> Path | None:
-    for cand in (os.environ.get("MUSICFM_SHARED"), REPO / "shared", REPO.parent / "shared", Path("/work/shared")):
+    for cand in (
+        os.environ.get("MUSICFM_SHARED"),
+        REPO / "shared",
+        REPO.parent / "shared",
+        Path("/work/shared"),
+    ):
         if cand and (Path(cand) / "golden").is_dir():
             return Path(cand)
     return None
@@ -94,7 +99,9 @@ def _write_like(src: Path, dst: Path, seconds: float) -> float:
     return n / sr
 
 
-def build_catalog(shared: Path, hours: float, out_dir: Path, max_tracks: int | None = None) -> tuple[Path, float, int]:
+def build_catalog(
+    shared: Path, hours: float, out_dir: Path, max_tracks: int | None = None
+) -> tuple[Path, float, int]:
     """Write (or reuse) the looped tracks and ``catalog.csv``; returns (catalog, audio seconds, tracks)."""
     import soundfile as sf
 
@@ -176,7 +183,9 @@ def _machine_busy_s() -> float | None:
 # --------------------------------------------------------------------------- loop
 
 
-def run_loop(rows: list[dict[str, str]], model_args: dict[str, Any], layers: tuple[int, ...], threads: int) -> dict[str, Any]:
+def run_loop(
+    rows: list[dict[str, str]], model_args: dict[str, Any], layers: tuple[int, ...], threads: int
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
 
@@ -203,12 +212,16 @@ def run_loop(rows: list[dict[str, str]], model_args: dict[str, Any], layers: tup
 # --------------------------------------------------------------------------- job
 
 
-def run_job(catalog: Path, store: Path, model_argv: list[str], extra: list[str], env: dict[str, str]) -> dict[str, Any]:
+def run_job(
+    catalog: Path, store: Path, model_argv: list[str], extra: list[str], env: dict[str, str]
+) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "jobs" / "embed_catalog.py"), "--catalog", str(catalog),
            "--output", str(store), *model_argv, "--no-progress", *extra]  # fmt: skip
     busy0 = _machine_busy_s()
     w0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen: dict[tuple[int, int], float] = {}
     names: dict[tuple[int, int], str] = {}
     lines: list[str] = []
@@ -242,7 +255,9 @@ def job_report(store: Path) -> dict[str, Any]:
 
     runs = lance.dataset(str(store / "runs.lance")).to_table().to_pylist()
     run = runs[-1]
-    out = {k: run.get(k) for k in ("status", "tracks_ok", "tracks_failed", "windows", "audio_hours", "wall_s")}
+    out = {
+        k: run.get(k) for k in ("status", "tracks_ok", "tracks_failed", "windows", "audio_hours", "wall_s")
+    }
     out["stage_s"] = json.loads(run.get("stage_times_json") or "{}")
     extra = json.loads(run.get("report_json") or "{}")
     out["actors"] = extra.get("actors")
@@ -359,7 +374,9 @@ def render(r: dict[str, Any]) -> str:
             lines.append("        stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
         by = jo.get("cpu_by_process") or {}
         if by:
-            lines.append("        CPU s by process: " + "; ".join(f"{k} {v:.1f}" for k, v in list(by.items())[:8]))
+            lines.append(
+                "        CPU s by process: " + "; ".join(f"{k} {v:.1f}" for k, v in list(by.items())[:8])
+            )
     if lo and jo:
         ratio = lo["wall_s"] / jo["wall_s"]
         lines.append(f"  loop / job = {ratio:.2f}x (goal >= {GOAL_RATIO}: {'MET' if ratio >= GOAL_RATIO else 'NOT MET'}); "
