@@ -233,10 +233,14 @@ def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
     this a model actor's torch threads and the decoders fight for the same cores."""
     node = largest_node_cpus()
     actors = max(1, model_actors)
+    threads = max(1, node // actors)
     return CpuModelPlan(
         reserve=max(0, (node - decode_cpus) // actors),  # 0: it can always be scheduled
-        threads=max(1, node // actors),
-        decode_niceness=CPU_DECODE_NICENESS,
+        threads=threads,
+        # niced decoders protect a multi-threaded model call (one preempted thread stalls the
+        # others at the next barrier); single-threaded model actors just share the cores fairly
+        # with them, which lets the decoders run ahead instead of starving the models later
+        decode_niceness=CPU_DECODE_NICENESS if threads > 1 else 0,
     )
 
 
