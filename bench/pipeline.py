@@ -87,6 +87,7 @@ SR_IN = 44100
 FORMATS = (("flac", "FLAC", "PCM_16"), ("ogg", "OGG", "VORBIS"), ("wav", "WAV", "PCM_16"))
 GOAL_RATIO = 0.9
 GOAL_DP_PER_CORE = 500.0
+GOAL_DP_RAY_VS_INPROCESS = 0.9  # Ray data plane per core / in-process per core
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # Ray config read from the environment (lower-case on purpose)
 DP_TARGET_AUDIO_S = 3 * 3600.0  # audio of the Ray data-plane run (amortises Ray's fixed costs)
 
@@ -545,6 +546,7 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
         precision="fp32",
         batch_size=args.batch_size,
         decode_cpus=args.dp_decode_cpus,
+        gpu_actors=1,  # one pooling actor (the job's default without GPUs is one model actor per core)
     )
     settings = EmbedSettings(layers=job.layers, window_s=job.window_s, hop_s=job.hop_s, precision="fp32")
     info = ModelInfo(
@@ -622,42 +624,48 @@ def _row(
 def render(r: dict[str, Any]) -> str:
     c, mo, pl = r["config"], r["model_only"], r["pipeline"]
     dpi, dpr, g = r["dataplane_inprocess"], r["dataplane_ray"], r["goals"]
-    fixed = pl["ray_init_s"] + pl["model_load_s"]
+    head = f"D={mo['dim']}, depth {mo['depth']}, " if mo else ""
     lines = [
-        f"MusicFM pipeline benchmark: model {c['model']} (random weights, D={mo['dim']}, depth {mo['depth']}, "
+        f"MusicFM pipeline benchmark: model {c['model']} (random weights, {head}"
         f"layers {','.join(map(str, c['layers']))}), {c['precision']}, batch {c['batch_size']}, "
         f"{c['cpus']} CPUs, load avg {c['loadavg_start']} -> {c['loadavg_end']}",
         f"audio: {c['tracks']} tracks x {c['track_s']:g} s (flac/ogg/wav, 44.1 kHz stereo) = "
         f"{r['audio']['audio_s']:.0f} s",
         "",
         f"{'':54s}{'audio s':>8s}{'wall s':>8s}{'cpu s':>8s}{'other':>7s}{'x realtime':>11s}{'per core':>10s}",
-        _row(
-            f"(a) model only: WindowEmbedder, {mo['torch_threads']} torch threads",
-            mo["audio_s"],
-            mo["wall_s"],
-            mo["cpu_s"],
-            mo["other_cores"],
-            mo["x_realtime"],
-        ),
-        _row(
-            f"(a) pipeline run_embed, {c['decode_cpus']} decode actors (+ Ray start)",
-            pl["audio_s"],
-            pl["wall_s"],
-            pl["cpu_s"],
-            pl["other_cores"],
-            pl["x_realtime"],
-        ),
-        _row(
-            f"    excl. ray start {pl['ray_init_s']:.1f} s + model load {pl['model_load_s']:.1f} s",
-            pl["audio_s"],
-            pl["wall_s"] - fixed,
-            None,
-            None,
-            pl["x_realtime_net"],
-        ),
-        "    stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in pl["stage_s"].items()),
-        f"    model calls inside the model actor: {pl['model_worker_x_realtime']:.2f}x realtime "
-        f"(= {g['actor_vs_model_only']['value']:.2f} x model-only)",
+    ]
+    if mo:
+        fixed = pl["ray_init_s"] + pl["model_load_s"]
+        lines += [
+            _row(
+                f"(a) model only: WindowEmbedder, {mo['torch_threads']} torch threads",
+                mo["audio_s"],
+                mo["wall_s"],
+                mo["cpu_s"],
+                mo["other_cores"],
+                mo["x_realtime"],
+            ),
+            _row(
+                f"(a) pipeline run_embed, {c['decode_cpus']} decode actors (+ Ray start)",
+                pl["audio_s"],
+                pl["wall_s"],
+                pl["cpu_s"],
+                pl["other_cores"],
+                pl["x_realtime"],
+            ),
+            _row(
+                f"    excl. ray start {pl['ray_init_s']:.1f} s + model load {pl['model_load_s']:.1f} s",
+                pl["audio_s"],
+                pl["wall_s"] - fixed,
+                None,
+                None,
+                pl["x_realtime_net"],
+            ),
+            "    stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in pl["stage_s"].items()),
+            f"    model calls inside the model actor: {pl['model_worker_x_realtime']:.2f}x realtime "
+            f"(= {g['actor_vs_model_only']['value']:.2f} x model-only)",
+        ]
+    lines += [
         _row(
             "(b) data plane in-process: read+decode+window+pool+write",
             dpi["audio_s"],
@@ -690,14 +698,22 @@ def render(r: dict[str, Any]) -> str:
         "    (other = cores busy with processes outside the benchmark; wall figures assume it is ~0;",
         "     per core = x realtime per CPU second of the loop (in-process) or x realtime / Ray CPUs)",
         "",
-        f"(a) pipeline / model-only: {g['ratio_report']['value']:.3f} with start-up, "
-        f"{g['ratio_net']['value']:.3f} without; goal >= {GOAL_RATIO}: "
-        f"{_met(g['ratio_report']['met'])} / {_met(g['ratio_net']['met'])}",
-        f"    CPU seconds for the same audio: model-only {_f(mo['cpu_s'])}, pipeline {_f(pl['cpu_s'])} "
-        f"(driver + Ray processes) = x{g['cpu_overhead']['value']:.2f}",
+    ]
+    if mo:
+        lines += [
+            f"(a) pipeline / model-only: {g['ratio_report']['value']:.3f} with start-up, "
+            f"{g['ratio_net']['value']:.3f} without; goal >= {GOAL_RATIO}: "
+            f"{_met(g['ratio_report']['met'])} / {_met(g['ratio_net']['met'])}",
+            f"    CPU seconds for the same audio: model-only {_f(mo['cpu_s'])}, pipeline {_f(pl['cpu_s'])} "
+            f"(driver + Ray processes) = x{g['cpu_overhead']['value']:.2f}",
+        ]
+    lines += [
         f"(b) data plane per core: {g['dp_inprocess']['value']:,.0f}x in-process, "
         f"{g['dp_ray']['value']:,.0f}x Ray; goal >= {GOAL_DP_PER_CORE:g}x: "
         f"{_met(g['dp_inprocess']['met'])} / {_met(g['dp_ray']['met'])}",
+        f"(b) Ray / in-process per core: {g['dp_ray_vs_inprocess']['value']:.2f} "
+        f"(per CPU second of all Ray processes: {g['dp_ray_vs_inprocess_cpu']['value']:.2f}); "
+        f"goal >= {GOAL_DP_RAY_VS_INPROCESS}: {_met(g['dp_ray_vs_inprocess']['met'])}",
     ]
     return "\n".join(lines)
 
@@ -756,6 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
         "machine shared with other work starves the pipeline against the in-process baseline; on a "
         "dedicated machine it changes nothing) (default 0)",
     )
+    ap.add_argument(
+        "--parts",
+        default="a,b",
+        help="a,b: everything (default); b: the data plane alone",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--quick",
@@ -769,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    args.parts = [p.strip() for p in str(args.parts).split(",") if p.strip()]
+    if "b" not in args.parts or set(args.parts) - {"a", "b"}:
+        raise SystemExit("--parts: a,b (everything) or b (the data plane alone)")
     if args.quick:
         args.model = "small"
         args.tracks = args.tracks or 4
@@ -820,18 +844,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bad:
             raise SystemExit(f"--layers {bad} exceed the model depth {cfg.encoder_depth}")
 
+        part_a = "a" in args.parts
         print("(b) data plane, in-process ...", file=sys.stderr)
-        dpi, windows = dataplane_inprocess(files, settings, cfg.encoder_dim, work, keep_windows=True)
-        print("(a) model only ...", file=sys.stderr)
-        mo = model_only(windows, dpi["audio_s"], args.model_config, settings, args.batch_size)
-        del windows
-
-        catalog = write_catalog(audio_dir / "catalog.csv", files)
-        print("(a) pipeline (run_embed) ...", file=sys.stderr)
+        dpi, windows = dataplane_inprocess(files, settings, cfg.encoder_dim, work, keep_windows=part_a)
         import ray
 
         ray.data.DataContext.get_current().print_on_execution_start = False
-        pl = pipeline_run(catalog, work / "store", args, args.model_config)
+        mo: dict[str, Any] = {}
+        pl: dict[str, Any] = {}
+        if part_a:
+            print("(a) model only ...", file=sys.stderr)
+            mo = model_only(windows, dpi["audio_s"], args.model_config, settings, args.batch_size)
+            del windows
+            catalog = write_catalog(audio_dir / "catalog.csv", files)
+            print("(a) pipeline (run_embed) ...", file=sys.stderr)
+            pl = pipeline_run(catalog, work / "store", args, args.model_config)
+        else:
+            start_ray()  # not timed: the data-plane figures start after it
 
         scale = args.dp_scale or max(1, math.ceil(DP_TARGET_AUDIO_S / max(dpi["audio_s"], 1e-9)))
         dp_catalog = write_catalog(audio_dir / f"catalog_x{scale}.csv", files, repeat=scale)
@@ -841,8 +870,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ratio_report = pl["x_realtime"] / mo["x_realtime"] if mo["x_realtime"] > 0 else 0.0
-    ratio_net = pl["x_realtime_net"] / mo["x_realtime"] if mo["x_realtime"] > 0 else 0.0
+    ratio_report = pl["x_realtime"] / mo["x_realtime"] if mo and mo["x_realtime"] > 0 else 0.0
+    ratio_net = pl["x_realtime_net"] / mo["x_realtime"] if mo and mo["x_realtime"] > 0 else 0.0
+    dp_ratio = dpr["x_realtime_per_core"] / dpi["x_realtime_per_core"] if dpi["x_realtime_per_core"] else 0.0
+    dp_cpu_ratio = (
+        (dpr["x_realtime_per_cpu_s"] or 0.0) / dpi["x_realtime_per_core"]
+        if dpi["x_realtime_per_core"]
+        else 0.0
+    )
     result: dict[str, Any] = {
         "config": {
             "model": args.model,
@@ -857,6 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "precision": args.precision,
             "dp_scale": scale,
             "quick": args.quick,
+            "parts": args.parts,
             "cpus": cpu_count(),
             "loadavg_start": load0,
             "loadavg_end": loadavg(),
@@ -872,9 +908,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ratio_report": {"value": ratio_report, "goal": GOAL_RATIO, "met": ratio_report >= GOAL_RATIO},
             "ratio_net": {"value": ratio_net, "goal": GOAL_RATIO, "met": ratio_net >= GOAL_RATIO},
             "actor_vs_model_only": {
-                "value": pl["model_worker_x_realtime"] / mo["x_realtime"] if mo["x_realtime"] > 0 else 0.0
+                "value": pl["model_worker_x_realtime"] / mo["x_realtime"]
+                if mo and mo["x_realtime"] > 0
+                else 0.0
             },
-            "cpu_overhead": {"value": (pl["cpu_s"] or 0.0) / mo["cpu_s"] if mo["cpu_s"] > 0 else 0.0},
+            "cpu_overhead": {"value": (pl["cpu_s"] or 0.0) / mo["cpu_s"] if mo and mo["cpu_s"] > 0 else 0.0},
+            # the Ray data plane against the in-process one, per core (x realtime / Ray CPUs, over
+            # the whole pass) and per CPU second of every process of the cluster
+            "dp_ray_vs_inprocess": {
+                "value": dp_ratio,
+                "goal": GOAL_DP_RAY_VS_INPROCESS,
+                "met": dp_ratio >= GOAL_DP_RAY_VS_INPROCESS,
+            },  # fmt: skip
+            "dp_ray_vs_inprocess_cpu": {
+                "value": dp_cpu_ratio,
+                "goal": GOAL_DP_RAY_VS_INPROCESS,
+                "met": dp_cpu_ratio >= GOAL_DP_RAY_VS_INPROCESS,
+            },  # fmt: skip
             "dp_inprocess": {
                 "value": dpi["x_realtime_per_core"],
                 "goal": GOAL_DP_PER_CORE,

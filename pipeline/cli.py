@@ -160,7 +160,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gpu-actors",
         type=pool_size,
-        help="model actors: N, or MIN:MAX to autoscale with the work (default: one per GPU, or 1)",
+        help="model actors: N, or MIN:MAX to autoscale with the work (default: one per GPU; without "
+        "GPUs one per core of the largest node, at most 4, each with its share of the cores as torch threads)",
     )
     g.add_argument(
         "--decode-cpus",

@@ -36,6 +36,7 @@ __all__ = [
     "cluster_gpus",
     "configure_data_context",
     "cpu_model_plan",
+    "default_cpu_model_actors",
     "ensure_ray",
     "stop_stage_actors",
 ]
@@ -203,19 +204,43 @@ class CpuModelPlan:
 CPU_DECODE_NICENESS = 10
 
 
+#: Most model actors :func:`default_cpu_model_actors` gives a node without GPUs (each holds a copy
+#: of the model: 1.3 GB for the full-size one in fp32).
+CPU_MODEL_ACTORS_MAX = 4
+
+
+def largest_node_cpus() -> int:
+    """CPUs of the cluster's largest alive node (1 when unknown)."""
+    import ray
+
+    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)) or 1
+
+
+def default_cpu_model_actors() -> int:
+    """Model actors when ``--gpu-actors`` is not given on a cluster without GPUs: one per core of
+    the largest node, at most :data:`CPU_MODEL_ACTORS_MAX`, each with its share of the cores as
+    torch threads (:func:`cpu_model_plan`). Several single-threaded model processes beat one
+    process with as many torch threads: a small model's operators are too short to keep two
+    threads busy (the second one spins at each barrier), and while a decoder holds a core a
+    multi-threaded call waits for its preempted thread; independent processes just take turns."""
+    return max(1, min(largest_node_cpus(), CPU_MODEL_ACTORS_MAX))
+
+
 def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
     """Model actors on a cluster without GPUs: each reserves what the largest node has left beside
     the decode actors (the writer tasks reserve none), and runs torch on its share of all the
     node's cores, with the decoders niced below it. Without
     this a model actor's torch threads and the decoders fight for the same cores."""
-    import ray
-
-    node = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1))
+    node = largest_node_cpus()
     actors = max(1, model_actors)
+    threads = max(1, node // actors)
     return CpuModelPlan(
         reserve=max(0, (node - decode_cpus) // actors),  # 0: it can always be scheduled
-        threads=max(1, node // actors),
-        decode_niceness=CPU_DECODE_NICENESS,
+        threads=threads,
+        # niced decoders protect a multi-threaded model call (one preempted thread stalls the
+        # others at the next barrier); single-threaded model actors just share the cores fairly
+        # with them, which lets the decoders run ahead instead of starving the models later
+        decode_niceness=CPU_DECODE_NICENESS if threads > 1 else 0,
     )
 
 

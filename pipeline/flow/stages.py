@@ -2,7 +2,7 @@
 
     catalog rows ──DecodeStage (CPU actors)──▶ window rows (audio) | error rows
                  ──EmbedStage (GPU actors)───▶ window rows (pooled vectors) | error rows
-                 ──ChunkWriter (CPU tasks)───▶ windows / frames data files per chunk (Lance store;
+                 ──ChunkWriter (CPU actors)──▶ windows / frames data files per chunk (Lance store;
                                                pipeline.flow.streaming) — or, for --format parquet,
                  ──ToWindows / ToFrames / ToTrack (groupby track_id)──▶ tables
 
@@ -144,6 +144,11 @@ class DecodeStage:
         decode_s = time.perf_counter() - t0
         rows = []
         try:
+            # every window's samples, one after the other, in one buffer (one copy out of the
+            # decoded track); each row's audio is a view of it, and the block tables reference
+            # it without another copy (see _task_table)
+            flat = copy_windows(audio.samples, wins)
+            at = 0
             for w, (o0, o1) in zip(wins, own, strict=True):
                 rows.append(
                     {
@@ -162,7 +167,7 @@ class DecodeStage:
                         "end_s": w.end / sr,
                         "own_start_s": o0 / sr,
                         "own_end_s": o1 / sr,
-                        "audio": audio.samples[w.start : w.end].tobytes(),
+                        "audio": flat[at : at + w.length],
                         "decode_s": decode_s / len(wins),
                         "stage": None,
                         "error_type": None,
@@ -170,6 +175,7 @@ class DecodeStage:
                         "chunk": row.get("chunk"),
                     }
                 )
+                at += w.length
         except MemoryError as e:  # copying this track's windows ran out of memory: this track only
             rows.clear()
             return [_error_row(row, "decode", e)]
@@ -180,7 +186,99 @@ class DecodeStage:
         for row in batch.to_pylist():
             rows = self._guarded(row)
             for k in range(0, len(rows), self.WINDOWS_PER_BLOCK):
-                yield pa.Table.from_pylist(rows[k : k + self.WINDOWS_PER_BLOCK], schema=schemas.TASK_SCHEMA)
+                yield _task_table(rows[k : k + self.WINDOWS_PER_BLOCK])
+
+
+def copy_windows(samples: np.ndarray, wins: Sequence[Any]) -> np.ndarray:
+    """(sum of window lengths,) float32: the samples of every window of ``wins``, in order."""
+    flat = np.empty(sum(w.length for w in wins), dtype=np.float32)
+    at = 0
+    for w in wins:
+        flat[at : at + w.length] = samples[w.start : w.end]
+        at += w.length
+    return flat
+
+
+_TASK_META_SCHEMA = pa.schema(list(schemas.TASK_BASE_FIELDS))
+
+
+def _task_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows of :data:`schemas.TASK_SCHEMA` (``audio``: a float32 array, bytes or None) as a table
+    whose ``audio`` column holds the samples' bytes without a per-row Python ``bytes`` object:
+    the windows of one track are consecutive views of one buffer, which becomes the column's data
+    buffer as it is (no copy); other inputs are joined into one buffer (one copy)."""
+    meta = pa.Table.from_pylist(
+        [{k: v for k, v in r.items() if k != "audio"} for r in rows], schema=_TASK_META_SCHEMA
+    )
+    return meta.append_column(schemas.TASK_SCHEMA.field("audio"), audio_array([r.get("audio") for r in rows]))
+
+
+def audio_array(values: Sequence[np.ndarray | bytes | None]) -> pa.Array:
+    """A ``large_binary`` array of the raw bytes of ``values`` (float32 arrays, bytes, or None)."""
+    n = len(values)
+    arrays = [None if v is None else np.frombuffer(v, np.uint8) if isinstance(v, bytes | bytearray)
+              else np.asarray(v, np.float32).reshape(-1).view(np.uint8) for v in values]  # fmt: skip
+    lengths = np.array([0 if a is None else a.nbytes for a in arrays], dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [a for a in arrays if a is not None and a.nbytes]
+    data = _contiguous(present)
+    if data is None:
+        data = np.concatenate(present) if present else np.zeros(0, np.uint8)
+    validity = None
+    nulls = sum(a is None for a in arrays)
+    if nulls:
+        validity = pa.array([a is not None for a in arrays], pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(
+        pa.large_binary(), n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)], null_count=nulls
+    )
+
+
+def _contiguous(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+    """One uint8 view spanning ``arrays`` when they follow each other in memory (views of one
+    buffer, in order), else None."""
+    if not arrays:
+        return None
+    if len(arrays) == 1:
+        return arrays[0]
+    first = arrays[0]
+    start = first.__array_interface__["data"][0]
+    at = start
+    for a in arrays:
+        if not a.flags.c_contiguous or a.__array_interface__["data"][0] != at:
+            return None
+        at += a.nbytes
+    base = first
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    lo = base.__array_interface__["data"][0]
+    if not base.flags.c_contiguous or start < lo or at > lo + base.nbytes:
+        return None
+    return base.reshape(-1).view(np.uint8)[start - lo : at - lo]
+
+
+def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """The float32 samples of each row of an ``audio`` (binary) column, as read-only views of the
+    column's buffer (no copy); None for a null."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[np.ndarray | None] = []
+    for c in chunks:
+        n = len(c)
+        if not n:
+            continue
+        _validity, offs, data = c.buffers()
+        width = 8 if pa.types.is_large_binary(c.type) else 4
+        offsets = np.frombuffer(
+            offs, dtype=np.int64 if width == 8 else np.int32, count=n + 1, offset=c.offset * width
+        )
+        valid = c.is_valid().to_numpy(zero_copy_only=False) if c.null_count else None
+        for i in range(n):
+            if valid is not None and not valid[i]:
+                out.append(None)
+                continue
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            out.append(np.frombuffer(data, dtype=np.float32, count=(b - a) // 4, offset=a))
+    return out
 
 
 class EmbedStage:
@@ -209,12 +307,15 @@ class EmbedStage:
         self.schema = schemas.embedded_schema(settings.layers, dim, frames=settings.frames_hz is not None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        # the samples stay in the block's buffer (views, no copy); only the small columns become rows
+        samples = audio_views(batch.column("audio"))
+        rows = batch.drop_columns(["audio"]).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["kind"] == "window"]
         results: dict[int, Any] = {}
         t0 = self.embedder.model_seconds
+        audio: list[Any] = []
         try:
-            audio = [np.frombuffer(rows[i]["audio"], dtype=np.float32) for i in todo]
+            audio = [samples[i] for i in todo]
             for i, res in zip(todo, self.embedder.embed(audio), strict=True):
                 results[i] = res
         except Exception as e:  # e.g. out of device memory: these windows become error rows
@@ -222,9 +323,9 @@ class EmbedStage:
                 rows[i] = _error_row(rows[i], "model", e)
             todo = []
         spent = (self.embedder.model_seconds - t0) / max(1, len(todo))
+        del samples, audio
         out = []
         for i, r in enumerate(rows):
-            r.pop("audio", None)
             r.setdefault("model_s", None)
             if i in results:
                 res = results[i]

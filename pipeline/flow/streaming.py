@@ -5,7 +5,7 @@ Both jobs use it: the embed job collects every chunk and commits each table once
 
     catalog rows (+ chunk index) ──DecodeStage (CPU actors)──▶ windows with audio | errors
         ──EmbedStage (GPU actors)──▶ windows with pooled vectors (and frames) | errors
-        ──ChunkWriter (CPU tasks)──▶ windows / frames data files, per chunk, written in the worker
+        ──ChunkWriter (CPU actors)─▶ windows / frames data files, per chunk, written in the worker
         ──driver──▶ a chunk is complete when each of its tracks has all its windows (ok or failed
                     in the model) or its fetch/decode error: ``on_chunk(ChunkOutput)``
 
@@ -37,11 +37,11 @@ from pipeline.flow.runtime import (
     ACTOR_MAX_RESTARTS,
     ACTOR_MAX_TASK_RETRIES,
     DECODE_MAX_CRASHES,
-    TASK_MAX_RETRIES,
     actor_ids,
     actor_restarts,
     actors_started,
     cpu_model_plan,
+    default_cpu_model_actors,
     default_decode_cpus,
     pool_bounds,
     stop_stage_actors,
@@ -343,11 +343,12 @@ def stream_chunks(
         return chunks[ix]
 
     # a small run (a quiet night) does not need every actor the cluster could hold
-    model_actors = pool_bounds(job.gpu_actors_min, job.gpu_actors or max(1, info.gpus), n)
+    model_max = job.gpu_actors or (info.gpus if info.gpus > 0 else default_cpu_model_actors())
+    model_actors = pool_bounds(job.gpu_actors_min, model_max, n)
     decode_max = job.decode_cpus or default_decode_cpus(info.gpus, model_actors[1])
     decode_actors = pool_bounds(job.decode_cpus_min if job.decode_cpus else 1, decode_max, n)
     frames_hz = info.settings.frames_hz
-    writer = ChunkWriter(
+    writer_args = dict(
         windows_uri=store.uri("windows"),
         frames_uri=store.uri("frames") if frames_hz else None,
         layers=info.settings.layers,
@@ -357,20 +358,26 @@ def stream_chunks(
         run_id=run_id,
         storage_options=store.lance_options,
     )
+    ChunkWriter(**writer_args)  # checks the arguments here, before anything starts
     t0 = time.perf_counter()
     stream = embed_stream(source, job, info, decode_actors, model_actors, model_stage=model_stage)
-    # Writer tasks (a retried task rewrites its files; only the driver commits). They reserve no
+    # Writer actors (a retried batch rewrites its files; only the driver commits). They reserve no
     # CPU, so the stream can never stall behind actors holding every CPU of a small node, and a
-    # bounded pool of them keeps up with the decoders (writing is a fraction of decoding's cost).
+    # pool of them growing with the work keeps up with the decoders (writing is a fraction of
+    # decoding's cost). Actors, not tasks: a task-based writer started a fresh worker process
+    # (~1.5 CPU s of imports) for most blocks, because the idle workers of a node with more
+    # workers than CPUs are stopped after a second.
     import ray
 
     parts = stream.ds.map_batches(
-        writer,
+        ChunkWriter,
+        fn_constructor_kwargs=writer_args,
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=max(2, decode_actors[1])),
-        max_retries=TASK_MAX_RETRIES,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, decode_actors[1] // 2)),
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
     times: list[pa.Table] = []
 

@@ -85,7 +85,7 @@ from pipeline.runs.report import (
     new_run_id,
     write_run_row,
 )
-from pipeline.runs.settings import RefreshJob
+from pipeline.runs.settings import EmbedJob, RefreshJob
 from pipeline.store.commits import append_fragments_once, append_once, delete_rows, merge_tracks, retry_write
 from pipeline.store.lease import StoreLock
 from pipeline.store.maintenance import maintain, sweep
@@ -347,6 +347,47 @@ def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
     )  # fmt: skip
 
 
+def _probe_needs_ray(job: EmbedJob) -> bool:
+    """Whether the model probe itself needs the cluster (its GPUs decide the precision)."""
+    return job.precision in ("auto", "fp16")
+
+
+class _Probe:
+    """:func:`model_info_for_plan` in a thread; :meth:`result` returns it or raises its error."""
+
+    def __init__(self, job: EmbedJob) -> None:
+        import threading
+
+        self._out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                self._out["info"] = model_info_for_plan(job)
+            except BaseException as e:  # re-raised in the caller's thread
+                self._out["error"] = e
+
+        self._thread = threading.Thread(target=run, name="musicfm-model-probe", daemon=True)
+        self._thread.start()
+
+    def result(self) -> ModelInfo:
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["info"]
+
+
+def _has_new_tracks(rows: Sequence[Mapping[str, Any]], stored: pa.Table | None) -> bool:
+    """Whether some catalog row's track is not in the store (so it will be embedded)."""
+    if not rows:
+        return False
+    if stored is None or not stored.num_rows:
+        return True
+    import pyarrow.compute as pc
+
+    ids = pa.array([r["track_id"] for r in rows], pa.string())
+    return not pc.all(pc.is_in(ids, value_set=stored["track_id"].combine_chunks().cast(pa.string()))).as_py()
+
+
 @dataclass
 class Planned:
     """A plan as :func:`_run_locked` applies it, made on the driver or with Ray."""
@@ -387,10 +428,24 @@ def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
     rows, rejected, catalog_meta = catalog_rows(ej)
     stage_s["catalog"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    info = model_info_for_plan(ej)
-    stage_s["model_probe"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    # The model probe (torch import and one model load on this driver) runs in a thread while
+    # this one reads the store and, when there is certainly work for Ray, starts or joins the
+    # cluster: both mostly wait (on imports and file reads there, on Ray's daemons here).
+    probe = _Probe(ej) if not _probe_needs_ray(ej) else None
+    info = model_info_for_plan(ej) if probe is None else None
+    t1 = time.perf_counter()
     _, stored = read_stored(store) if store is not None else (None, None)
+    read_s, ray_s = time.perf_counter() - t1, 0.0
+    if probe is not None and not job.dry_run and _has_new_tracks(rows, stored):
+        t1 = time.perf_counter()
+        ensure_ray()  # a new track is embedded whatever the plan says: start Ray meanwhile
+        ray_s = time.perf_counter() - t1
+        stage_s["ray_init"] = stage_s.get("ray_init", 0.0) + ray_s
+    if probe is not None:
+        info = probe.result()
+    assert info is not None
+    stage_s["model_probe"] = time.perf_counter() - t0 - read_s - ray_s  # what it added to the run
+    t0 = time.perf_counter() - read_s
     meta_cols = _store_meta(store, catalog_meta, run_id)
     if store is not None:
         check_schemas(store, info, meta_cols)

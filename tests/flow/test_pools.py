@@ -72,3 +72,19 @@ def test_autoscaling_pool_stays_within_its_bounds(ray_cluster, tmp_path: Path) -
     assert report.status == "ok" and report.tracks_ok == 6 and report.chunks >= 2
     assert 1 <= report.extra["actors"]["decode"] <= 2 and report.extra["actors"]["model"] == 1
     assert report.errors_by_type == {"TooShortError": 1}  # 0.2 s < --min-duration-s 0.5
+
+
+def test_cpu_model_plan_without_gpus(monkeypatch) -> None:
+    """One single-threaded model actor per core (at most 4) by default; decoders are niced only
+    below a multi-threaded model actor."""
+    from pipeline.flow import runtime
+
+    monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 2)
+    assert runtime.default_cpu_model_actors() == 2
+    plan = runtime.cpu_model_plan(decode_cpus=2, model_actors=2)
+    assert (plan.reserve, plan.threads, plan.decode_niceness) == (0, 1, 0)
+    plan = runtime.cpu_model_plan(decode_cpus=1, model_actors=1)  # --gpu-actors 1: two threads
+    assert (plan.reserve, plan.threads, plan.decode_niceness) == (1, 2, runtime.CPU_DECODE_NICENESS)
+    monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 64)
+    assert runtime.default_cpu_model_actors() == runtime.CPU_MODEL_ACTORS_MAX
+    assert runtime.cpu_model_plan(decode_cpus=2, model_actors=4).threads == 16

@@ -103,19 +103,13 @@ def test_out_of_memory_while_copying_windows_is_an_error_row(tmp_path, monkeypat
     the fix it escaped the stage and failed the whole run."""
     import pipeline.flow.stages as stages
     from pipeline.flow.inference import EmbedSettings
-    from pipeline.io.audio import AudioLimits, decode_audio
+    from pipeline.io.audio import AudioLimits
 
-    class _Samples(np.ndarray):
-        def tobytes(self, order="C"):  # type: ignore[override]
-            raise MemoryError("simulated")
-
-    def fake_decode(data, limits, deadline_s=None):
-        audio = decode_audio(data, limits, deadline_s=deadline_s)
-        audio.samples = audio.samples.view(_Samples)
-        return audio
+    def no_memory(samples, wins):
+        raise MemoryError("simulated")
 
     sf.write(tmp_path / "a.wav", tone(3.0), 24000)
-    monkeypatch.setattr(stages, "decode_audio", fake_decode)
+    monkeypatch.setattr(stages, "copy_windows", no_memory)
     stage = stages.DecodeStage(EmbedSettings(layers=(1,), window_s=1.0, hop_s=1.0), AudioLimits(), None)
     rows = stage._guarded({"track_id": "a", "uri": str(tmp_path / "a.wav"), "metadata_json": "{}"})
     assert [(r["kind"], r["stage"], r["error_type"]) for r in rows] == [("error", "decode", "MemoryError")]
