@@ -64,6 +64,53 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def tree_pss_mb(pid: int) -> float:
+    """Memory of a process and all its descendants (Ray's GCS, raylet and workers included):
+    the sum of their proportional set sizes (shared pages counted once in all), from /proc."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total / 1024.0
+
+
+def run_watched(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, list[float]]:
+    """Run ``cmd``; (result, peak memory of its process tree in MB, load averages 1 min seen)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, loads, done = [0.0], [], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            peak[0] = max(peak[0], tree_pss_mb(proc.pid))
+            loads.append(os.getloadavg()[0])
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    done.set()
+    th.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak[0], loads
+
+
 # --------------------------------------------------------------------------- parts
 
 
@@ -109,8 +156,19 @@ def part_duplicates(a: argparse.Namespace, work: str) -> dict:
     t0 = time.perf_counter()
     write_tracks(root, {12: x}, all_ids, a.rows_per_file)
     t_write = time.perf_counter() - t0
+    del x, vecs, base, extra
     t0 = time.perf_counter()
-    table, rep = find_duplicates(root, 12, write=True, use_ray=None if not a.no_ray else False)
+    index: dict = {"type": None}
+    if a.dup_index != "none":
+        from pipeline.search.index import build_indexes
+
+        r = build_indexes(root, layers=[12], tables=["tracks"], index_type=a.dup_index.upper())[0]
+        index = {"type": r.index_type, "params": r.params, "action": r.action}
+    t_index = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table, rep = find_duplicates(
+        root, 12, write=True, use_ray=None if not a.no_ray else False, ann_mode=a.dup_ann
+    )
     wall = time.perf_counter() - t0
     found_group: dict[str, str] = {}
     for r in table.to_pylist():
@@ -137,8 +195,11 @@ def part_duplicates(a: argparse.Namespace, work: str) -> dict:
     return {
         "tracks": len(all_ids), "dim": a.dim, "planted_groups": len(groups), "planted_pairs": len(planted_pairs),
         "related_not_copies": n_groups, "found_groups": rep.groups, "found_pairs": len(found_pairs),
-        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "write_s": round(t_write, 1),
-        "exact": rep.exact, "ray": rep.ray, "gap_ratio_quantiles": rep.gap_ratio_quantiles, "peak_rss_mb": round(peak_rss_mb()),
+        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "search_s": round(rep.search_s, 1),
+        "write_s": round(t_write, 1), "index": index, "index_s": round(t_index, 1), "method": rep.method,
+        "partitions": rep.partitions, "nprobes": rep.nprobes, "ray": rep.ray,
+        "gap_ratio_quantiles": {k: round(v, 4) for k, v in rep.gap_ratio_quantiles.items()},
+        "peak_rss_mb": round(peak_rss_mb()),
         "goal_met": bool(precision >= 0.95 and recall >= 0.95),
     }  # fmt: skip
 
@@ -212,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-per-file", type=int, default=50_000)
     p.add_argument("--parts", default="duplicates,probe,map")
     p.add_argument("--no-ray", action="store_true", help="duplicates in this process even for large stores")
+    p.add_argument(
+        "--dup-index", choices=("ivf_pq", "ivf_hnsw_sq", "none"), default="ivf_pq",
+        help="index built on the duplicates store first (none: exact search)",
+    )  # fmt: skip
+    p.add_argument("--dup-ann", choices=("auto", "batched", "lance"), default="auto", help="find_duplicates ann_mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png-out", default=None, help="copy the map's PNG here")
     p.add_argument("--quick", action="store_true", help="smoke-test size")
@@ -245,13 +311,18 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cmd = [sys.executable, os.path.abspath(__file__), *sub, "--part", part, "--work", work]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc, tree_peak, loads = run_watched(cmd)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
-                results[part] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+                results[part] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
             else:
                 results[part] = json.loads(line[-1][7:])
             results[part]["process_s"] = round(time.perf_counter() - t0, 1)
+            results[part]["tree_peak_pss_mb"] = round(tree_peak)  # all processes, Ray's included
+            if loads:
+                results[part]["load_avg_1min"] = {
+                    "min": round(min(loads), 1), "mean": round(sum(loads) / len(loads), 1), "max": round(max(loads), 1)
+                }  # fmt: skip
             print(f"{part}: {json.dumps(results[part])}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -109,6 +109,13 @@ def duplicates_parser() -> argparse.ArgumentParser:
         "--no-index", action="store_true", help="exact search even when the layer has an ANN index"
     )
     p.add_argument(
+        "--ann",
+        choices=("auto", "batched", "lance"),
+        default="auto",
+        help="indexed layer: batched search of the index's IVF partitions, or one Lance query per "
+        "track (auto: batched while the vectors fit in 4 GiB)",
+    )
+    p.add_argument(
         "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
     )
     return p
@@ -141,7 +148,7 @@ def run_duplicates(
             layer = max(layers)
         _, report = find_duplicates(
             args.store, layer, args.level, crit, args.storage_options, incremental=args.incremental,
-            use_ray=_use_ray(args.ray), use_index=not args.no_index,
+            use_ray=_use_ray(args.ray), use_index=not args.no_index, ann_mode=args.ann,
         )  # fmt: skip
         return report
 
