@@ -237,13 +237,29 @@ def part_probe(a: argparse.Namespace, work: str) -> dict:
 
 def part_map(a: argparse.Namespace, work: str) -> dict:
     from pipeline.insights.catalog_map import MapSettings, catalog_map
-    from pipeline.search.synthetic import clustered_vectors
+
+    import lance
+
+    from pipeline.search.synthetic import tracks_table
 
     root = os.path.join(work, "map")
-    ids = [f"t{i:07d}" for i in range(a.map_rows)]
-    x = clustered_vectors(a.map_rows, a.dim, 40, seed=a.seed)
-    write_tracks(root, {12: x}, ids, a.rows_per_file)
-    del x
+    dim = a.map_dim or a.dim
+    # written fragment by fragment (the whole matrix is 4 GB at 1M x 1024): 40 clusters as in
+    # clustered_vectors, each fragment's labels and noise from its own seeded generator
+    rng = np.random.default_rng(a.seed)
+    centres = rng.standard_normal((40, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    for s in range(0, a.map_rows, a.rows_per_file):
+        e = min(a.map_rows, s + a.rows_per_file)
+        r = np.random.default_rng([a.seed, s])
+        x = centres[r.integers(0, 40, e - s)] + (1.0 / np.sqrt(dim)) * r.standard_normal((e - s, dim), np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = [f"t{i:07d}" for i in range(s, e)]
+        meta = {"title": [f"Title {i}" for i in range(s, e)], "artist": [f"Artist {i % 97}" for i in range(s, e)]}
+        lance.write_dataset(tracks_table(ids, {12: x}, meta), f"{root}/tracks.lance", mode="append" if s else "create")
+        del x
+    t_write = time.perf_counter() - t0
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
     rep = catalog_map(
@@ -253,7 +269,7 @@ def part_map(a: argparse.Namespace, work: str) -> dict:
     if a.png_out:
         shutil.copy(rep.png, a.png_out)
     return {
-        "rows": a.map_rows, "dim": a.dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1),
+        "rows": a.map_rows, "dim": dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1), "write_store_s": round(t_write, 1),
         "stage_s": {k: round(v, 1) for k, v in rep.stage_s.items()}, "peak_rss_mb_after_writing_store": round(rss_before),
         "peak_rss_mb": round(peak_rss_mb()), "html_mb": round(os.path.getsize(rep.html) / 2**20, 1),
     }  # fmt: skip
@@ -270,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-rows", type=int, default=1_000_000)
     p.add_argument("--fit-sample", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=1024, help="vector size of the duplicates and map stores")
+    p.add_argument("--map-dim", type=int, default=None, help="vector size of the map store (default: --dim)")
     p.add_argument("--rows-per-file", type=int, default=50_000)
     p.add_argument("--parts", default="duplicates,probe,map")
     p.add_argument("--no-ray", action="store_true", help="duplicates in this process even for large stores")

@@ -176,6 +176,10 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and the weights")
     p.add_argument("--max-epochs", type=positive_int, default=200, help="most epochs (default 200)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None,
+        help="torch CPU threads (default: 1 for small sets, else the cores the load leaves free)",
+    )  # fmt: skip
     return p
 
 
@@ -186,7 +190,7 @@ def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err:
 
     def go() -> Any:
         s = ProbeSettings(task=args.task, layers=tuple(args.layers), head=args.head, level=args.level,
-                          seed=args.seed, max_epochs=args.max_epochs)  # fmt: skip
+                          seed=args.seed, max_epochs=args.max_epochs, threads=args.threads)  # fmt: skip
         probe = train_probe(args.store, args.labels, s, args.out, name=args.name, label_columns=args.label_column,
                             storage_options=args.storage_options, device=args.device)  # fmt: skip
         c = probe.card
