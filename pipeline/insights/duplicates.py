@@ -235,16 +235,22 @@ def _nearest_centroids(x: np.ndarray, centroids: np.ndarray, n: int) -> np.ndarr
     return out
 
 
-def _partitioned(vectors: np.ndarray, centroids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(members, ptr, vectors in partition order): every row in the partition of its nearest
-    centroid (Lance's IVF assignment), or one partition without centroids."""
-    n = len(vectors)
+def _partitioned(
+    raw: np.ndarray, order: np.ndarray, centroids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(members, ptr): the positions (rank by row id; ``raw[order[pos]]`` is the row at ``pos``)
+    of each partition's rows, every row in the partition of its nearest centroid (Lance's IVF
+    assignment), or one partition without centroids."""
+    n = len(order)
     if centroids is None:
-        return np.arange(n, dtype=np.int64), np.array([0, n], np.int64), vectors
-    part = _nearest_centroids(vectors, centroids, 1)[:, 0]
+        return np.arange(n, dtype=np.int64), np.array([0, n], np.int64)
+    part_t = np.concatenate(  # partition of each row in table order, block by block
+        [_nearest_centroids(unit_rows(raw[s : s + 65536]), centroids, 1)[:, 0] for s in range(0, len(raw), 65536)]
+    ) if len(raw) else np.zeros(0, np.int64)  # fmt: skip
+    part = part_t[order]  # by position
     members = np.argsort(part, kind="stable")
     ptr = np.searchsorted(part[members], np.arange(len(centroids) + 1)).astype(np.int64)
-    return members, ptr, vectors[members]
+    return members, ptr
 
 
 def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -498,21 +504,23 @@ def find_duplicates(
     meta_cols = ["track_id"] + (["start_s", "end_s"] if level == "window" else [])
     ctab = ds.to_table(columns=[*meta_cols] + ([] if lance_search else [col]), with_row_id=True)
     order = np.argsort(ctab["_rowid"].to_numpy(), kind="stable")
-    vectors = None
-    if not lance_search:
-        vectors = to_matrix(ctab[col])  # (N, D) in table order (a view of the Arrow buffer)
-        ctab = ctab.drop_columns([col])
-        vectors = unit_rows(vectors[order])  # rowid order
-    ctab = ctab.take(pa.array(order))
-    tids = ctab["track_id"].to_numpy(zero_copy_only=False)
-    uniq, codes = np.unique(tids, return_inverse=True)
-    members = ptr = centroids = None
+    members = ptr = centroids = vectors = None
     nprobes = 1
-    if vectors is not None:
+    if not lance_search:
+        raw = to_matrix(ctab[col])  # (N, D) in table order
+        ctab = ctab.drop_columns([col])
         if ivf is not None:
             centroids = unit_rows(ivf[1])
             nprobes = int(min(ann["nprobes"], len(centroids)))  # type: ignore[index]
-        members, ptr, vectors = _partitioned(vectors, centroids)
+        # one copy in partition order, normalised in place (peak: two copies of the vectors)
+        members, ptr = _partitioned(raw, order, centroids)
+        vectors = raw[order[members]]
+        del raw
+        for s in range(0, len(vectors), 65536):
+            vectors[s : s + 65536] = unit_rows(vectors[s : s + 65536])
+    ctab = ctab.take(pa.array(order))
+    tids = ctab["track_id"].to_numpy(zero_copy_only=False)
+    uniq, codes = np.unique(tids, return_inverse=True)
     corpus = _Corpus(
         rowids=ctab["_rowid"].to_numpy(), codes=codes.astype(np.int64), vectors=vectors,
         members=members, ptr=ptr, centroids=centroids, nprobes=nprobes,
