@@ -81,6 +81,7 @@ def tree_pss_mb(pid: int) -> float:
                 continue
             kids.setdefault(ppid, []).append(int(d))
     total, todo = 0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
     while todo:
         p = todo.pop()
         todo += kids.get(p, [])
@@ -90,9 +91,15 @@ def tree_pss_mb(pid: int) -> float:
                     if line.startswith("Pss:"):
                         total += int(line.split()[1])
                         break
-        except OSError:
+            with open(f"/proc/{p}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+            CPU_SEEN[p] = max(CPU_SEEN.get(p, 0.0), (int(st[11]) + int(st[12])) / tick)
+        except (OSError, ValueError, IndexError):
             pass
     return total / 1024.0
+
+
+CPU_SEEN: dict[int, float] = {}  # pid -> CPU seconds (user + system) last seen by tree_pss_mb
 
 
 def run_watched(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, list[float]]:
@@ -107,6 +114,7 @@ def run_watched(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, lis
             peak[0] = max(peak[0], tree_pss_mb(proc.pid))
             loads.append(os.getloadavg()[0])
 
+    CPU_SEEN.clear()
     th = threading.Thread(target=watch, daemon=True)
     th.start()
     out, err = proc.communicate()
@@ -172,11 +180,11 @@ def part_duplicates(a: argparse.Namespace, work: str) -> dict:
         r = build_indexes(root, layers=[12], tables=["tracks"], index_type=a.dup_index.upper())[0]
         index = {"type": r.index_type, "params": r.params, "action": r.action}
     t_index = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     table, rep = find_duplicates(
         root, 12, write=True, use_ray=None if not a.no_ray else False, ann_mode=a.dup_ann
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     found_group: dict[str, str] = {}
     for r in table.to_pylist():
         found_group[r["track_id"]] = found_group[r["match_track_id"]] = r["group_id"]
@@ -202,7 +210,7 @@ def part_duplicates(a: argparse.Namespace, work: str) -> dict:
     return {
         "tracks": len(all_ids), "dim": a.dim, "planted_groups": len(groups), "planted_pairs": len(planted_pairs),
         "related_not_copies": n_groups, "found_groups": rep.groups, "found_pairs": len(found_pairs),
-        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "search_s": round(rep.search_s, 1),
+        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "search_s": round(rep.search_s, 1), "driver_cpu_s": round(cpu, 1),
         "write_s": round(t_write, 1), "index": index, "index_s": round(t_index, 1), "method": rep.method,
         "partitions": rep.partitions, "nprobes": rep.nprobes, "ray": rep.ray,
         "gap_ratio_quantiles": {k: round(v, 4) for k, v in rep.gap_ratio_quantiles.items()},
@@ -227,17 +235,20 @@ def part_probe(a: argparse.Namespace, work: str) -> dict:
     ids = [f"t{i:07d}" for i in range(n)]
     root = os.path.join(work, "probe")
     write_tracks(root, {7: l7, 12: l12}, ids, a.rows_per_file)
+    del l7, l12
+    rss_store = peak_rss_mb()
     labels = os.path.join(work, "labels.csv")
     pcsv.write_csv(pa.table({"track_id": ids, "genre": [f"g{v}" for v in lab]}), labels)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     probe = train_probe(
         root, labels, ProbeSettings(task="multiclass", layers=(7, 12), head="mlp"), os.path.join(work, "p")
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     c = probe.card
     return {
-        "rows": n, "layers": 2, "dim": a.probe_dim, "wall_s": round(wall, 1), "epochs": c["epochs"],
+        "rows": n, "layers": 2, "dim": a.probe_dim, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "epochs": c["epochs"],
         "s_per_epoch": round(wall / max(1, c["epochs"]), 2), "test": c["metrics"], "layer_weights": c["layer_weights"],
+        "threads": c["threads"], "fit_s": c["fit_s"], "peak_rss_mb_after_writing_store": round(rss_store),
         "peak_rss_mb": round(peak_rss_mb()),
     }  # fmt: skip
 
@@ -268,15 +279,15 @@ def part_map(a: argparse.Namespace, work: str) -> dict:
         del x
     t_write = time.perf_counter() - t0
     rss_before = peak_rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rep = catalog_map(
         root, 12, os.path.join(work, "map_out"), settings=MapSettings(fit_sample=a.fit_sample), use_ray=False
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.png_out:
         shutil.copy(rep.png, a.png_out)
     return {
-        "rows": a.map_rows, "dim": dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1), "write_store_s": round(t_write, 1),
+        "rows": a.map_rows, "dim": dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "write_store_s": round(t_write, 1),
         "stage_s": {k: round(v, 1) for k, v in rep.stage_s.items()}, "peak_rss_mb_after_writing_store": round(rss_before),
         "peak_rss_mb": round(peak_rss_mb()), "html_mb": round(os.path.getsize(rep.html) / 2**20, 1),
     }  # fmt: skip
@@ -343,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = json.loads(line[-1][7:])
             results[part]["process_s"] = round(time.perf_counter() - t0, 1)
             results[part]["tree_peak_pss_mb"] = round(tree_peak)  # all processes, Ray's included
+            # CPU seconds of the part's process tree (sampled each second; the part process
+            # itself exactly): independent of how much of the machine other work took
+            results[part]["tree_cpu_s"] = round(sum(CPU_SEEN.values()), 1)
             if loads:
                 results[part]["load_avg_1min"] = {
                     "min": round(min(loads), 1), "mean": round(sum(loads) / len(loads), 1), "max": round(max(loads), 1)

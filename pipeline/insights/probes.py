@@ -9,7 +9,8 @@ column(s)) with the stored layer vectors and trains, on CPU or GPU:
   (``head="mlp"``);
 * Adam (lr 1e-3), ``ReduceLROnPlateau`` on the validation loss (factor 0.5, patience 5), early
   stopping (patience 10, the best epoch's weights kept; like the plateau schedule, a
-  validation loss counts as better when it is at least 1e-4 (relative) below the best), at
+  validation loss counts as better when it is at least 1e-4 (relative; 1e-6 absolute at
+  least) below the best), at
   most 200 epochs, batches of 256; the features are read once into one float32 (rows, layers,
   dim) tensor and batches are taken from it by index; on CPU, torch threads per
   :func:`train_threads` (1 for small sets or a busy machine: a parked thread stalls every step);
@@ -248,13 +249,29 @@ def read_features(
     if track_ids is not None and filt is None:
         mask = pc.is_in(tbl["track_id"], value_set=pa.array(list(track_ids), pa.string()))
         tbl = tbl.filter(mask)
-    x = np.stack([to_matrix(tbl[layer_column(i)]) for i in layers], axis=1)  # (N, L, D)
+    x = _stack_layers(tbl, layers)  # (N, L, D)
+    tbl = tbl.drop_columns([layer_column(i) for i in layers])
     if level == "track":
         mids = set(tbl["model_id"].unique().to_pylist())
     else:
         t2 = tref.open().to_table(columns=["model_id"], filter=filt)
         mids = set(t2["model_id"].unique().to_pylist())
     return Features(x, tbl["track_id"].to_pylist(), mids, set(tbl["settings_id"].unique().to_pylist()))
+
+
+def _stack_layers(tbl: pa.Table, layers: Sequence[int]) -> np.ndarray:
+    """The layer columns as one C-contiguous float32 array (N, L, D), filled chunk by chunk (no
+    intermediate copy of a whole column)."""
+    n = tbl.num_rows
+    cols = [tbl[layer_column(i)] for i in layers]
+    dim = cols[0].type.list_size
+    x = np.empty((n, len(layers), dim), np.float32)
+    for j, col in enumerate(cols):
+        at = 0
+        for chunk in col.chunks:
+            x[at : at + len(chunk), j] = to_matrix(chunk)
+            at += len(chunk)
+    return x
 
 
 # --------------------------------------------------------------------------- the model
@@ -618,7 +635,7 @@ def _fit(
             ix = va_idx if len(va_idx) else tr_idx
             vloss = float(loss_fn(net(X[ix]), Y[ix]))
         sched.step(vloss)
-        if vloss < best - max(1e-9, settings.min_delta * abs(best)) or best_state is None:
+        if best_state is None or vloss < best - max(1e-6, settings.min_delta * abs(best)):
             best, bad = vloss, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:
