@@ -68,6 +68,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024.0
+
+
 def tree_pss_mb(pid: int) -> float:
     """Memory of a process and all its descendants (Ray's GCS, raylet and workers included):
     the sum of their proportional set sizes (shared pages counted once in all), from /proc."""
@@ -279,6 +284,17 @@ def part_map(a: argparse.Namespace, work: str) -> dict:
         del x
     t_write = time.perf_counter() - t0
     rss_before = peak_rss_mb()
+    import pipeline.insights.catalog_map as cm
+
+    group_rss: list[int] = []  # current RSS (MB) after each placed fragment group
+    task = cm._map_task
+
+    def watched_task(*args, **kw):
+        out = task(*args, **kw)
+        group_rss.append(round(rss_now_mb()))
+        return out
+
+    cm._map_task = watched_task
     t0, c0 = time.perf_counter(), time.process_time()
     rep = catalog_map(
         root, 12, os.path.join(work, "map_out"), settings=MapSettings(fit_sample=a.fit_sample), use_ray=False
@@ -290,6 +306,7 @@ def part_map(a: argparse.Namespace, work: str) -> dict:
         "rows": a.map_rows, "dim": dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "write_store_s": round(t_write, 1),
         "stage_s": {k: round(v, 1) for k, v in rep.stage_s.items()}, "peak_rss_mb_after_writing_store": round(rss_before),
         "peak_rss_mb": round(peak_rss_mb()), "html_mb": round(os.path.getsize(rep.html) / 2**20, 1),
+        "rss_mb_after_each_group": group_rss,
     }  # fmt: skip
 
 
