@@ -93,9 +93,9 @@ __all__ = [
 DEFAULT_MARGIN = 0.1
 DEFAULT_K = 16
 LEVELS = ("track", "window")
-#: How an indexed layer is searched: ``batched`` (the index's IVF partitions, queries of a
-#: partition scored together), ``lance`` (one Lance ANN query per row), ``auto`` (batched unless
-#: the corpus vectors exceed ``max_corpus_bytes``).
+#: How an indexed layer is searched: ``batched`` (the index's IVF partitions, each scored at
+#: once against all the queries that probe it), ``lance`` (one Lance ANN query per row),
+#: ``auto`` (batched unless the corpus vectors exceed ``max_corpus_bytes``).
 ANN_MODES = ("auto", "batched", "lance")
 #: ``ann_mode="auto"`` holds the corpus vectors (float32) up to this size: 1M x 1024-d.
 MAX_CORPUS_BYTES = 4 << 30
@@ -274,30 +274,20 @@ def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.numpy(), vals.numpy()
 
 
-def _search_block(
-    qv: np.ndarray, own: np.ndarray, corpus: _Corpus, parts: np.ndarray, fetch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact neighbours of the queries ``qv`` (b, D) among the rows of the partitions ``parts``,
-    rows of the query's own track (``own`` codes) left out: positions (b, fetch) with -1
-    padding, cosine (b, fetch)."""
-    assert corpus.vectors is not None and corpus.ptr is not None and corpus.members is not None
-    spans = [(int(corpus.ptr[p]), int(corpus.ptr[p + 1])) for p in parts]
-    spans = [(a, b) for a, b in spans if b > a]
+def _exact_block(qv: np.ndarray, own: np.ndarray, corpus: _Corpus, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours of the queries ``qv`` (b, D) among all rows, rows of the query's own
+    track (``own`` codes) left out: positions (b, fetch) with -1 padding, cosine (b, fetch)."""
+    assert corpus.vectors is not None and corpus.members is not None
     b = len(qv)
     nb = np.full((b, fetch), -1, np.int64)
     sims = np.full((b, fetch), -np.inf, np.float32)
-    if not spans:
+    kk = min(fetch, len(corpus.members))
+    if kk == 0:
         return nb, sims
-    if len(spans) == 1:
-        vec, pos = corpus.vectors[spans[0][0] : spans[0][1]], corpus.members[spans[0][0] : spans[0][1]]
-    else:
-        vec = np.concatenate([corpus.vectors[a:e] for a, e in spans])
-        pos = np.concatenate([corpus.members[a:e] for a, e in spans])
-    sc = qv @ vec.T  # (b, C)
-    sc[corpus.codes[pos][None, :] == own[:, None]] = -np.inf
-    kk = min(fetch, len(pos))
+    sc = qv @ corpus.vectors.T  # (b, N)
+    sc[corpus.codes[corpus.members][None, :] == own[:, None]] = -np.inf
     top, ts = _top(sc, kk)
-    nb[:, :kk] = pos[top]
+    nb[:, :kk] = corpus.members[top]
     sims[:, :kk] = ts
     return nb, sims
 
@@ -374,10 +364,9 @@ def _neighbour_task(
     sims = np.full((n, fetch), -np.inf, np.float32)
     if corpus.vectors is not None:
         if corpus.centroids is None:  # exact: every row against everything
-            every = np.zeros(1, np.int64)
             for s in range(0, n, _BLOCK):
                 blk = slice(s, s + _BLOCK)
-                nb[blk], sims[blk] = _search_block(qv[blk], own[blk], corpus, every, fetch)
+                nb[blk], sims[blk] = _exact_block(qv[blk], own[blk], corpus, fetch)
         else:
             for s in range(0, n, _QUERY_CHUNK):
                 blk = slice(s, s + _QUERY_CHUNK)
