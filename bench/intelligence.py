@@ -45,7 +45,11 @@ import numpy as np  # noqa: E402
 
 
 def write_tracks(
-    root: str, vectors: dict[int, np.ndarray], ids: list[str], rows_per_file: int, perm: np.ndarray | None = None
+    root: str,
+    vectors: dict[int, np.ndarray],
+    ids: list[str],
+    rows_per_file: int,
+    perm: np.ndarray | None = None,
 ) -> None:
     """Tracks ``ids`` with their vectors (row ``perm[i]`` for the i-th track when given)."""
     import lance
@@ -259,10 +263,9 @@ def part_probe(a: argparse.Namespace, work: str) -> dict:
 
 
 def part_map(a: argparse.Namespace, work: str) -> dict:
-    from pipeline.insights.catalog_map import MapSettings, catalog_map
-
     import lance
 
+    from pipeline.insights.catalog_map import MapSettings, catalog_map
     from pipeline.search.synthetic import tracks_table
 
     root = os.path.join(work, "map")
@@ -276,11 +279,18 @@ def part_map(a: argparse.Namespace, work: str) -> dict:
     for s in range(0, a.map_rows, a.rows_per_file):
         e = min(a.map_rows, s + a.rows_per_file)
         r = np.random.default_rng([a.seed, s])
-        x = centres[r.integers(0, 40, e - s)] + (1.0 / np.sqrt(dim)) * r.standard_normal((e - s, dim), np.float32)
+        x = centres[r.integers(0, 40, e - s)] + (1.0 / np.sqrt(dim)) * r.standard_normal(
+            (e - s, dim), np.float32
+        )
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         ids = [f"t{i:07d}" for i in range(s, e)]
-        meta = {"title": [f"Title {i}" for i in range(s, e)], "artist": [f"Artist {i % 97}" for i in range(s, e)]}
-        lance.write_dataset(tracks_table(ids, {12: x}, meta), f"{root}/tracks.lance", mode="append" if s else "create")
+        meta = {
+            "title": [f"Title {i}" for i in range(s, e)],
+            "artist": [f"Artist {i % 97}" for i in range(s, e)],
+        }
+        lance.write_dataset(
+            tracks_table(ids, {12: x}, meta), f"{root}/tracks.lance", mode="append" if s else "create"
+        )
         del x
     t_write = time.perf_counter() - t0
     rss_before = peak_rss_mb()
@@ -329,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dup-index", choices=("ivf_pq", "ivf_hnsw_sq", "none"), default="ivf_pq",
         help="index built on the duplicates store first (none: exact search)",
     )  # fmt: skip
-    p.add_argument("--dup-ann", choices=("auto", "batched", "lance"), default="auto", help="find_duplicates ann_mode")
+    p.add_argument(
+        "--dup-ann", choices=("auto", "batched", "lance"), default="auto", help="find_duplicates ann_mode"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png-out", default=None, help="copy the map's PNG here")
     p.add_argument("--quick", action="store_true", help="smoke-test size")

@@ -187,7 +187,6 @@ class DuplicateReport:
             f"{self.wall_s:.1f} s; nearest/second-nearest distance ratio quantiles: {q}"
         )
 
-
     def _how(self) -> str:
         if self.method == "ivf-batched":
             return f"ANN index: {self.nprobes} of {self.partitions} IVF partitions, batched"
@@ -274,7 +273,9 @@ def _top(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.numpy(), vals.numpy()
 
 
-def _exact_block(qv: np.ndarray, own: np.ndarray, corpus: _Corpus, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact_block(
+    qv: np.ndarray, own: np.ndarray, corpus: _Corpus, fetch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact neighbours of the queries ``qv`` (b, D) among all rows, rows of the query's own
     track (``own`` codes) left out: positions (b, fetch) with -1 padding, cosine (b, fetch)."""
     assert corpus.vectors is not None and corpus.members is not None

@@ -180,7 +180,9 @@ def test_batched_ivf_search_probes_nprobes_partitions_and_finds_the_copies(tmp_p
     want = exact.select(key).to_pylist()
     assert batched.select(key).to_pylist() == want
     assert per_query.select(key).to_pylist() == want
-    assert {frozenset((r["track_id"], r["match_track_id"])) for r in exact.to_pylist()} == planted_pairs(groups)
+    assert {frozenset((r["track_id"], r["match_track_id"])) for r in exact.to_pylist()} == planted_pairs(
+        groups
+    )
     # the neighbour lists of the batched search: exact within the probed partitions
     assert rep_b.gap_ratio_quantiles["p50"] == pytest.approx(rep_x.gap_ratio_quantiles["p50"], abs=0.05)
 
