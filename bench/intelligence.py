@@ -44,7 +44,14 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 
-def write_tracks(root: str, vectors: dict[int, np.ndarray], ids: list[str], rows_per_file: int) -> None:
+def write_tracks(
+    root: str,
+    vectors: dict[int, np.ndarray],
+    ids: list[str],
+    rows_per_file: int,
+    perm: np.ndarray | None = None,
+) -> None:
+    """Tracks ``ids`` with their vectors (row ``perm[i]`` for the i-th track when given)."""
     import lance
 
     from pipeline.search.synthetic import tracks_table
@@ -56,12 +63,73 @@ def write_tracks(root: str, vectors: dict[int, np.ndarray], ids: list[str], rows
             "title": [f"Title {i}" for i in range(s, e)],
             "artist": [f"Artist {i % 97}" for i in range(s, e)],
         }
-        tbl = tracks_table(ids[s:e], {k: v[s:e] for k, v in vectors.items()}, meta)
+        rows = slice(s, e) if perm is None else perm[s:e]
+        tbl = tracks_table(ids[s:e], {k: v[rows] for k, v in vectors.items()}, meta)
         lance.write_dataset(tbl, f"{root}/tracks.lance", mode="append" if s else "create")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024.0
+
+
+def tree_pss_mb(pid: int) -> float:
+    """Memory of a process and all its descendants (Ray's GCS, raylet and workers included):
+    the sum of their proportional set sizes (shared pages counted once in all), from /proc."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+            with open(f"/proc/{p}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+            CPU_SEEN[p] = max(CPU_SEEN.get(p, 0.0), (int(st[11]) + int(st[12])) / tick)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1024.0
+
+
+CPU_SEEN: dict[int, float] = {}  # pid -> CPU seconds (user + system) last seen by tree_pss_mb
+
+
+def run_watched(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, list[float]]:
+    """Run ``cmd``; (result, peak memory of its process tree in MB, load averages 1 min seen)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, loads, done = [0.0], [], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            peak[0] = max(peak[0], tree_pss_mb(proc.pid))
+            loads.append(os.getloadavg()[0])
+
+    CPU_SEEN.clear()
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    done.set()
+    th.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak[0], loads
 
 
 # --------------------------------------------------------------------------- parts
@@ -101,17 +169,31 @@ def part_duplicates(a: argparse.Namespace, work: str) -> dict:
         extra.append(near(base[i], 0.03))
         extra_ids.append(f"rel{j:06d}")
     vecs.append(np.stack(extra))
+    del base, extra
     x = np.concatenate(vecs)
+    del vecs
     all_ids = ids + extra_ids
     perm = rng.permutation(len(all_ids))  # copies spread over the fragments
-    x, all_ids = x[perm], [all_ids[i] for i in perm]
+    all_ids = [all_ids[i] for i in perm]
     root = os.path.join(work, "dup")
     t0 = time.perf_counter()
-    write_tracks(root, {12: x}, all_ids, a.rows_per_file)
+    write_tracks(root, {12: x}, all_ids, a.rows_per_file, perm=perm)
     t_write = time.perf_counter() - t0
+    del x
+    rss_store = peak_rss_mb()
     t0 = time.perf_counter()
-    table, rep = find_duplicates(root, 12, write=True, use_ray=None if not a.no_ray else False)
-    wall = time.perf_counter() - t0
+    index: dict = {"type": None}
+    if a.dup_index != "none":
+        from pipeline.search.index import build_indexes
+
+        r = build_indexes(root, layers=[12], tables=["tracks"], index_type=a.dup_index.upper())[0]
+        index = {"type": r.index_type, "params": r.params, "action": r.action}
+    t_index = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    table, rep = find_duplicates(
+        root, 12, write=True, use_ray=None if not a.no_ray else False, ann_mode=a.dup_ann
+    )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     found_group: dict[str, str] = {}
     for r in table.to_pylist():
         found_group[r["track_id"]] = found_group[r["match_track_id"]] = r["group_id"]
@@ -137,8 +219,11 @@ def part_duplicates(a: argparse.Namespace, work: str) -> dict:
     return {
         "tracks": len(all_ids), "dim": a.dim, "planted_groups": len(groups), "planted_pairs": len(planted_pairs),
         "related_not_copies": n_groups, "found_groups": rep.groups, "found_pairs": len(found_pairs),
-        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "write_s": round(t_write, 1),
-        "exact": rep.exact, "ray": rep.ray, "gap_ratio_quantiles": rep.gap_ratio_quantiles, "peak_rss_mb": round(peak_rss_mb()),
+        "precision": float(precision), "recall": float(recall), "wall_s": round(wall, 1), "search_s": round(rep.search_s, 1), "driver_cpu_s": round(cpu, 1),
+        "write_s": round(t_write, 1), "index": index, "index_s": round(t_index, 1), "method": rep.method,
+        "partitions": rep.partitions, "nprobes": rep.nprobes, "ray": rep.ray,
+        "gap_ratio_quantiles": {k: round(v, 4) for k, v in rep.gap_ratio_quantiles.items()},
+        "peak_rss_mb_after_writing_store": round(rss_store), "peak_rss_mb": round(peak_rss_mb()),
         "goal_met": bool(precision >= 0.95 and recall >= 0.95),
     }  # fmt: skip
 
@@ -159,42 +244,79 @@ def part_probe(a: argparse.Namespace, work: str) -> dict:
     ids = [f"t{i:07d}" for i in range(n)]
     root = os.path.join(work, "probe")
     write_tracks(root, {7: l7, 12: l12}, ids, a.rows_per_file)
+    del l7, l12
+    rss_store = peak_rss_mb()
     labels = os.path.join(work, "labels.csv")
     pcsv.write_csv(pa.table({"track_id": ids, "genre": [f"g{v}" for v in lab]}), labels)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     probe = train_probe(
         root, labels, ProbeSettings(task="multiclass", layers=(7, 12), head="mlp"), os.path.join(work, "p")
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     c = probe.card
     return {
-        "rows": n, "layers": 2, "dim": a.probe_dim, "wall_s": round(wall, 1), "epochs": c["epochs"],
+        "rows": n, "layers": 2, "dim": a.probe_dim, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "epochs": c["epochs"],
         "s_per_epoch": round(wall / max(1, c["epochs"]), 2), "test": c["metrics"], "layer_weights": c["layer_weights"],
+        "threads": c["threads"], "fit_s": c["fit_s"], "peak_rss_mb_after_writing_store": round(rss_store),
         "peak_rss_mb": round(peak_rss_mb()),
     }  # fmt: skip
 
 
 def part_map(a: argparse.Namespace, work: str) -> dict:
+    import lance
+
     from pipeline.insights.catalog_map import MapSettings, catalog_map
-    from pipeline.search.synthetic import clustered_vectors
+    from pipeline.search.synthetic import tracks_table
 
     root = os.path.join(work, "map")
-    ids = [f"t{i:07d}" for i in range(a.map_rows)]
-    x = clustered_vectors(a.map_rows, a.dim, 40, seed=a.seed)
-    write_tracks(root, {12: x}, ids, a.rows_per_file)
-    del x
-    rss_before = peak_rss_mb()
+    dim = a.map_dim or a.dim
+    # written fragment by fragment (the whole matrix is 4 GB at 1M x 1024): 40 clusters as in
+    # clustered_vectors, each fragment's labels and noise from its own seeded generator
+    rng = np.random.default_rng(a.seed)
+    centres = rng.standard_normal((40, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     t0 = time.perf_counter()
+    for s in range(0, a.map_rows, a.rows_per_file):
+        e = min(a.map_rows, s + a.rows_per_file)
+        r = np.random.default_rng([a.seed, s])
+        x = centres[r.integers(0, 40, e - s)] + (1.0 / np.sqrt(dim)) * r.standard_normal(
+            (e - s, dim), np.float32
+        )
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = [f"t{i:07d}" for i in range(s, e)]
+        meta = {
+            "title": [f"Title {i}" for i in range(s, e)],
+            "artist": [f"Artist {i % 97}" for i in range(s, e)],
+        }
+        lance.write_dataset(
+            tracks_table(ids, {12: x}, meta), f"{root}/tracks.lance", mode="append" if s else "create"
+        )
+        del x
+    t_write = time.perf_counter() - t0
+    rss_before = peak_rss_mb()
+    import pipeline.insights.catalog_map as cm
+
+    group_rss: list[int] = []  # current RSS (MB) after each placed fragment group
+    task = cm._map_task
+
+    def watched_task(*args, **kw):
+        out = task(*args, **kw)
+        group_rss.append(round(rss_now_mb()))
+        return out
+
+    cm._map_task = watched_task
+    t0, c0 = time.perf_counter(), time.process_time()
     rep = catalog_map(
         root, 12, os.path.join(work, "map_out"), settings=MapSettings(fit_sample=a.fit_sample), use_ray=False
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if a.png_out:
         shutil.copy(rep.png, a.png_out)
     return {
-        "rows": a.map_rows, "dim": a.dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1),
+        "rows": a.map_rows, "dim": dim, "fit_sample": a.fit_sample, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "write_store_s": round(t_write, 1),
         "stage_s": {k: round(v, 1) for k, v in rep.stage_s.items()}, "peak_rss_mb_after_writing_store": round(rss_before),
         "peak_rss_mb": round(peak_rss_mb()), "html_mb": round(os.path.getsize(rep.html) / 2**20, 1),
+        "rss_mb_after_each_group": group_rss,
     }  # fmt: skip
 
 
@@ -209,9 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-rows", type=int, default=1_000_000)
     p.add_argument("--fit-sample", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=1024, help="vector size of the duplicates and map stores")
+    p.add_argument("--map-dim", type=int, default=None, help="vector size of the map store (default: --dim)")
     p.add_argument("--rows-per-file", type=int, default=50_000)
     p.add_argument("--parts", default="duplicates,probe,map")
     p.add_argument("--no-ray", action="store_true", help="duplicates in this process even for large stores")
+    p.add_argument(
+        "--dup-index", choices=("ivf_pq", "ivf_hnsw_sq", "none"), default="ivf_pq",
+        help="index built on the duplicates store first (none: exact search)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dup-ann", choices=("auto", "batched", "lance"), default="auto", help="find_duplicates ann_mode"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png-out", default=None, help="copy the map's PNG here")
     p.add_argument("--quick", action="store_true", help="smoke-test size")
@@ -245,13 +375,21 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cmd = [sys.executable, os.path.abspath(__file__), *sub, "--part", part, "--work", work]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc, tree_peak, loads = run_watched(cmd)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
-                results[part] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+                results[part] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
             else:
                 results[part] = json.loads(line[-1][7:])
             results[part]["process_s"] = round(time.perf_counter() - t0, 1)
+            results[part]["tree_peak_pss_mb"] = round(tree_peak)  # all processes, Ray's included
+            # CPU seconds of the part's process tree (sampled each second; the part process
+            # itself exactly): independent of how much of the machine other work took
+            results[part]["tree_cpu_s"] = round(sum(CPU_SEEN.values()), 1)
+            if loads:
+                results[part]["load_avg_1min"] = {
+                    "min": round(min(loads), 1), "mean": round(sum(loads) / len(loads), 1), "max": round(max(loads), 1)
+                }  # fmt: skip
             print(f"{part}: {json.dumps(results[part])}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -116,15 +116,32 @@ class Reducer:
         return xy.astype(np.float32)
 
 
+def _principal_axes(u: np.ndarray, mean: np.ndarray, p: int) -> np.ndarray:
+    """The first ``p`` principal axes (p, D) of the rows ``u``: eigenvectors of the D x D
+    covariance (accumulated in float64 block by block), largest eigenvalue first, each signed so
+    that its largest coordinate is positive. A thin SVD of the centred (N, D) sample gives the
+    same axes but costs ~N D^2 in LAPACK and a copy of the sample (the 50,000 x 1024 sample of a
+    1M-track map sat in it for minutes on the 2-core dev machine); this is one (D, N) x (N, D)
+    product and a D x D eigendecomposition."""
+    d = u.shape[1]
+    cov = np.zeros((d, d), np.float64)
+    for s in range(0, len(u), 16384):
+        b = (u[s : s + 16384] - mean).astype(np.float64)
+        cov += b.T @ b
+    w, v = np.linalg.eigh(cov)  # ascending
+    axes = v[:, ::-1][:, :p].T  # (p, D)
+    big = np.argmax(np.abs(axes), axis=1)
+    axes *= np.sign(axes[np.arange(len(axes)), big])[:, None]
+    return np.ascontiguousarray(axes, np.float32)
+
+
 def fit_reducer(x: np.ndarray, s: MapSettings) -> tuple[Reducer, np.ndarray]:
     """Fit PCA + UMAP on ``x`` (N, D); returns the reducer and the sample's 2-D coordinates."""
     u = unit_rows(x)
     mean = u.mean(0)
     n = len(u)
     p = max(2, min(s.pca_dim, u.shape[1], n))
-    # PCA by SVD of the centred sample
-    _, _, vt = np.linalg.svd(u - mean, full_matrices=False)
-    comps = vt[:p].astype(np.float32)
+    comps = _principal_axes(u, mean, p)
     if comps.shape[0] < 2:
         comps = np.vstack([comps, np.zeros((2 - comps.shape[0], u.shape[1]), np.float32)])
     proj = (u - mean) @ comps.T
@@ -150,7 +167,10 @@ def _map_task(fragment_ids: Sequence[int], ref: StoreRef, layer: int, reducer: R
     col = layer_column(layer)
     t = read_fragments(ref, fragment_ids, ["track_id", col])
     xy = reducer.transform(to_matrix(t[col])) if t.num_rows else np.zeros((0, 2), np.float32)
-    return pa.table({"track_id": t["track_id"], "map_x": xy[:, 0], "map_y": xy[:, 1]})
+    # a copy of the ids: the column read by Lance shares its allocation with the vectors, so
+    # returning it would keep every group's vectors alive (+200 MB per 50k x 1024-d group)
+    ids = pa.array(t["track_id"].to_pylist(), pa.string())
+    return pa.table({"track_id": ids, "map_x": xy[:, 0], "map_y": xy[:, 1]})
 
 
 def catalog_map(

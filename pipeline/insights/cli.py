@@ -103,6 +103,13 @@ def duplicates_parser() -> argparse.ArgumentParser:
         "--no-index", action="store_true", help="exact search even when the layer has an ANN index"
     )
     p.add_argument(
+        "--ann",
+        choices=("auto", "batched", "lance"),
+        default="auto",
+        help="indexed layer: batched search of the index's IVF partitions, or one Lance query per "
+        "track (auto: batched while the vectors fit in 4 GiB)",
+    )
+    p.add_argument(
         "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
     )
     return p
@@ -135,7 +142,7 @@ def run_duplicates(
             layer = max(layers)
         _, report = find_duplicates(
             args.store, layer, args.level, crit, args.storage_options, incremental=args.incremental,
-            use_ray=_use_ray(args.ray), use_index=not args.no_index,
+            use_ray=_use_ray(args.ray), use_index=not args.no_index, ann_mode=args.ann,
         )  # fmt: skip
         return report
 
@@ -163,6 +170,10 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and the weights")
     p.add_argument("--max-epochs", type=positive_int, default=200, help="most epochs (default 200)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None,
+        help="torch CPU threads (default: 1 for small sets, else the cores the load leaves free)",
+    )  # fmt: skip
     return p
 
 
@@ -173,7 +184,7 @@ def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err:
 
     def go() -> Any:
         s = ProbeSettings(task=args.task, layers=tuple(args.layers), head=args.head, level=args.level,
-                          seed=args.seed, max_epochs=args.max_epochs)  # fmt: skip
+                          seed=args.seed, max_epochs=args.max_epochs, threads=args.threads)  # fmt: skip
         probe = train_probe(args.store, args.labels, s, args.out, name=args.name, label_columns=args.label_column,
                             storage_options=args.storage_options, device=args.device)  # fmt: skip
         c = probe.card

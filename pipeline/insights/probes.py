@@ -8,7 +8,12 @@ column(s)) with the stored layer vectors and trains, on CPU or GPU:
 * a linear layer (``head="linear"``) or one hidden layer of 512 ReLU units with dropout 0.2
   (``head="mlp"``);
 * Adam (lr 1e-3), ``ReduceLROnPlateau`` on the validation loss (factor 0.5, patience 5), early
-  stopping (patience 10, the best epoch's weights kept), at most 200 epochs, batches of 256;
+  stopping (patience 10, the best epoch's weights kept; like the plateau schedule, a
+  validation loss counts as better when it is at least 1e-4 (relative; 1e-6 absolute at
+  least) below the best), at
+  most 200 epochs, batches of 256; the features are read once into one float32 (rows, layers,
+  dim) tensor and batches are taken from it by index; on CPU, torch threads per
+  :func:`train_threads` (1 for small sets or a busy machine: a parked thread stalls every step);
 * splits seeded and stratified (by class; multilabel by each row's rarest positive label;
   regression by quintile of the target): 20 % test, 10 % validation, the rest training. At
   window level (``level="window"``) every window of a labelled track is a training row, the
@@ -55,6 +60,7 @@ __all__ = [
     "load_labels",
     "read_features",
     "train_probe",
+    "train_threads",
 ]
 
 TASKS = ("multiclass", "multilabel", "regression")
@@ -86,6 +92,8 @@ class ProbeSettings:
     test_fraction: float = 0.2
     level: str = "track"
     seed: int = 0
+    min_delta: float = 1e-4  # relative improvement of the validation loss that resets the patience
+    threads: int | None = None  # torch CPU threads (None: see train_threads)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -241,13 +249,29 @@ def read_features(
     if track_ids is not None and filt is None:
         mask = pc.is_in(tbl["track_id"], value_set=pa.array(list(track_ids), pa.string()))
         tbl = tbl.filter(mask)
-    x = np.stack([to_matrix(tbl[layer_column(i)]) for i in layers], axis=1)  # (N, L, D)
+    x = _stack_layers(tbl, layers)  # (N, L, D)
+    tbl = tbl.drop_columns([layer_column(i) for i in layers])
     if level == "track":
         mids = set(tbl["model_id"].unique().to_pylist())
     else:
         t2 = tref.open().to_table(columns=["model_id"], filter=filt)
         mids = set(t2["model_id"].unique().to_pylist())
     return Features(x, tbl["track_id"].to_pylist(), mids, set(tbl["settings_id"].unique().to_pylist()))
+
+
+def _stack_layers(tbl: pa.Table, layers: Sequence[int]) -> np.ndarray:
+    """The layer columns as one C-contiguous float32 array (N, L, D), filled chunk by chunk (no
+    intermediate copy of a whole column)."""
+    n = tbl.num_rows
+    cols = [tbl[layer_column(i)] for i in layers]
+    dim = cols[0].type.list_size
+    x = np.empty((n, len(layers), dim), np.float32)
+    for j, col in enumerate(cols):
+        at = 0
+        for chunk in col.chunks:
+            x[at : at + len(chunk), j] = to_matrix(chunk)
+            at += len(chunk)
+    return x
 
 
 # --------------------------------------------------------------------------- the model
@@ -433,6 +457,40 @@ def _aggregate(task: str, pred: np.ndarray, groups: np.ndarray, n: int) -> np.nd
     return (out / np.maximum(cnt, 1)).astype(np.float32)
 
 
+def train_threads(threads: int | None, numel: int) -> int:
+    """Torch CPU threads for training: ``threads`` when given; 1 for small feature sets (tiny
+    steps: more threads only add contention); else torch's default capped at the cores the
+    other processes leave free (cores minus the 1-minute load average, at least 1). A thread
+    that the scheduler parks stalls every step of the others (measured on the 2-core dev machine
+    with a second process busy: 45 s per epoch with 2 threads against 3.8 s with 1, 100k rows
+    x 2 layers x 1024-d, MLP, batches of 256)."""
+    import torch
+
+    if threads:
+        return int(threads)
+    if numel < 4_000_000:
+        return 1
+    cpus = os.cpu_count() or 1
+    try:
+        free = cpus - os.getloadavg()[0]
+    except OSError:
+        free = cpus
+    return max(1, min(torch.get_num_threads(), int(free + 0.5)))
+
+
+def _row_stats(x: np.ndarray, rows: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over ``x[rows]`` (axis 0), in float64, chunk by chunk."""
+    s1 = np.zeros(x.shape[1:], np.float64)
+    s2 = np.zeros(x.shape[1:], np.float64)
+    for s in range(0, len(rows), chunk):
+        b = x[rows[s : s + chunk]].astype(np.float64)
+        s1 += b.sum(0)
+        s2 += np.square(b).sum(0)
+    n = max(1, len(rows))
+    mean = s1 / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(s2 / n - mean**2, 0.0)).astype(np.float32)
+
+
 def train_probe(
     store: str,
     labels_path: str,
@@ -480,9 +538,9 @@ def train_probe(
     n_out = len(lab.labels)
     net = _net(n_layers, dim, n_out, settings.head, settings.hidden, settings.dropout)
     tr = split_r == 0
-    xt = feats.x[tr]
-    net.mean.copy_(torch.from_numpy(xt.mean(0)))
-    net.std.copy_(torch.from_numpy(xt.std(0) + 1e-6))
+    mean, std = _row_stats(feats.x, np.flatnonzero(tr))
+    net.mean.copy_(torch.from_numpy(mean))
+    net.std.copy_(torch.from_numpy(std + 1e-6))
     yr = y[row_track]  # (R,) or (R, C)
     if settings.task == "regression":
         net.y_mean.copy_(torch.from_numpy(y[split_t == 0].mean(0)))
@@ -500,18 +558,20 @@ def train_probe(
     va_idx = torch.from_numpy(np.flatnonzero(split_r == 1)).to(dev)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
     threads = torch.get_num_threads()
-    if dev.type == "cpu" and X.numel() < 4_000_000:  # tiny steps: more threads only add contention
-        torch.set_num_threads(1)
+    use_threads = train_threads(settings.threads, X.numel()) if dev.type == "cpu" else threads
+    torch.set_num_threads(use_threads)
     try:
+        t_fit = time.perf_counter()
         best, best_state, epochs = _fit(net, X, Y, tr_idx, va_idx, loss_fn, settings, gen)
+        t_fit = time.perf_counter() - t_fit
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        net = net.cpu().eval()
+        probe = Probe({}, net)
+        probe.card = {"task": settings.task, "labels": lab.labels}  # predict() needs these two
+        pred_r = probe.predict(feats.x)
     finally:
         torch.set_num_threads(threads)
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net = net.cpu().eval()
-    probe = Probe({}, net)
-    probe.card = {"task": settings.task, "labels": lab.labels}  # predict() needs these two
-    pred_r = probe.predict(feats.x)
     pred_t = _aggregate(settings.task, pred_r, row_track, len(tids))
     yk = y if settings.task != "multiclass" else y.astype(np.int64)
     res = {
@@ -538,6 +598,8 @@ def train_probe(
         "rows": {p: int(np.sum(split_r == k)) for k, p in enumerate(("train", "val", "test"))},
         "layer_weights": {str(lay): float(w) for lay, w in zip(settings.layers, weights, strict=True)},
         "epochs": epochs,
+        "fit_s": round(t_fit, 3),
+        "threads": use_threads,
         "best_val_loss": best,
         "settings": asdict(settings),
         "labels_file": os.path.basename(labels_path),
@@ -573,7 +635,7 @@ def _fit(
             ix = va_idx if len(va_idx) else tr_idx
             vloss = float(loss_fn(net(X[ix]), Y[ix]))
         sched.step(vloss)
-        if vloss < best - 1e-6:
+        if best_state is None or vloss < best - max(1e-6, settings.min_delta * abs(best)):
             best, bad = vloss, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:

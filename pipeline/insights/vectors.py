@@ -88,8 +88,9 @@ def to_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(n > 0, n, 1.0)).astype(np.float32)
+    return np.divide(x, np.where(n > 0, n, np.float32(1.0)), dtype=np.float32)  # one new array
 
 
 def id_filter(column: str, ids: Sequence[str] | None) -> str | None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.insights.cli import run_duplicates
-from pipeline.insights.duplicates import Criterion, find_duplicates, gap_matches, read_duplicates
+from pipeline.insights.duplicates import Criterion, _gap_rows, find_duplicates, gap_matches, read_duplicates
 from pipeline.search.index import build_indexes
 from pipeline.search.synthetic import tracks_table
 from tests.insights.conftest import HOP_S, WINDOW_S, planted_store, read_catalog, read_variants
@@ -131,13 +131,60 @@ def test_ann_index_and_ray_tasks_give_the_same_groups(planted, ray_cluster) -> N
     exact, _ = find_duplicates(str(root), 12, use_index=False, write=False)
     ann, rep_ann = find_duplicates(str(root), 12, write=False)
     ray_t, rep_ray = find_duplicates(str(root), 12, use_ray=True, use_index=False, write=False)
-    assert not rep_ann.exact and rep_ray.ray
+    assert not rep_ann.exact and rep_ann.method == "ivf-batched" and rep_ray.ray
     key = ["track_id", "match_track_id", "group_id"]
     assert ann.select(key).to_pylist() == exact.select(key).to_pylist()
     assert ray_t.select(key).to_pylist() == exact.select(key).to_pylist()
     assert {frozenset((r["track_id"], r["match_track_id"])) for r in exact.to_pylist()} == planted_pairs(
         groups
     )
+
+
+def test_gap_test_of_all_rows_at_once_equals_the_row_by_row_test() -> None:
+    rng = np.random.default_rng(3)
+    sims = np.sort(1.0 - rng.exponential(0.05, (400, 8)) ** rng.uniform(0.5, 3, (400, 1)), axis=1)[:, ::-1]
+    sims[::7, 1] = sims[::7, 0] - 1e-4  # pairs of copies
+    sims[::5, 5:] = -np.inf  # short lists
+    sims[::11, 1:] = -np.inf  # one neighbour only
+    for crit in (Criterion(), Criterion(margin=0.3), Criterion(threshold=0.97)):
+        ratio, m = _gap_rows(sims.astype(np.float32), crit)
+        for i, row in enumerate(sims.astype(np.float32)):
+            s = row[np.isfinite(row)]
+            assert m[i] == gap_matches(s, crit), (i, row)
+            if len(s) >= 2:
+                assert ratio[i] == pytest.approx((1.0 - s[0]) / max(1e-12, 1.0 - s[1]), rel=1e-4, abs=1e-6)
+            else:
+                assert np.isnan(ratio[i])
+
+
+def test_batched_ivf_search_probes_nprobes_partitions_and_finds_the_copies(tmp_path, monkeypatch) -> None:
+    """An index of ~6 partitions searched with nprobes 2: the batched search of the partitions
+    and Lance's own per-query search find the same pairs as exact search."""
+    import pipeline.search.index as index_mod
+
+    root, groups = planted_store(tmp_path / "store", n=1500, pairs=20, triples=6)
+    ds = lance.dataset(str(root / "tracks.lance"))
+    ds.create_index("layer_12", metric="cosine", index_type="IVF_PQ", num_partitions=6, num_sub_vectors=4)
+    real = index_mod.search_params
+    monkeypatch.setattr(index_mod, "search_params", lambda t, p, k, **kw: real(t, p, k, nprobes=2))
+    exact, rep_x = find_duplicates(str(root), 12, use_index=False, write=False)
+    batched, rep_b = find_duplicates(str(root), 12, write=False)
+    # the vectors over max_corpus_bytes: one Lance query per track (as ann_mode="lance")
+    per_query, rep_l = find_duplicates(str(root), 12, write=False, max_corpus_bytes=1000)
+    assert (rep_x.method, rep_b.method, rep_l.method) == ("exact", "ivf-batched", "lance")
+    assert rep_b.nprobes == 2 and rep_b.partitions >= 4  # Lance may train a few less than asked
+    assert f"2 of {rep_b.partitions} IVF partitions, batched" in rep_b.summary()
+    with pytest.raises(ValueError, match="ann_mode"):
+        find_duplicates(str(root), 12, write=False, ann_mode="fast")
+    key = ["track_id", "match_track_id", "group_id"]
+    want = exact.select(key).to_pylist()
+    assert batched.select(key).to_pylist() == want
+    assert per_query.select(key).to_pylist() == want
+    assert {frozenset((r["track_id"], r["match_track_id"])) for r in exact.to_pylist()} == planted_pairs(
+        groups
+    )
+    # the neighbour lists of the batched search: exact within the probed partitions
+    assert rep_b.gap_ratio_quantiles["p50"] == pytest.approx(rep_x.gap_ratio_quantiles["p50"], abs=0.05)
 
 
 def test_incremental_after_new_and_removed_tracks(tmp_path: Path) -> None:

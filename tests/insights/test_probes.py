@@ -15,7 +15,15 @@ import pytest
 
 from pipeline.insights.cli import run_predict, run_probe
 from pipeline.insights.predict import ProbeMismatchError, predict_store
-from pipeline.insights.probes import LabelError, Probe, ProbeSettings, load_labels, read_features, train_probe
+from pipeline.insights.probes import (
+    LabelError,
+    Probe,
+    ProbeSettings,
+    load_labels,
+    read_features,
+    train_probe,
+    train_threads,
+)
 from pipeline.search.synthetic import tracks_table
 from tests.insights.conftest import read_catalog, read_variants
 
@@ -86,6 +94,15 @@ def test_multiclass_known_answer_and_layer_weights(syn, tmp_path) -> None:
     assert sum(c["splits"].values()) == N and c["splits"]["test"] == pytest.approx(0.2 * N, abs=3)
     # stratified: each class is in the test split in about its overall share
     assert c["model_id"] == "musicfm-synthetic" and c["settings_id"] == "s-synthetic"
+    assert c["threads"] == 1 and 0 < c["fit_s"] <= c["train_s"]  # a small set trains on one thread
+
+
+def test_train_threads() -> None:
+    import torch
+
+    assert train_threads(3, 10**9) == 3  # explicit
+    assert train_threads(None, 1_000) == 1  # small steps
+    assert 1 <= train_threads(None, 10**9) <= torch.get_num_threads()
 
 
 def test_random_labels_stay_at_chance(syn, tmp_path) -> None:
