@@ -152,3 +152,27 @@ def test_config_json_round_trip_and_validation(tmp_path) -> None:
         MusicFMConfig.from_json(p)
     with pytest.raises(ValueError, match="not divisible"):
         MusicFMConfig(encoder_dim=50, num_heads=4)
+
+
+@pytest.mark.parametrize(("b", "n"), [(1, 1025), (3, 79321), (2, 720000), (300, 4800)])
+def test_cpu_mel_equals_one_stft_over_the_batch(model: MusicFM25Hz, b: int, n: int) -> None:
+    """The CPU front end (frames in cache-sized steps, re^2 + im^2) gives the float32 values of a
+    plain float64 ``torch.stft`` of the whole batch, for one frame, odd lengths and batches larger
+    than the frames per step."""
+    fe = model.mel_frontend
+    wav = torch.from_numpy(np.random.default_rng(n).standard_normal((b, n)).astype(np.float32) * 0.3)
+    with torch.inference_mode():
+        z = torch.stft(
+            wav.double(),
+            fe.n_fft,
+            fe.hop_length,
+            window=fe.window.double(),
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )  # (B, K, F + 1)
+        mel = torch.matmul(z.abs().pow(2.0).transpose(-1, -2), fe.fb.double()).transpose(-1, -2)
+        ref = (10.0 * torch.log10(torch.clamp(mel, min=1e-10)))[..., :-1].float()
+        got = fe.db(wav)
+    assert got.shape == ref.shape == (b, 128, n // fe.hop_length) and got.is_contiguous()
+    assert (got - ref).abs().max().item() <= 1e-5
