@@ -453,7 +453,8 @@ class MusicFM25Hz(nn.Module):
             self.mel_frontend = LogMel(cfg, mel_mean, mel_std)
             self.frontend = ConvFrontEnd(cfg)
             self.encoder = Conformer(cfg)
-        self.to_empty(device="cpu")
+        # like to_empty(device="cpu"), without empty_like on meta tensors (which imports sympy: ~1 s)
+        self._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
         self.mel_frontend.reset_buffers(cfg)
         self.encoder.reset_buffers()
         self.provenance: dict[str, str] = {"source": "random" if init == "random" else "checkpoint"}
