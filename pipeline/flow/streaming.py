@@ -45,6 +45,7 @@ from pipeline.flow.runtime import (
     default_decode_cpus,
     pool_bounds,
     stop_stage_actors,
+    worker_runtime_env,
 )
 from pipeline.store.tables import StoreWriter
 
@@ -198,6 +199,7 @@ def embed_stream(
         batch_format="pyarrow",
         num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=decode_actors[0], max_size=decode_actors[1]),
+        runtime_env=worker_runtime_env(),
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
@@ -215,6 +217,7 @@ def embed_stream(
         num_gpus=1 if info.gpus > 0 else 0,
         num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
         compute=ray.data.ActorPoolStrategy(min_size=model_actors[0], max_size=model_actors[1]),
+        runtime_env=worker_runtime_env(),
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
