@@ -4,6 +4,7 @@ Usage (from the repo root)::
 
     python bench/job_vs_loop.py                    # 32 real tracks, ~1.3 h of audio, golden model
     python bench/job_vs_loop.py --hours 2 --json out.json
+    python bench/job_vs_loop.py --hours 1.3,4          # two sizes: the steady-state ratio, fitted
     python bench/job_vs_loop.py --quick            # smoke test: 4 tracks x ~60 s
     python bench/job_vs_loop.py --only job         # the job alone (profiling)
 
@@ -282,7 +283,9 @@ def job_vectors(store: Path, layers: tuple[int, ...]) -> dict[str, dict[int, np.
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/job_vs_loop.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--hours", type=float, default=1.3, help="audio in the catalog (default 1.3 h)")
+    ap.add_argument("--hours", default="1.3",
+                    help="audio in the catalog (default 1.3 h); several sizes, e.g. 1.3,4: each is run and "
+                         "the marginal (steady-state) ratio is fitted across them")  # fmt: skip
     ap.add_argument("--max-tracks", type=int, default=None, help="at most this many tracks")
     ap.add_argument("--layers", default="1,3", help="layers stored (default 1,3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the loop (default 2)")
@@ -300,8 +303,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shared = find_shared()
     if shared is None:
         raise SystemExit("cannot find shared/ (golden model, audio clips); set MUSICFM_SHARED")
+    try:
+        sizes = [float(h) for h in str(args.hours).split(",") if h.strip()]
+    except ValueError:
+        raise SystemExit(f"--hours: expected hours like 1.3 or 1.3,4, got {args.hours!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise SystemExit(f"--hours: expected positive hours, got {args.hours!r}")
     if args.quick:
-        args.max_tracks, args.hours = 4, 0.2
+        args.max_tracks, sizes = 4, [0.2]
+    results = [run_size(shared, hours, args) for hours in sizes]
+    out: dict[str, Any] = results[0] if len(results) == 1 else {"sizes": results}
+    if len(results) > 1 and args.only is None:
+        out["fit"] = fit_sizes(results)
+        print(render_fit(out["fit"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def run_size(shared: Path, hours: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Loop and job over one catalog of ``hours`` of audio; prints and returns the figures."""
     layers = tuple(int(x) for x in args.layers.split(","))
     golden = shared / "golden"
     model_args = {"checkpoint": str(golden / "checkpoint.pt"), "stats": str(golden / "stats.json"),
@@ -310,14 +332,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   model_args["model_config"], "--layers", args.layers, "--precision", "fp32"]  # fmt: skip
     audio_dir = args.audio_dir or Path(tempfile.gettempdir()) / "musicfm-bench-real"
     t0 = time.perf_counter()
-    catalog, audio_s, n = build_catalog(shared, args.hours, audio_dir, args.max_tracks)
+    catalog, audio_s, n = build_catalog(shared, hours, audio_dir, args.max_tracks)
     print(f"catalog: {n} tracks, {audio_s:.0f} s = {audio_s / 3600:.2f} h of audio, {catalog} "
           f"({time.perf_counter() - t0:.1f} s to prepare)", file=sys.stderr)  # fmt: skip
     rows = read_catalog(catalog)
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     result: dict[str, Any] = {"catalog": {"path": str(catalog), "tracks": n, "audio_s": audio_s},
-                              "load_start": loadavg(), "model": model_args, "layers": list(layers)}  # fmt: skip
+                              "load_start": loadavg(), "model": model_args, "layers": list(layers),
+                              "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # fmt: skip
     loop = job = None
     if args.only in (None, "loop"):
         print("loop (embed_uri in-process) ...", file=sys.stderr)
@@ -348,10 +371,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["max_abs_diff"] = max(diffs) if diffs else None
             result["tracks_compared"] = len(loop["vectors"])
     print(render(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def fit_sizes(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Least-squares lines wall = fixed + rate x audio hours for the loop and the job over the
+    sizes run: the ratio of the rates is the steady-state (marginal) loop / job ratio, what a
+    catalog large enough to amortise the job's fixed start-up gets; also the audio hours at which
+    the whole-run ratio reaches the goal, when the marginal ratio is above it."""
+    h = np.array([r["catalog"]["audio_s"] / 3600 for r in results])
+    loop = np.array([r["loop"]["wall_s"] for r in results])
+    job = np.array([r["job"]["wall_s"] for r in results])
+    (l1, l0), (j1, j0) = np.polyfit(h, loop, 1), np.polyfit(h, job, 1)
+    marginal = float(l1 / j1) if j1 > 0 else float("inf")
+    reach = None
+    if marginal > GOAL_RATIO:  # (l0 + l1 x) / (j0 + j1 x) = goal
+        reach = max(0.0, float((GOAL_RATIO * j0 - l0) / (l1 - GOAL_RATIO * j1)))
+    return {
+        "hours": h.round(3).tolist(),
+        "loop_s_per_h": float(l1),
+        "loop_fixed_s": float(l0),
+        "job_s_per_h": float(j1),
+        "job_fixed_s": float(j0),
+        "marginal_ratio": marginal,
+        "hours_to_goal": reach,
+        "ratios": (loop / job).round(3).tolist(),
+    }
+
+
+def render_fit(f: dict[str, Any]) -> str:
+    reach = f["hours_to_goal"]
+    return (
+        f"fit over {', '.join(f'{x:.2f}' for x in f['hours'])} h: loop {f['loop_s_per_h']:.1f} s per hour of audio "
+        f"(+{f['loop_fixed_s']:.1f} s), job {f['job_s_per_h']:.1f} s per hour (+{f['job_fixed_s']:.1f} s fixed: "
+        f"start-up, Ray, actors, commits)\n"
+        f"  steady-state loop / job = {f['marginal_ratio']:.2f}x; whole-run ratios "
+        f"{', '.join(f'{x:.2f}' for x in f['ratios'])}; the whole run reaches {GOAL_RATIO}x "
+        + (
+            f"at about {reach:.1f} h of audio"
+            if reach is not None
+            else "at no size (marginal ratio below it)"
+        )
+    )
 
 
 def render(r: dict[str, Any]) -> str:
