@@ -610,6 +610,7 @@ def steady_state(done_at: list[tuple[float, float]], cpus: float) -> dict[str, A
     if len(done_at) < 3:
         return {"steady_chunks": len(done_at), "steady_x_realtime_per_core": None}
     done_at = sorted(done_at)
+    t0 = done_at[0][0]
     span = done_at[-1][0] - done_at[0][0]
     audio = sum(a for _, a in done_at[1:])
     return {
@@ -617,6 +618,7 @@ def steady_state(done_at: list[tuple[float, float]], cpus: float) -> dict[str, A
         "steady_s": span,
         "steady_audio_s": audio,
         "steady_x_realtime_per_core": audio / span / cpus if span > 0 else None,
+        "chunk_done_s": [round(t - t0, 2) for t, _ in done_at],  # from the first chunk's end
     }
 
 
