@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 
+from bench.procstat import find_shared  # noqa: E402
 from pipeline.io.audio import TARGET_SR, decode_audio  # noqa: E402
 
 # name -> (soundfile format, subtype, extension)
@@ -59,13 +60,6 @@ FORMATS: dict[str, tuple[str, str, str]] = {
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 RATES = (22050, 44100, 48000)
 BLOCK = 65536  # decode_audio's default block_frames
-
-
-def find_shared() -> Path:
-    for cand in (os.environ.get("MUSICFM_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if cand and (Path(cand) / "audio" / "clips").is_dir():
-            return Path(cand)
-    raise SystemExit("decode_formats: error: cannot find shared/audio/clips (set MUSICFM_SHARED)")
 
 
 # --------------------------------------------------------------------------- test files
@@ -306,6 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     shared = find_shared()
+    if shared is None or not (shared / "audio" / "clips").is_dir():
+        raise SystemExit("decode_formats: error: cannot find shared/audio/clips (set MUSICFM_SHARED)")
     tmp = None
     if args.dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="decode-formats-")

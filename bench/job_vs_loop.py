@@ -54,21 +54,11 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from bench.procstat import find_shared, machine_busy_s, tree_cpu  # noqa: E402
+
 GOAL_RATIO = 1.3
 #: Track lengths (seconds) cycled through when building the catalog (real tracks are 1.5-4 min).
 TRACK_LENGTHS_S = (150.0, 187.5, 132.0, 215.0, 171.0, 98.5, 240.0, 160.0)
-
-
-def find_shared() -> Path | None:
-    for cand in (
-        os.environ.get("MUSICFM_SHARED"),
-        REPO / "shared",
-        REPO.parent / "shared",
-        Path("/work/shared"),
-    ):
-        if cand and (Path(cand) / "golden").is_dir():
-            return Path(cand)
-    return None
 
 
 def loadavg() -> tuple[float, float, float] | None:
@@ -132,55 +122,6 @@ def read_catalog(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# --------------------------------------------------------------------------- CPU of a process tree
-
-
-def _tree_cpu(root: int, names: dict[tuple[int, int], str] | None = None) -> dict[tuple[int, int], float]:
-    """(pid, start) -> CPU seconds of ``root`` and its descendants (from /proc); ``names`` gets
-    each one's command line (first 60 characters)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, int, float]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                raw = f.read().decode("latin-1")
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2 :].split()
-        stats[int(d)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / tick)
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            out[(pid, stats[pid][1])] = stats[pid][2]
-            if names is not None:  # Ray workers retitle themselves (ray::IDLE, ray::MapWorker(...))
-                key = (pid, stats[pid][1])
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        cmd = f.read().replace(b"\0", b" ").decode("latin-1").strip()
-                except OSError:
-                    cmd = "?"
-                cmd = " ".join(os.path.basename(w) if "/" in w else w for w in cmd.split()[:3])[:50]
-                if key not in names or (cmd.startswith("ray::") and cmd != "ray::IDLE"):
-                    names[key] = cmd
-        todo += children.get(pid, [])
-    return out
-
-
-def _machine_busy_s() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
 # --------------------------------------------------------------------------- loop
 
 
@@ -197,14 +138,14 @@ def run_loop(
     startup = time.perf_counter() - t0
     out: dict[str, dict[int, np.ndarray]] = {}
     audio_s = 0.0
-    busy0, c0, w0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    busy0, c0, w0 = machine_busy_s(), time.process_time(), time.perf_counter()
     for r in rows:
         emb = embed_uri(r["uri"], model, layers, precision="fp32")
         out[r["track_id"]] = emb.track
         audio_s += emb.duration_s
     wall = time.perf_counter() - w0
     cpu = time.process_time() - c0
-    busy1 = _machine_busy_s()
+    busy1 = machine_busy_s()
     other = None if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - cpu) / wall
     return {"wall_s": wall, "cpu_s": cpu, "other_cores": other, "startup_s": startup, "audio_s": audio_s,
             "threads": threads, "tracks": len(out), "vectors": out}  # fmt: skip
@@ -218,7 +159,7 @@ def run_job(
 ) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "jobs" / "embed_catalog.py"), "--catalog", str(catalog),
            "--output", str(store), *model_argv, "--no-progress", *extra]  # fmt: skip
-    busy0 = _machine_busy_s()
+    busy0 = machine_busy_s()
     w0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -236,12 +177,12 @@ def run_job(
     th = threading.Thread(target=drain, daemon=True)
     th.start()
     while proc.poll() is None:
-        for k, v in _tree_cpu(proc.pid, names).items():
+        for k, v in tree_cpu(proc.pid, names).items():
             seen[k] = max(v, seen.get(k, 0.0))
         time.sleep(0.2)
     wall = time.perf_counter() - w0
     th.join()
-    busy1 = _machine_busy_s()
+    busy1 = machine_busy_s()
     cpu = sum(seen.values())  # lower bound: processes that ended between samples lose <= 0.2 s
     other = None if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - cpu) / wall
     procs: dict[str, float] = {}

@@ -48,19 +48,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.procstat import find_shared  # noqa: E402
 from musicfm import MusicFM25Hz, MusicFMConfig  # noqa: E402
 
 SAMPLE_RATE = 24000
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def find_shared() -> Path | None:
-    for cand in (os.environ.get("MUSICFM_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if cand and (Path(cand) / "audio").is_dir():
-            return Path(cand)
-    return None
 
 
 def default_clip() -> Path | None:

@@ -76,6 +76,7 @@ if os.path.abspath(os.curdir) == _HERE:  # Ray workers put the driver's cwd on t
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from bench.procstat import find_shared, machine_busy_s, tree_cpu  # noqa: E402
 from pipeline import schemas  # noqa: E402
 from pipeline.flow.inference import EmbedSettings, WindowResult  # noqa: E402
 from pipeline.flow.stages import EmbedStage  # noqa: E402
@@ -93,32 +94,11 @@ DP_TARGET_AUDIO_S = 3 * 3600.0  # audio of the Ray data-plane run (amortises Ray
 DP_STEADY_CHUNKS = 8  # chunks of the Ray data-plane run (its steady-state rate: chunks 2..n)
 
 
-def find_shared() -> Path | None:
-    for cand in (os.environ.get("MUSICFM_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if cand and (Path(cand) / "golden").is_dir():
-            return Path(cand)
-    return None
-
-
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _machine_busy_s() -> float | None:
-    """CPU seconds all processes of the machine have used since boot (``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
-    return (sum(v[:8]) - v[3] - v[4]) / _TICK
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class Meter:
@@ -145,27 +125,7 @@ class Meter:
     @staticmethod
     def _tree() -> dict[tuple[int, int], float]:
         """(pid, start time) -> CPU seconds, for this process and its descendants."""
-        stats: dict[int, tuple[int, int, float]] = {}  # pid -> (ppid, start, cpu_s)
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat", "rb") as f:
-                    raw = f.read().decode("latin-1")
-            except OSError:
-                continue
-            fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
-            stats[int(d)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / _TICK)
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in stats.items():
-            children.setdefault(ppid, []).append(pid)
-        out, todo = {}, [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            if pid in stats:
-                out[(pid, stats[pid][1])] = stats[pid][2]
-            todo += children.get(pid, [])
-        return out
+        return tree_cpu(os.getpid())
 
     def _update(self) -> None:
         for k, v in self._tree().items():
@@ -177,7 +137,7 @@ class Meter:
 
     def __enter__(self) -> Meter:
         self._proc = os.path.isdir("/proc")
-        self._busy0 = _machine_busy_s()
+        self._busy0 = machine_busy_s()
         self._c0 = time.process_time()
         if self.tree and self._proc:
             self._base = self._tree()
@@ -195,7 +155,7 @@ class Meter:
             self.cpu_s = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
         elif not self.tree:
             self.cpu_s = time.process_time() - self._c0
-        busy1 = _machine_busy_s()
+        busy1 = machine_busy_s()
         if self._busy0 is not None and busy1 is not None and self.cpu_s is not None and self.wall_s > 0:
             self.other_cores = max(0.0, busy1 - self._busy0 - self.cpu_s) / self.wall_s
 
