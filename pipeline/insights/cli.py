@@ -70,6 +70,18 @@ def _run(prog: str, fn: Callable[[], Any], out: TextIO | None, err: TextIO | Non
     return 0
 
 
+def _layer_or_highest(args: argparse.Namespace) -> int:
+    """``--layer``, or the highest layer the store holds when it is not given."""
+    if args.layer is not None:
+        return int(args.layer)
+    from pipeline.search.reader import open_store
+
+    layers = open_store(args.store, args.storage_options).layers
+    if not layers:
+        raise ValueError("the store has no vector layers")
+    return max(layers)
+
+
 # --------------------------------------------------------------------------- duplicates
 
 
@@ -123,7 +135,6 @@ def run_duplicates(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     from pipeline.insights.duplicates import DEFAULT_K, DEFAULT_MARGIN, Criterion, find_duplicates
-    from pipeline.search.reader import open_store
 
     args = duplicates_parser().parse_args(argv)
 
@@ -134,12 +145,7 @@ def run_duplicates(
             k=max(2, args.k or DEFAULT_K),
             min_windows=args.min_windows or 2,
         )
-        layer = args.layer
-        if layer is None:
-            layers = open_store(args.store, args.storage_options).layers
-            if not layers:
-                raise ValueError("the store has no vector layers")
-            layer = max(layers)
+        layer = _layer_or_highest(args)
         _, report = find_duplicates(
             args.store, layer, args.level, crit, args.storage_options, incremental=args.incremental,
             use_ray=_use_ray(args.ray), use_index=not args.no_index, ann_mode=args.ann,
@@ -249,17 +255,11 @@ def map_parser() -> argparse.ArgumentParser:
 
 def run_map(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from pipeline.insights.catalog_map import MapSettings, catalog_map
-    from pipeline.search.reader import open_store
 
     args = map_parser().parse_args(argv)
 
     def go() -> Any:
-        layer = args.layer
-        if layer is None:
-            layers = open_store(args.store, args.storage_options).layers
-            if not layers:
-                raise ValueError("the store has no vector layers")
-            layer = max(layers)
+        layer = _layer_or_highest(args)
         s = MapSettings(seed=args.seed, fit_sample=args.fit_sample, plot_max=args.plot_max)
         return catalog_map(
             args.store, layer, args.out, args.color_by, args.storage_options, s, use_ray=_use_ray(args.ray)
