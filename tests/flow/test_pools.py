@@ -88,3 +88,33 @@ def test_cpu_model_plan_without_gpus(monkeypatch) -> None:
     monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 64)
     assert runtime.default_cpu_model_actors() == runtime.CPU_MODEL_ACTORS_MAX
     assert runtime.cpu_model_plan(decode_cpus=2, model_actors=4).threads == 16
+    monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 2)
+    assert runtime.default_decode_cpus(gpus=0, model_actors=2) == 1  # one decoder per 4 CPUs, at least 1
+    monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 64)
+    assert runtime.default_decode_cpus(gpus=0, model_actors=4) == 16
+
+
+def test_worker_allocator_settings_reach_a_worker(ray_cluster, monkeypatch) -> None:
+    """The decode / model actors' runtime_env adds the malloc tunables to the driver's own
+    ``GLIBC_TUNABLES`` (an own setting of the same tunable wins), reaches a Ray worker, and
+    ``MUSICFM_WORKER_MALLOC=default`` turns it off."""
+    import ray
+
+    from pipeline.flow import runtime
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1024:glibc.malloc.arena_max=2")
+    env = runtime.worker_runtime_env()["env_vars"]["GLIBC_TUNABLES"].split(":")
+    assert env[:2] == ["glibc.malloc.trim_threshold=1024", "glibc.malloc.arena_max=2"]
+    assert set(env[2:]) == {"glibc.malloc.hugetlb=1", "glibc.malloc.mmap_threshold=4294967296"}
+    monkeypatch.delenv("GLIBC_TUNABLES")
+
+    @ray.remote(num_cpus=0)
+    def tunables() -> str | None:
+        import os
+
+        return os.environ.get("GLIBC_TUNABLES")
+
+    got = ray.get(tunables.options(runtime_env=runtime.worker_runtime_env()).remote())
+    assert got == ":".join(runtime.WORKER_MALLOC_TUNABLES)
+    monkeypatch.setenv("MUSICFM_WORKER_MALLOC", "default")
+    assert runtime.worker_runtime_env() == {}
