@@ -154,18 +154,56 @@ def run_loop(
 # --------------------------------------------------------------------------- job
 
 
+def cluster_daemons() -> list[int]:
+    """Pids of the Ray daemons of a running local cluster (GCS, raylet): their descendants are
+    the cluster's workers, which a job run with ``RAY_ADDRESS`` does not own."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() in ("raylet", "gcs_server"):
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def start_cluster(env: dict[str, str]) -> None:
+    """A local Ray head (``ray start --head``, untimed), as a cluster that jobs are submitted to."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, check=False)
+    cpus = str(os.cpu_count() or 1)
+    cmd = [ray_cli, "start", "--head", "--num-cpus", cpus, "--num-gpus", "0", "--include-dashboard=false",
+           "--disable-usage-stats"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"ray start failed: {r.stdout[-400:]} {r.stderr[-400:]}")
+
+
+def stop_cluster(env: dict[str, str]) -> None:
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, check=False)
+
+
 def run_job(
-    catalog: Path, store: Path, model_argv: list[str], extra: list[str], env: dict[str, str]
-) -> dict[str, Any]:
+    catalog: Path, store: Path, model_argv: list[str], extra: list[str], env: dict[str, str],
+    daemons: list[int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The job as a subprocess: wall from fork to exit, CPU of its process tree and of the trees of
+    ``daemons`` (a running cluster's GCS and raylet, whose workers run the job's actors)."""
     cmd = [sys.executable, str(REPO / "jobs" / "embed_catalog.py"), "--catalog", str(catalog),
            "--output", str(store), *model_argv, "--no-progress", *extra]  # fmt: skip
+    names: dict[tuple[int, int], str] = {}
+    base: dict[tuple[int, int], float] = {}
+    for pid in daemons or []:
+        base.update(tree_cpu(pid, names))
     busy0 = machine_busy_s()
     w0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     seen: dict[tuple[int, int], float] = {}
-    names: dict[tuple[int, int], str] = {}
     lines: list[str] = []
     import threading
 
@@ -177,12 +215,14 @@ def run_job(
     th = threading.Thread(target=drain, daemon=True)
     th.start()
     while proc.poll() is None:
-        for k, v in tree_cpu(proc.pid, names).items():
-            seen[k] = max(v, seen.get(k, 0.0))
+        for root in [proc.pid, *(daemons or [])]:
+            for k, v in tree_cpu(root, names).items():
+                seen[k] = max(v, seen.get(k, 0.0))
         time.sleep(0.2)
     wall = time.perf_counter() - w0
     th.join()
     busy1 = machine_busy_s()
+    seen = {k: v - base.get(k, 0.0) for k, v in seen.items()}
     cpu = sum(seen.values())  # lower bound: processes that ended between samples lose <= 0.2 s
     other = None if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - cpu) / wall
     procs: dict[str, float] = {}
@@ -231,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", default="1,3", help="layers stored (default 1,3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the loop (default 2)")
     ap.add_argument("--only", choices=["loop", "job"], default=None, help="run one side only")
+    ap.add_argument("--cluster", choices=["local", "running"], default="local",
+                    help="local: the job starts and stops its own Ray (default); running: a head started "
+                         "before (untimed) with `ray start --head`, the job connecting through RAY_ADDRESS "
+                         "as under `ray job submit`")  # fmt: skip
     ap.add_argument("--job-args", default="", help="extra flags for jobs/embed_catalog.py (one string)")
     ap.add_argument("--audio-dir", type=Path, default=None, help="where the tracks are cached")
     ap.add_argument("--keep-store", type=Path, default=None, help="write the job's store here and keep it")
@@ -279,7 +323,7 @@ def run_size(shared: Path, hours: float, args: argparse.Namespace) -> dict[str, 
     rows = read_catalog(catalog)
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    result: dict[str, Any] = {"catalog": {"path": str(catalog), "tracks": n, "audio_s": audio_s},
+    result: dict[str, Any] = {"catalog": {"path": str(catalog), "tracks": n, "audio_s": audio_s}, "cluster": args.cluster,
                               "load_start": loadavg(), "model": model_args, "layers": list(layers),
                               "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # fmt: skip
     loop = job = None
@@ -294,14 +338,21 @@ def run_size(shared: Path, hours: float, args: argparse.Namespace) -> dict[str, 
         store = args.keep_store or work / "store"
         if store.exists():
             shutil.rmtree(store)
+        daemons = None
+        if args.cluster == "running":
+            env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "auto"}
+            start_cluster(env)
+            daemons = cluster_daemons()
         try:
-            job = run_job(catalog, store, model_argv, args.job_args.split(), env)
+            job = run_job(catalog, store, model_argv, args.job_args.split(), env, daemons)
             if job["rc"] != 0:
                 print(job["output"], file=sys.stderr)
                 raise SystemExit(f"the job failed (exit {job['rc']})")
             job["report"] = job_report(store)
             vecs = job_vectors(store, layers)
         finally:
+            if daemons is not None:
+                stop_cluster(env)
             if args.keep_store is None:
                 shutil.rmtree(work, ignore_errors=True)
         result["job"] = {k: v for k, v in job.items() if k != "output"}
@@ -367,7 +418,8 @@ def render(r: dict[str, Any]) -> str:
                      f"{lo['audio_s'] / lo['wall_s']:.0f}x realtime (start-up {lo['startup_s']:.1f} s not counted)")  # fmt: skip
     if jo:
         rep = jo.get("report") or {}
-        lines.append(f"  job   jobs/embed_catalog.py:  {jo['wall_s']:7.2f} s wall, {jo['cpu_s']:6.1f} CPU s, "
+        on = " (running cluster)" if r.get("cluster") == "running" else ""
+        lines.append(f"  job   jobs/embed_catalog.py{on}:  {jo['wall_s']:7.2f} s wall, {jo['cpu_s']:6.1f} CPU s, "
                      f"other {jo['other_cores'] or 0:.2f} cores, {c['audio_s'] / jo['wall_s']:.0f}x realtime "
                      f"(run report wall {rep.get('wall_s') or 0:.1f} s, status {rep.get('status')}, "
                      f"{rep.get('tracks_ok')} tracks, {rep.get('windows')} windows)")  # fmt: skip
