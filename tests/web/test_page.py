@@ -104,17 +104,25 @@ def test_result_player_plays_and_seeks_with_a_range_request(page) -> None:
     )
     pg.wait_for_function("a => a.readyState >= 2", arg=audio.element_handle(), timeout=30_000)
     assert audio.evaluate("a => Math.abs(a.currentTime - a.duration / 2)") < 0.5
-    later = [(u, s, r) for u, s, r in log.audio[before:] if u.endswith("/audio/hw_rock")]
-    ranged = [(s, r) for _, s, r in later if r and not r.startswith("bytes=0-")]
-    # Chromium asks for the middle with a Range request unless its first (ranged, 206) request
-    # already buffered the whole small file; either way every audio answer was a 206
-    buffered_all = audio.evaluate(
-        "a => a.buffered.length > 0 && a.buffered.end(a.buffered.length - 1) >= a.duration - 0.1"
-    )
-    first = [s for u, s, r in log.audio if u.endswith("/audio/hw_rock") and r]
-    assert (ranged and all(s == 206 for s, _ in ranged)) or (
-        buffered_all and first and all(s == 206 for s in first)
-    ), log.audio
+
+    def ranged_or_buffered() -> bool:
+        later = [(u, s, r) for u, s, r in log.audio[before:] if u.endswith("/audio/hw_rock")]
+        ranged = [(s, r) for _, s, r in later if r and not r.startswith("bytes=0-")]
+        # Chromium asks for the middle with a Range request unless its first (ranged, 206) request
+        # already buffered the whole small file; either way every audio answer was a 206
+        buffered_all = audio.evaluate(
+            "a => a.buffered.length > 0 && a.buffered.end(a.buffered.length - 1) >= a.duration - 0.1"
+        )
+        first = [s for u, s, r in log.audio if u.endswith("/audio/hw_rock") and r]
+        return bool(ranged and all(s == 206 for s, _ in ranged)) or bool(
+            buffered_all and first and all(s == 206 for s in first)
+        )
+
+    # the page's "response" events reach this process asynchronously: give them a moment to arrive
+    deadline = time.monotonic() + 10
+    while not ranged_or_buffered() and time.monotonic() < deadline:
+        pg.wait_for_timeout(200)
+    assert ranged_or_buffered(), log.audio
     # and the server's answer itself
     size = int(requests.head(f"{url}/audio/hw_rock", timeout=10).headers["content-length"])
     r = requests.get(f"{url}/audio/hw_rock", headers={"Range": f"bytes={size // 2}-"}, timeout=10)
