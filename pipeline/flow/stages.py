@@ -147,9 +147,8 @@ class DecodeStage:
             # every window's samples, one after the other, in one buffer (one copy out of the
             # decoded track); each row's audio is a view of it, and the block tables reference
             # it without another copy (see _task_table)
-            flat = copy_windows(audio.samples, wins)
-            at = 0
-            for w, (o0, o1) in zip(wins, own, strict=True):
+            views = copy_windows(audio.samples, wins)
+            for w, (o0, o1), samples in zip(wins, own, views, strict=True):
                 rows.append(
                     {
                         "kind": "window",
@@ -167,7 +166,7 @@ class DecodeStage:
                         "end_s": w.end / sr,
                         "own_start_s": o0 / sr,
                         "own_end_s": o1 / sr,
-                        "audio": flat[at : at + w.length],
+                        "audio": samples,
                         "decode_s": decode_s / len(wins),
                         "stage": None,
                         "error_type": None,
@@ -175,7 +174,6 @@ class DecodeStage:
                         "chunk": row.get("chunk"),
                     }
                 )
-                at += w.length
         except MemoryError as e:  # copying this track's windows ran out of memory: this track only
             rows.clear()
             return [_error_row(row, "decode", e)]
@@ -189,14 +187,17 @@ class DecodeStage:
                 yield _task_table(rows[k : k + self.WINDOWS_PER_BLOCK])
 
 
-def copy_windows(samples: np.ndarray, wins: Sequence[Any]) -> np.ndarray:
-    """(sum of window lengths,) float32: the samples of every window of ``wins``, in order."""
+def copy_windows(samples: np.ndarray, wins: Sequence[Any]) -> list[np.ndarray]:
+    """The samples of every window of ``wins`` (float32), copied once into one buffer in order:
+    one view of it per window, consecutive in memory."""
     flat = np.empty(sum(w.length for w in wins), dtype=np.float32)
+    views = []
     at = 0
     for w in wins:
         flat[at : at + w.length] = samples[w.start : w.end]
+        views.append(flat[at : at + w.length])
         at += w.length
-    return flat
+    return views
 
 
 _TASK_META_SCHEMA = pa.schema(list(schemas.TASK_BASE_FIELDS))

@@ -184,6 +184,7 @@ def embed_stream(
         "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.flow\.streaming"
     )
     cpu_plan = None if info.gpus > 0 else cpu_model_plan(decode_actors[1], model_actors[1])
+    worker_env = worker_runtime_env()  # decode and model actors alike
     decoded = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs=dict(
@@ -199,7 +200,7 @@ def embed_stream(
         batch_format="pyarrow",
         num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=decode_actors[0], max_size=decode_actors[1]),
-        runtime_env=worker_runtime_env(),
+        runtime_env=worker_env,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
@@ -217,7 +218,7 @@ def embed_stream(
         num_gpus=1 if info.gpus > 0 else 0,
         num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
         compute=ray.data.ActorPoolStrategy(min_size=model_actors[0], max_size=model_actors[1]),
-        runtime_env=worker_runtime_env(),
+        runtime_env=worker_env,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
