@@ -461,8 +461,8 @@ def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
     return Planned(
         "driver", info, meta_cols, plan.counts(), plan.samples(job.sample), plan.stored_tracks,
         len(rows) + len(rejected), looked.requests, plan.rejected + plan.lookup_failed,
-        removed=lambda: (removed[i : i + 10_000] for i in range(0, len(removed), 10_000)),
-        metadata=lambda: (metadata[i : i + size] for i in range(0, len(metadata), size)),
+        removed=lambda: _batches(removed, 10_000),
+        metadata=lambda: _batches(metadata, size),
         todo=plan.todo,
     )  # fmt: skip
 
