@@ -302,6 +302,10 @@ def _csv_rows(reader: Any, invalid: list[Any], out_names: list[str], where: str)
             ix += 1
 
 
+# rows turned into Python strings at a time: a limited read (`--limit`) converts at most this many
+_PARQUET_BATCH_ROWS = 1024
+
+
 def _iter_parquet(
     fs: fsspec.AbstractFileSystem,
     path: str,
@@ -320,7 +324,7 @@ def _iter_parquet(
         names = list(pf.schema_arrow.names)
         out_names = _column_plan(names, where)
         ix = first_row
-        for batch in pf.iter_batches(batch_size=8192, row_groups=row_groups):
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=row_groups):
             cols = [_arrow_to_strings(batch.column(i)) for i in range(batch.num_columns)]
             for r in range(batch.num_rows):
                 yield ix, {out_names[c]: cols[c][r] for c in range(len(out_names))}

@@ -7,7 +7,6 @@ import io
 import os
 import struct
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import soxr
 
 from pipeline.errors import DecodeError, PipelineError, TooShortError, error_type
 from pipeline.io.audio import TARGET_SR, AudioLimits, DecodedAudio, decode_audio, probe_audio
+from tests.support.memory import traced_peak
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -408,16 +408,20 @@ def long_flac(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(120)
 def test_block_decoding_bounded_memory(long_flac: Path) -> None:
-    tracemalloc.start()
-    try:
-        out = decode_audio(str(long_flac))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert out.samples.shape == (600 * TARGET_SR,)
-    assert out.sample_rate_in == 48000 and out.channels_in == 2
+    peak, out = traced_peak(
+        """
+        from pipeline.io.audio import decode_audio
+        def decode(path):
+            out = decode_audio(path)
+            return {"shape": list(out.samples.shape), "nbytes": out.samples.nbytes,
+                    "sr_in": out.sample_rate_in, "channels_in": out.channels_in}
+        """,
+        f"decode({str(long_flac)!r})",
+    )
+    assert out["shape"] == [600 * TARGET_SR]
+    assert out["sr_in"] == 48000 and out["channels_in"] == 2
     full_read = 600 * 48000 * 2 * 4  # what sf.read(..., dtype=float32) alone would hold
-    assert peak < 2.5 * out.samples.nbytes, (peak, out.samples.nbytes)
+    assert peak < 2.5 * out["nbytes"], (peak, out["nbytes"])
     assert peak < full_read / 3
 
 
