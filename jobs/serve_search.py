@@ -1,235 +1,25 @@
-"""HTTP similarity-search service on Ray Serve.
+#!/usr/bin/env python
+"""HTTP similarity-search service on Ray Serve, and the catalog page at ``/``.
 
 Run either way (from the repo root)::
 
     python jobs/serve_search.py --store demo_store [--host 127.0.0.1 --port 8000] [--checkpoint ...]
     serve run jobs.serve_search:app store=demo_store [checkpoint=... storage_options='{...}']
 
-(``serve run`` also reads ``MUSICFM_STORE`` / ``MUSICFM_STORAGE_OPTIONS`` when ``store=`` is not
-given.) Routes: ``GET /similar/{track_id}?k=&layer=&where=&level=``, ``POST /search`` (JSON
-``{"vector": [...]}`` or an audio upload), ``GET /healthz``, ``GET /info``; details in
-``pipeline/search/service.py``. The catalog page is at ``/`` (``pipeline/search/web.py``,
-docs/web.md).
-
-Capacity: ``--max-ongoing`` requests run at once per replica; up to ``--max-queued`` more wait
-in the proxy; past that the answer is a fast 503 with ``Retry-After``. ``--replicas N`` fixes
-the count, ``--replicas MIN-MAX`` lets Serve autoscale between them.
+Flags, ``serve run`` keys, routes and capacity: :mod:`pipeline.search.serve_cli`. Bad arguments:
+one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import (
-    add_store_args,  # noqa: E402
-    positive_int,  # noqa: E402
-)
-from pipeline.search.cli import OneLineArgumentParser  # noqa: E402
-from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES  # noqa: E402
-
-DEFAULT_MAX_ONGOING = 64
-DEFAULT_MAX_QUEUED = 64
-
-
-def replicas_arg(text: str) -> tuple[int, int]:
-    """argparse type for ``--replicas``: ``N`` or ``MIN-MAX`` (autoscaling), all >= 1."""
-    lo, sep, hi = text.partition("-")
-    try:
-        a, b = int(lo), int(hi) if sep else int(lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
-    if a < 1 or b < a:
-        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
-    return a, b
-
-
-def cors_origin_arg(text: str) -> str:
-    """argparse type for ``--cors-origin``: one ``http(s)://host[:port]`` origin."""
-    import re
-
-    if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", text):
-        raise argparse.ArgumentTypeError(f"expected an origin like https://example.org, got {text!r}")
-    return text
-
-
-def read_token(path: str) -> str:
-    """The bearer token in ``path`` (first line, stripped); ValueError with a one-line reason."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline().strip()
-    except OSError as e:
-        raise ValueError(f"--auth-token-file: cannot read {path}: {e.strerror}") from None
-    if len(token) < 16:
-        raise ValueError(f"--auth-token-file: the token in {path} is shorter than 16 characters")
-    return token
-
-
-def web_config(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The page's config (``pipeline.search.web.install_web``): only the token's SHA-256 travels."""
-    from pipeline.search.web import token_sha256
-
-    token_file = args.get("auth_token_file")
-    origins = args.get("cors_origin") or []
-    return {
-        "auth_token_sha256": token_sha256(read_token(token_file)) if token_file else None,
-        "cors_origins": [origins] if isinstance(origins, str) else list(origins),
-        "upload_timeout_s": float(args.get("upload_timeout_s") or 120.0),
-    }
-
-
-def _config(args: Mapping[str, Any]) -> dict[str, Any]:
-    """``SearchService`` keyword arguments from CLI / ``serve run`` arguments."""
-    from pipeline.io.objects import parse_storage_options
-
-    store = args.get("store") or os.environ.get("MUSICFM_STORE")
-    if not store:
-        raise ValueError("no store: pass store=URI (or set MUSICFM_STORE)")
-    so = args.get("storage_options") or os.environ.get("MUSICFM_STORAGE_OPTIONS")
-    if isinstance(so, str):
-        so = parse_storage_options(so)
-    max_mb = float(args.get("max_upload_mb") or DEFAULT_MAX_UPLOAD_BYTES / 2**20)
-    return {
-        "store": store,
-        "storage_options": so or None,
-        "checkpoint": args.get("checkpoint") or None,
-        "stats": args.get("stats") or None,
-        "model_config": args.get("model_config") or None,
-        "device": args.get("device") or None,
-        "max_upload_bytes": int(max_mb * 2**20),
-        "refresh_s": float(args.get("refresh_s") or 30.0),
-    }
-
-
-def app(args: dict[str, str]) -> Any:
-    """Application builder for ``serve run jobs.serve_search:app store=URI [key=value ...]``.
-
-    Keys: ``store``, ``storage_options`` (JSON), ``checkpoint``, ``stats``, ``model_config``,
-    ``device``, ``max_upload_mb``, ``refresh_s``, ``num_cpus``, ``auth_token_file``,
-    ``cors_origin``, ``upload_timeout_s``, ``replicas`` (N or MIN-MAX), ``max_ongoing``,
-    ``max_queued``.
-    """
-    from pipeline.search.service import serve_app
-    from pipeline.search.web import deployment_options
-
-    opts = deployment_options(
-        replicas_arg(str(args.get("replicas") or 1)),
-        int(args.get("max_ongoing") or DEFAULT_MAX_ONGOING),
-        int(args.get("max_queued") or DEFAULT_MAX_QUEUED),
-    )
-    return serve_app(
-        _config(args), num_cpus=float(args.get("num_cpus") or 1.0), options=opts, web=web_config(args)
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(
-        prog="serve_search", description="Serve similarity search over HTTP (Ray Serve)."
-    )
-    add_store_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--checkpoint", default=None, help="model for audio queries (default: from the store's runs)"
-    )
-    p.add_argument("--stats", default=None, help="stats JSON of the --checkpoint")
-    p.add_argument("--model-config", default=None, help="model config JSON of the --checkpoint")
-    p.add_argument("--device", default=None, help="device for the audio model")
-    p.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
-        help="largest accepted upload in MiB (413 above)",
-    )
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for each replica")
-    p.add_argument(
-        "--replicas",
-        type=replicas_arg,
-        default=(1, 1),
-        help="replicas: N, or MIN-MAX to let Serve autoscale between them (default 1)",
-    )
-    p.add_argument(
-        "--max-ongoing",
-        type=positive_int,
-        default=DEFAULT_MAX_ONGOING,
-        help=f"requests a replica runs at once (Serve max_ongoing_requests, default {DEFAULT_MAX_ONGOING})",
-    )
-    p.add_argument(
-        "--max-queued",
-        type=positive_int,
-        default=DEFAULT_MAX_QUEUED,
-        help="requests waiting in the proxy beyond that; more get a fast 503 with Retry-After "
-        f"(Serve max_queued_requests, default {DEFAULT_MAX_QUEUED})",
-    )
-    p.add_argument(
-        "--auth-token-file",
-        default=None,
-        help="file holding a bearer token required on every route but the page shell (401 otherwise)",
-    )
-    p.add_argument(
-        "--cors-origin",
-        type=cors_origin_arg,
-        action="append",
-        default=None,
-        help="allow cross-origin requests from this origin (repeatable; default: no CORS headers)",
-    )
-    p.add_argument(
-        "--upload-timeout-s",
-        type=float,
-        default=120.0,
-        help="longest time to receive an upload from the page (408 past it)",
-    )
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_upload_mb <= 0:
-        print("serve_search: error: --max-upload-mb must be > 0", file=sys.stderr)
-        return 2
-    if args.upload_timeout_s <= 0:
-        print("serve_search: error: --upload-timeout-s must be > 0", file=sys.stderr)
-        return 2
-    try:
-        cfg = _config(vars(args))
-        web = web_config(vars(args))
-        from pipeline.search.reader import open_store
-
-        open_store(cfg["store"], cfg["storage_options"])  # fail here, not inside a replica
-    except Exception as e:  # noqa: BLE001 - one line, no traceback
-        from pipeline.errors import one_line, redact
-
-        print(f"serve_search: error: {one_line(redact(str(e)))}", file=sys.stderr)
-        return 2
-    import ray
-    from ray import serve
-
-    from pipeline.search.service import serve_app
-    from pipeline.search.web import deployment_options
-
-    opts = deployment_options(args.replicas, args.max_ongoing, args.max_queued)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(
-        address=args.ray_address, runtime_env={"env_vars": {"PYTHONPATH": root}}, ignore_reinit_error=True
-    )
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving {cfg['store']} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    try:
-        serve.run(
-            serve_app(cfg, num_cpus=args.num_cpus, options=opts, web=web), route_prefix="/", blocking=True
-        )
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
-    return 0
-
+from pipeline.search.serve_cli import app  # noqa: E402,F401 - serve run jobs.serve_search:app
+from pipeline.search.serve_cli import serve_main as main  # noqa: E402
+from pipeline.search.serve_cli import serve_parser as build_parser  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -133,3 +133,16 @@ def test_layers_only_import_downwards(package: str) -> None:
         if any(t == f or t.startswith(f + ".") for f in forbidden)
     )
     assert bad == []
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py")))
+def test_job_scripts_are_thin(script: str) -> None:
+    """jobs/*.py only wire a command from the package: no classes, at most a one-line ``main``,
+    and the logic (parsers, flags, errors) lives in pipeline/ where it is imported and tested."""
+    tree = ast.parse((REPO / "jobs" / script).read_text())
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    assert all(isinstance(d, ast.FunctionDef) and d.name == "main" and len(d.body) == 1 for d in defs), [
+        d.name for d in defs
+    ]
+    code = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert len(code) <= 12, f"jobs/{script}: {len(code)} top-level statements"
