@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export RAY_ACCEPT_CLUSTER_SPAWN=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
-exec "$PY" -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 "$@"
