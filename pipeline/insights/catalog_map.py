@@ -157,6 +157,7 @@ def fit_reducer(x: np.ndarray, s: MapSettings) -> tuple[Reducer, np.ndarray]:
         metric="euclidean",
         random_state=s.seed,
         transform_seed=s.seed,
+        n_jobs=1,  # what a seed implies anyway; said explicitly, UMAP does not warn
         init="spectral" if n > 10 else "random",
     )
     emb = model.fit_transform(proj)
