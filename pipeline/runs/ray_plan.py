@@ -109,13 +109,15 @@ def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
     return pa.table([cols[f.name] for f in UNION_SCHEMA], schema=UNION_SCHEMA)
 
 
-def fragments_dataset(store: StoreWriter, name: str, fn: Any, fn_kwargs: dict[str, Any]) -> Any:
+def fragments_dataset(
+    store: StoreWriter, name: str, fn: Any, fn_kwargs: dict[str, Any], ds: Any | None = None
+) -> Any:
     """A lazy dataset of table ``name`` read fragment by fragment (one task per fragment, at the
-    version open now): ``fn(batches, **fn_kwargs)`` turns each fragment's record batches into
-    blocks."""
+    version of ``ds``, the table as the caller opened it, or as open now): ``fn(batches,
+    **fn_kwargs)`` turns each fragment's record batches into blocks."""
     import ray
 
-    ds = store.open(name)
+    ds = ds if ds is not None else store.open(name)
     frags = [{"fragment_id": f.fragment_id} for f in ds.get_fragments()]
     kw = {"fn": fn, "uri": store.uri(name), "version": ds.version, "storage_options": store.lance_options,
           "fn_kwargs": fn_kwargs}  # fmt: skip
@@ -504,7 +506,7 @@ def ray_plan(
     union = cat.map_batches(catalog_side, fn_kwargs={"parts": parts}, batch_size=None, batch_format="pyarrow")
     if tracks is not None and n_stored:
         stored = fragments_dataset(
-            store, "tracks", stored_side, {"meta_cols": list(meta_cols or []), "parts": parts}
+            store, "tracks", stored_side, {"meta_cols": list(meta_cols or []), "parts": parts}, tracks
         )
         union = union.union(stored)
     first = (
@@ -650,9 +652,11 @@ def find_orphans_ray(store: StoreWriter) -> Orphans:
     ensure_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parts = max(cpus, -(-tracks.count_rows() // ROWS_PER_PARTITION))
-    union = fragments_dataset(store, "tracks", _sweep_side, {"side": 0, "parts": parts})
+    union = fragments_dataset(store, "tracks", _sweep_side, {"side": 0, "parts": parts}, tracks)
     if windows is not None:
-        union = union.union(fragments_dataset(store, "windows", _sweep_side, {"side": 1, "parts": parts}))
+        union = union.union(
+            fragments_dataset(store, "windows", _sweep_side, {"side": 1, "parts": parts}, windows)
+        )
     found = union.groupby("part", num_partitions=parts).map_groups(sweep_part, batch_format="pyarrow")
     out = Orphans()
     for b in found.iter_batches(batch_size=10_000, batch_format="pyarrow"):
