@@ -415,15 +415,18 @@ def _components(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 def read_duplicates(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
     """``duplicates.lance`` of a store as a table, ``None`` when there is none."""
-    ds = _open_duplicates(store_ref(store, storage_options))
+    ds = _open_or_none(_duplicates_ref(store_ref(store, storage_options)))
     return None if ds is None else ds.to_table()
 
 
-def _open_duplicates(ref: StoreRef) -> Any:
-    import lance
+def _duplicates_ref(ref: StoreRef) -> StoreRef:
+    """``duplicates.lance`` of the store of ``ref``, unpinned."""
+    return StoreRef(ref.root, ref.lance_options, "duplicates")
 
+
+def _open_or_none(ref: StoreRef) -> Any:
     try:
-        return lance.dataset(f"{ref.root}/duplicates.lance", storage_options=ref.lance_options)
+        return ref.open()
     except (ValueError, OSError):
         return None
 
@@ -614,10 +617,11 @@ def find_duplicates(
     report.groups = len(set(comp.values()))
     report.tracks_in_groups = len(comp)
     if write:
-        first = _open_duplicates(ref) is None  # an "overwrite" of nothing makes Lance warn
+        dup = _duplicates_ref(ref)
+        first = _open_or_none(dup) is None  # an "overwrite" of nothing makes Lance warn
         lance.write_dataset(
-            out, f"{ref.root}/duplicates.lance", schema=DUPLICATES_SCHEMA,
-            mode="create" if first else "overwrite", storage_options=ref.lance_options,
+            out, dup.uri, schema=DUPLICATES_SCHEMA, mode="create" if first else "overwrite",
+            storage_options=ref.lance_options,
         )  # fmt: skip
     report.wall_s = time.perf_counter() - t0
     return out, report
