@@ -169,12 +169,14 @@ def cluster_daemons() -> list[int]:
     return out
 
 
+RAY_CLI = str(Path(sys.executable).with_name("ray"))  # the venv's, beside this Python
+
+
 def start_cluster(env: dict[str, str]) -> None:
     """A local Ray head (``ray start --head``, untimed), as a cluster that jobs are submitted to."""
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, check=False)
+    stop_cluster(env)  # a head left over from an interrupted run
     cpus = str(os.cpu_count() or 1)
-    cmd = [ray_cli, "start", "--head", "--num-cpus", cpus, "--num-gpus", "0", "--include-dashboard=false",
+    cmd = [RAY_CLI, "start", "--head", "--num-cpus", cpus, "--num-gpus", "0", "--include-dashboard=false",
            "--disable-usage-stats"]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:
@@ -182,8 +184,7 @@ def start_cluster(env: dict[str, str]) -> None:
 
 
 def stop_cluster(env: dict[str, str]) -> None:
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, check=False)
+    subprocess.run([RAY_CLI, "stop", "--force"], env=env, capture_output=True, check=False)
 
 
 def run_job(
