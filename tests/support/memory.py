@@ -13,10 +13,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
 
 _WRAPPER = """
 import json, os, tracemalloc
@@ -35,10 +34,10 @@ def traced_peak(setup: str, expr: str, timeout_s: float = 120) -> tuple[int, Any
     code = _WRAPPER.format(setup=textwrap.dedent(setup), expr=expr)
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=_REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
     )
     if proc.returncode != 0:
         raise AssertionError(f"traced child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
