@@ -317,9 +317,21 @@ def read_checkpoint(checkpoint: Any, stats: Any = None, config: Any = None) -> C
         cfg = cfg or infer_config(sd)
         mean, std = read_stats(stats, cfg)
         native = False
+    bad = non_finite_tensors(sd)
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN/Inf values, the checkpoint is broken: "
+            + ", ".join(bad[:5])
+            + (" ..." if len(bad) > 5 else "")
+        )
     random_weights = native and meta.get("source") == "random"
     provenance = {"source": "random" if random_weights else "checkpoint", "file": os.path.basename(path)}
     return CheckpointFile(cfg, mean, std, dict(sd), native, provenance)
+
+
+def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``sd`` that hold a NaN or an Inf."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def save_safetensors(model: Any, path: str | os.PathLike[str]) -> None:

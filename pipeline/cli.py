@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from musicfm.profiles import PROFILES
+from pipeline.exits import DEFAULT_MAX_ERROR_RATE
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -234,8 +235,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-error-rate",
         type=_rate,
-        default=1.0,
-        help="exit non-zero when failed/total tracks exceeds this (default 1.0: never)",
+        default=DEFAULT_MAX_ERROR_RATE,
+        help="exit 3 when failed/total tracks exceeds this, or when every track failed "
+        f"(default {DEFAULT_MAX_ERROR_RATE}; nightly jobs: e.g. 0.01)",
     )
     g.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")

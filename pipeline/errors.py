@@ -15,8 +15,13 @@ Hierarchy (one tree for the whole package)::
     +-- DecodeError          stage "decode"   not audio, truncated, zero-byte, NaN/Inf, limits
         +-- TooShortError    stage "decode"   shorter than the minimum length
         +-- WorkerCrashed    stage "decode"   the worker process died on this file again and again
+    +-- NonFiniteOutput      stage "model"    the model's output for this window has NaN/Inf
+                                              (error_type ``non_finite_output``)
 
     RunFailed                a run stopped in its Ray phase (one line with the root cause)
+    ModelError               the model stage failed for a reason that is not one input's (a bug,
+                             a checkpoint that does not fit, a device fault, non-finite output for
+                             most windows): the run stops; never an error row
     RefreshError             a refresh that cannot proceed (incompatible store, unsafe plan)
     +-- RefreshLocked        another live refresh holds the store's lease
     +-- LeaseLost            this run lost its lease
@@ -43,6 +48,8 @@ __all__ = [
     "DecodeError",
     "TooShortError",
     "WorkerCrashed",
+    "NonFiniteOutput",
+    "ModelError",
     "error_type",
     "redact",
     "one_line",
@@ -133,9 +140,19 @@ class WorkerCrashed(DecodeError):
     """The decode worker process died (segfault, abort, killed for memory) on this file repeatedly."""
 
 
+class NonFiniteOutput(PipelineError):
+    """The model's output for one window has NaN or Inf values: that window's track becomes an
+    error row instead of storing garbage."""
+
+    stage = "model"
+    code = "non_finite_output"
+
+
 def error_type(exc: BaseException) -> str:
-    """The class name stored in the ``error_type`` column of error rows (e.g. ``"DecodeError"``)."""
-    return type(exc).__name__
+    """What the ``error_type`` column of error rows says: the exception's ``code`` when it has one
+    (``"non_finite_output"``), else its class name (e.g. ``"DecodeError"``)."""
+    code = getattr(type(exc), "code", None)
+    return code if isinstance(code, str) else type(exc).__name__
 
 
 # --- redaction ---------------------------------------------------------------------------------
@@ -205,6 +222,12 @@ def redact(text: str) -> str:
 
 class RunFailed(RuntimeError):
     """A run that stopped in its Ray phase; the message is one line with the root cause."""
+
+
+class ModelError(RuntimeError):
+    """The model stage failed for a reason that is not one input's: a bug in our code, a checkpoint
+    that does not fit, a device fault that persists, or non-finite output for most windows. It
+    stops the run (exit 1, status "failed"); it never becomes error rows."""
 
 
 def root_cause(exc: BaseException) -> str:

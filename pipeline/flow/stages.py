@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.errors import PipelineError, WorkerCrashed, error_type, redact
+from pipeline.flow.guard import ModelGuard, check_finite_table
 from pipeline.flow.inference import EmbedSettings, WindowEmbedder, frame_ownership, load_model, track_mean
 from pipeline.io.audio import AudioLimits, decode_audio
 from pipeline.io.objects import fetch_bytes
@@ -285,8 +286,9 @@ def audio_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
 class EmbedStage:
     """Window rows with audio -> window rows with per-layer pooled vectors (audio dropped).
 
-    Loads the model once per actor (GPU when the actor has one, else CPU), batches windows of
-    equal length, and records a model failure as error rows for the windows concerned.
+    Loads the model once per actor (GPU when the actor has one, else CPU) and batches windows of
+    equal length. Failures follow :mod:`pipeline.flow.guard`: a window that fails alone, or whose
+    output is not finite, becomes an error row; a fault of the system stops the run.
     """
 
     def __init__(
@@ -304,6 +306,7 @@ class EmbedStage:
             torch.set_num_threads(cpu_threads)
         self.settings = settings
         self.embedder = WindowEmbedder(self.model, settings, max_batch=batch_size)
+        self.guard = ModelGuard(self.embedder)
         self.dim = dim
         self.schema = schemas.embedded_schema(settings.layers, dim, frames=settings.frames_hz is not None)
 
@@ -312,45 +315,42 @@ class EmbedStage:
         samples = audio_views(batch.column("audio"))
         rows = batch.drop_columns(["audio"]).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["kind"] == "window"]
-        results: dict[int, Any] = {}
         t0 = self.embedder.model_seconds
-        audio: list[Any] = []
-        try:
-            audio = [samples[i] for i in todo]
-            for i, res in zip(todo, self.embedder.embed(audio), strict=True):
-                results[i] = res
-        except Exception as e:  # e.g. out of device memory: these windows become error rows
-            for i in todo:
-                rows[i] = _error_row(rows[i], "model", e)
-            todo = []
-        spent = (self.embedder.model_seconds - t0) / max(1, len(todo))
-        del samples, audio
-        out = []
-        for i, r in enumerate(rows):
-            r.setdefault("model_s", None)
-            if i in results:
-                res = results[i]
-                r["model_s"] = spent
-                r["n_tokens"] = res.n_tokens
-                for lay in self.settings.layers:
-                    r[schemas.layer_column(lay)] = res.means[lay]
-                if self.settings.frames_hz:
-                    keep = (res.frame_times + r["start_s"] >= r["own_start_s"]) & (
-                        res.frame_times + r["start_s"] < r["own_end_s"]
-                    )
-                    r["frame_times"] = (res.frame_times[keep] + r["start_s"]).tolist()
-                    for lay in self.settings.layers:
-                        r["frames_" + schemas.layer_column(lay)] = res.frames[lay][keep].reshape(-1)
+        outcomes = self.guard.run([samples[i] for i in todo])
+        results: dict[int, Any] = {}
+        for i, res in zip(todo, outcomes, strict=True):
+            if isinstance(res, BaseException):
+                rows[i] = _error_row(rows[i], "model", res)
             else:
-                r["n_tokens"] = None
-                for lay in self.settings.layers:
-                    r[schemas.layer_column(lay)] = None
-                if self.settings.frames_hz:
-                    r["frame_times"] = None
-                    for lay in self.settings.layers:
-                        r["frames_" + schemas.layer_column(lay)] = None
-            out.append(r)
-        return _embedded_table(out, self.schema, self.settings.layers, self.dim)
+                results[i] = res
+        spent = (self.embedder.model_seconds - t0) / max(1, len(results))
+        del samples
+        return _embedded_table([self._fill(r, results.get(i), spent) for i, r in enumerate(rows)],
+                               self.schema, self.settings.layers, self.dim)  # fmt: skip
+
+    def _fill(self, r: dict[str, Any], res: Any, spent: float) -> dict[str, Any]:
+        """Row ``r`` with the pooled vectors (and frames) of ``res``, or with nulls for none."""
+        layers, frames = self.settings.layers, bool(self.settings.frames_hz)
+        r.setdefault("model_s", None)
+        if res is None:
+            r["n_tokens"] = None
+            for lay in layers:
+                r[schemas.layer_column(lay)] = None
+                if frames:
+                    r["frames_" + schemas.layer_column(lay)] = None
+            if frames:
+                r["frame_times"] = None
+            return r
+        r["model_s"], r["n_tokens"] = spent, res.n_tokens
+        for lay in layers:
+            r[schemas.layer_column(lay)] = res.means[lay]
+        if frames:
+            t = res.frame_times + r["start_s"]
+            keep = (t >= r["own_start_s"]) & (t < r["own_end_s"])
+            r["frame_times"] = t[keep].tolist()
+            for lay in layers:
+                r["frames_" + schemas.layer_column(lay)] = res.frames[lay][keep].reshape(-1)
+        return r
 
 
 def _embedded_table(
@@ -573,6 +573,7 @@ class ChunkWriter:
 
         if not tbl.num_rows:
             return "[]"
+        check_finite_table(tbl, uri.rstrip("/").rsplit("/", 1)[-1])
         frags = lance.fragment.write_fragments(
             tbl, uri, schema=tbl.schema, storage_options=self.storage_options
         )

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.errors import redact
+from pipeline.flow.guard import check_finite_table
 from pipeline.flow.runtime import (
     ACTOR_MAX_RESTARTS,
     ACTOR_MAX_TASK_RETRIES,
@@ -303,6 +304,7 @@ def finish_chunk(
             pa.compute.invert(pa.compute.is_in(windows["track_id"], pa.array(sorted(failed), pa.string())))
         )
     tracks = track_rows(windows, info, meta_cols, run_id, embedded_at)
+    check_finite_table(tracks, "tracks")  # the last check before the driver commits them
     ok = windows.filter(pa.compute.is_in(windows["track_id"], tracks["track_id"]))
     return ChunkOutput(ch.ix, ch.fragments, tracks, ok.select(TIME_COLUMNS), error_rows, failed)
 

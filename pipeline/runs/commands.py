@@ -17,6 +17,7 @@ from pipeline.cli import (
     positive_int,
     run_main,
 )
+from pipeline.exits import EXIT_LOCKED, exit_codes_help
 
 EMBED_DOC = """Embed a music catalog with MusicFM into a Lance (or Parquet) store.
 
@@ -35,19 +36,17 @@ tracks whose settings changed, delete tracks gone from the catalog, leave the re
 Commits every --chunk-size tracks (a rerun after a crash resumes where it stopped), holds a
 lease on the store (a second concurrent refresh exits with code 4), then compacts, optimises
 indices and removes versions older than --retention-days. See docs/refresh.md.
-
-Exit codes: 0 ok; 1 error (the run stopped; rerun to resume); 2 bad flags; 3 more failed
-tracks than --max-error-rate; 4 another refresh holds the store.
 """
-
-EXIT_OK, EXIT_ERROR_RATE, EXIT_LOCKED = 0, 3, 4
 
 # --------------------------------------------------------------------------- embed
 
 
 def embed_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="embed_catalog", description=EMBED_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="embed_catalog",
+        description=EMBED_DOC,
+        epilog=exit_codes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--catalog",
@@ -95,7 +94,7 @@ def embed_main(argv: list[str] | None = None) -> int:
 
             for rep in build_indexes(job.output, storage_options=job.storage_options or None):
                 print(f"  index    {rep}")
-        return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
+        return report.exit_code
 
     return run_main(run, parser, argv)
 
@@ -106,7 +105,10 @@ def embed_main(argv: list[str] | None = None) -> int:
 def refresh_parser() -> argparse.ArgumentParser:
     """The refresh job's flags: its own, plus the embed job's model/window/execution flags."""
     p = OneLineParser(
-        prog="refresh_catalog", description=REFRESH_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="refresh_catalog",
+        description=REFRESH_DOC,
+        epilog=exit_codes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--catalog", required=True, help="CSV / Parquet / JSON-lines catalog, or a directory/prefix of audio"
@@ -174,7 +176,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             from pipeline.insights.predict import predict_store
 
             print(predict_store(args.store, probe, args.storage_options, run_id=report.run_id).summary())
-        return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
+        return report.exit_code
 
     return run_main(run, parser, argv)
 

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schemas
+from pipeline.exits import EXIT_ERROR_RATE, EXIT_FAILED, EXIT_OK
 from pipeline.runs.settings import EmbedJob
 from pipeline.store.commits import append_once
 from pipeline.store.tables import StoreWriter
@@ -44,6 +45,13 @@ class RunReport:
     def error_rate(self) -> float:
         return self.tracks_failed / self.tracks_total if self.tracks_total else 0.0
 
+    @property
+    def exit_code(self) -> int:
+        """The job's exit code for this report (:mod:`pipeline.exits`)."""
+        if self.status == "ok":
+            return EXIT_OK
+        return EXIT_FAILED if self.extra.get("fault") else EXIT_ERROR_RATE
+
     def summary(self) -> str:
         lines = [
             f"run {self.run_id}: {self.status}",
@@ -64,6 +72,8 @@ class RunReport:
             lines.append(
                 "  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_type.items()))
             )
+        if self.extra.get("reason"):
+            lines.append(f"  reason   {self.extra['reason']}")
         return "\n".join(lines)
 
 
@@ -137,6 +147,10 @@ def new_run_id() -> str:
 
 
 def finish_report(report: RunReport, error_rows: list[dict[str, Any]], max_error_rate: float) -> None:
+    """Count the errors and decide the status: "failed" when the error rate is over
+    ``max_error_rate``, when every track of the catalog failed (none is good, in the store or
+    from this run), or when most windows that reached the model came out non-finite (a broken
+    checkpoint or device: a fault of the system, exit 1)."""
     # one failure per (track, uri): a model failure gives one row per window; an unparsable
     # catalog row has neither, so each such row counts on its own
     report.tracks_failed = len(
@@ -147,9 +161,22 @@ def finish_report(report: RunReport, error_rows: list[dict[str, Any]], max_error
     )
     for e in error_rows:
         report.errors_by_type[e["error_type"]] = report.errors_by_type.get(e["error_type"], 0) + 1
-    report.status = "ok" if report.error_rate <= max_error_rate else "failed"
-    if report.status == "failed":
-        report.extra["reason"] = f"error rate {report.error_rate:.3f} > --max-error-rate {max_error_rate}"
+    good = report.tracks_ok + int(getattr(report, "already_stored", 0))
+    non_finite = report.errors_by_type.get("non_finite_output", 0)
+    reason = None
+    if non_finite and non_finite > report.windows:
+        reason = (
+            f"the model produced NaN/Inf for {non_finite} windows ({report.windows} good): the checkpoint "
+            "or the device is broken"
+        )
+        report.extra["fault"] = True
+    elif report.error_rate > max_error_rate:
+        reason = f"error rate {report.error_rate:.3f} > --max-error-rate {max_error_rate}"
+    elif report.tracks_failed and not good:
+        reason = f"every track failed ({report.tracks_failed} of {report.tracks_total})"
+    report.status = "failed" if reason else "ok"
+    if reason:
+        report.extra["reason"] = reason
 
 
 def error_table(rows: Sequence[dict[str, Any]], run_id: str) -> pa.Table:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.exits import DEFAULT_MAX_ERROR_RATE
 from pipeline.io.audio import TARGET_SR, AudioLimits
 from pipeline.io.objects import redacted
 
@@ -38,7 +39,7 @@ class EmbedJob:
     allowed_prefixes: tuple[str, ...] = ()
     limits: AudioLimits = AudioLimits()
     decode_timeout_s: float | None = 600.0
-    max_error_rate: float = 1.0
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # see pipeline.exits for the reason
     max_row_chars: int = 65536
     run_id: str | None = None
 

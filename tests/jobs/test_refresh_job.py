@@ -31,7 +31,7 @@ def test_flags_and_defaults() -> None:
     p = build_parser()
     a = p.parse_args(["--catalog", "c.csv", "--store", "s"])
     assert (a.chunk_size, a.retention_days, a.delete_missing, a.dry_run) == (1000, 7.0, True, False)
-    assert (a.max_error_rate, a.log_format, a.layers, a.lock_wait_s) == (1.0, "text", (7, 12), 0.0)
+    assert (a.max_error_rate, a.log_format, a.layers, a.lock_wait_s) == (0.5, "text", (7, 12), 0.0)
     assert p.parse_args(["--catalog", "c", "--store", "s", "--keep-missing"]).delete_missing is False
     a = p.parse_args(["--catalog", "c", "--store", "s", "--chunk-size", "5", "--retention-days", "0",
                       "--window-s", "10", "--hop-s", "5", "--frames-hz", "5", "--batch-size", "4"])  # fmt: skip
