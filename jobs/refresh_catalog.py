@@ -12,11 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.runs.commands import (  # noqa: E402,F401
-    EXIT_ERROR_RATE,
-    EXIT_LOCKED,
-    EXIT_OK,
-)
+from pipeline.exits import EXIT_ERROR_RATE, EXIT_LOCKED, EXIT_OK  # noqa: E402,F401
 from pipeline.runs.commands import refresh_main as main  # noqa: E402
 from pipeline.runs.commands import refresh_parser as build_parser  # noqa: E402,F401
 

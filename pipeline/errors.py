@@ -270,7 +270,7 @@ class LeaseLost(RefreshError):
 
 
 class InjectedFailure(RuntimeError):
-    """Raised by :func:`failpoint` when ``MUSICFM_FAIL_AT`` names the step (tests only)."""
+    """Raised by :func:`pipeline.faults.failpoint` when ``MUSICFM_FAIL_AT`` names the step (tests only)."""
 
 
 # --------------------------------------------------------------------------- search

@@ -37,8 +37,8 @@ Maintenance (after the changes; :mod:`pipeline.store.maintenance`)
     versions older than ``retention_days``. Everything, with the version pins of each table, is
     recorded in the ``runs.lance`` row (``kind="refresh"``).
 
-Test hook: ``MUSICFM_FAIL_AT=<step>[:<chunk>]`` raises :class:`InjectedFailure` at a named step
-(:data:`FAIL_STEPS`), to test that reruns converge.
+Test hooks: ``MUSICFM_FAIL_AT`` / ``MUSICFM_KILL_AT`` raise or SIGKILL at a named step
+(:mod:`pipeline.faults`), to test what a crash there leaves and that reruns converge.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.errors import CatalogError, InjectedFailure, PipelineError, RefreshError, RunFailed, root_cause
+from pipeline.faults import failpoint
 from pipeline.flow.runtime import (
     cluster_gpus,
     configure_data_context,
@@ -92,37 +93,6 @@ from pipeline.store.maintenance import maintain, sweep
 from pipeline.store.tables import StoreWriter, in_list, in_lists, sql_str
 
 log = logging.getLogger("musicfm.refresh")
-
-
-FAIL_ENV = "MUSICFM_FAIL_AT"
-
-
-#: Steps where ``MUSICFM_FAIL_AT`` can inject a failure, in the order a run reaches them.
-FAIL_STEPS = (
-    "lock_acquired",  # lease taken, nothing read yet
-    "planned",  # plan made, nothing written
-    "tracks_deleted",  # removed tracks' rows deleted from tracks, their windows/frames not yet
-    "metadata_updated",  # metadata-only track rows updated (per chunk)
-    "windows_appended",  # chunk's windows committed, frames/tracks not yet (per chunk)
-    "frames_appended",  # chunk's frames committed, tracks not yet (per chunk)
-    "tracks_merged",  # chunk's tracks merged, superseded windows/frames not yet deleted (per chunk)
-    "chunk_done",  # chunk fully committed, next chunk not started (per chunk)
-    "swept",  # orphan windows/frames deleted, maintenance not yet done
-    "maintained",  # maintenance done, run row not yet written
-)
-
-
-def failpoint(step: str, chunk: int | None = None) -> None:
-    """Raise :class:`InjectedFailure` when ``MUSICFM_FAIL_AT`` is ``step`` or ``step:chunk``."""
-    want = os.environ.get(FAIL_ENV, "").strip()
-    if not want:
-        return
-    name, _, at = want.partition(":")
-    if name != step:
-        return
-    if at and (chunk is None or int(at) != chunk):
-        return
-    raise InjectedFailure(f"injected failure at {want}")
 
 
 def _event(msg: str, run_id: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -241,6 +211,7 @@ def commit_chunk(c: _Ctx, out: ChunkOutput, info: ModelInfo) -> None:
     """One chunk of the commit protocol: windows/frames append, tracks merge, superseded delete.
     This run's rows of failed tracks (a window failed in the model) are left to the sweep."""
     store, run_id = c.store, c.run_id
+    failpoint("chunk_written", out.ix)
     c.error_rows += out.error_rows
     with c.timed("commit"):
         for name in ("windows", "frames"):  # (1) new rows, tagged with this run_id

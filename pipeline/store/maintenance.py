@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schemas
+from pipeline.faults import failpoint
 from pipeline.schemas import LOCK_TABLE
 from pipeline.store.commits import delete_rows, retry_write
 from pipeline.store.lease import StoreLock
@@ -144,6 +145,7 @@ def maintain(store: StoreWriter, retention_days: float) -> dict[str, Any]:
                 int(m.fragments_removed),
                 int(m.fragments_added),
             )
+            failpoint("maintenance_compacted")
             ds = store.open(name)
         stats = retry_write(  # idempotent
             f"cleanup of {name}",

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InjectedFailure
+from pipeline.faults import FAIL_ENV
 from pipeline.runs.ray_plan import RAY_PLAN_MIN_SUBPREFIXES, use_ray_plan
-from pipeline.runs.refresh import FAIL_ENV, plan_on_driver, plan_with_ray, run_refresh
+from pipeline.runs.refresh import plan_on_driver, plan_with_ray, run_refresh
 from pipeline.store.tables import StoreWriter
 from tests.support.stores import (
     assert_same_store,

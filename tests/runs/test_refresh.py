@@ -26,8 +26,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import InjectedFailure
+from pipeline.faults import FAIL_ENV
 from pipeline.runs.plan import make_plan
-from pipeline.runs.refresh import FAIL_ENV, run_refresh
+from pipeline.runs.refresh import run_refresh
 from pipeline.store.lease import StoreLock, holder_gone
 from pipeline.store.maintenance import sweep
 from pipeline.store.tables import StoreWriter
