@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from musicfm.profiles import PROFILES
-from pipeline.exits import DEFAULT_MAX_ERROR_RATE
+from pipeline.exits import DEFAULT_MAX_ERROR_RATE, KEEP_PREVIOUS_RUNS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,6 +51,7 @@ def number_arg(cast: Callable[[str], Any], ok: Callable[[Any], bool], expect: st
 
 _positive_float = number_arg(float, lambda v: 0 < v < float("inf"), "a positive number")
 positive_int = number_arg(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = number_arg(int, lambda v: v >= 0, "an integer >= 0")
 non_negative = number_arg(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 fraction = number_arg(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 _rate = fraction
@@ -183,6 +184,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="where the plan is made: on the driver, or as a distributed join in Ray (catalog rows "
         "never on the driver); auto: Ray for catalogs of 32 MiB or more, or listings with 8+ "
         "sub-prefixes (default auto)",
+    )
+    g.add_argument(
+        "--keep-previous",
+        type=non_negative_int,
+        default=KEEP_PREVIOUS_RUNS,
+        help="earlier ok runs whose store versions stay queryable (search --model) and restorable "
+        f"(rollback_store) besides the newest (default {KEEP_PREVIOUS_RUNS})",
     )
     g.add_argument(
         "--break-lease",

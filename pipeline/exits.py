@@ -32,6 +32,11 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
 DEFAULT_MAX_ERROR_RATE = 0.5
 
 
+#: Default of ``--keep-previous``: the run before the newest stays queryable and restorable
+#: (``jobs/rollback_store.py``); its versions survive clean-up (:mod:`pipeline.store.snapshots`).
+KEEP_PREVIOUS_RUNS = 1
+
+
 def exit_codes_help() -> str:
     """The exit-code table as the jobs' ``--help`` prints it."""
     return "Exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)

@@ -84,7 +84,8 @@ def embed_main(argv: list[str] | None = None) -> int:
         job = embed_job_from_args(args)
         try:
             report = run_embed(job, progress=not args.no_progress, chunk_size=args.chunk_size,
-                               break_lease=args.break_lease, planner=args.planner)  # fmt: skip
+                               break_lease=args.break_lease, planner=args.planner,
+                               keep_previous=args.keep_previous)  # fmt: skip
         except RefreshLocked as e:
             print(f"{parser.prog}: locked: {e}", file=sys.stderr)
             return EXIT_LOCKED
@@ -163,7 +164,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size, retention_days=args.retention_days,
             max_delete_fraction=args.max_delete_fraction, lock_ttl_s=args.lock_ttl_s,
             lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads, maintenance=not args.no_maintenance,
-            break_lease=args.break_lease, planner=args.planner,
+            break_lease=args.break_lease, planner=args.planner, keep_previous=args.keep_previous,
         )  # fmt: skip
         probes = _load_probes(parser, args.probe)
         try:
@@ -193,6 +194,40 @@ def _load_probes(parser: argparse.ArgumentParser, dirs: list[str]) -> list:
 
 
 # --------------------------------------------------------------------------- export
+
+
+def rollback_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="rollback_store",
+        description="Return a store's tracks/windows/frames to an earlier ok run's state (the run "
+        "before the newest by default; refresh and embed keep --keep-previous of them). Search "
+        "switches in one commit; runs.lance records the rollback.",
+    )
+    p.add_argument("--store", required=True, help="store root (local path or s3://...)")
+    p.add_argument(
+        "--to", default=None, metavar="RUN_ID", help="the run to return to (default: the previous one)"
+    )
+    p.add_argument("--storage-options", type=_storage_options, default=None, help="JSON storage options")
+    return p
+
+
+def rollback_main(argv: list[str] | None = None) -> int:
+    parser = rollback_parser()
+
+    def run(args: argparse.Namespace) -> int:
+        from pipeline.errors import RefreshLocked
+        from pipeline.runs.rollback import run_rollback
+
+        try:
+            res = run_rollback(args.store, args.to, args.storage_options)
+        except RefreshLocked as e:
+            print(f"{parser.prog}: locked: {e}", file=sys.stderr)
+            return EXIT_LOCKED
+        print(f"rollback {res.run_id}: the store is back at run {res.to_run} (model {res.model_id}); "
+              + ", ".join(f"{k} v{v}" for k, v in sorted(res.versions.items())))  # fmt: skip
+        return 0
+
+    return run_main(run, parser, argv)
 
 
 def export_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from pipeline.exits import KEEP_PREVIOUS_RUNS
 from pipeline.io.objects import check_output
 from pipeline.runs.refresh import run_refresh
 from pipeline.runs.report import RefreshReport
@@ -27,7 +28,11 @@ EMBED_CHUNK_TRACKS = 1000
 
 
 def embed_refresh_job(
-    job: EmbedJob, chunk_size: int = EMBED_CHUNK_TRACKS, break_lease: bool = False, planner: str = "auto"
+    job: EmbedJob,
+    chunk_size: int = EMBED_CHUNK_TRACKS,
+    break_lease: bool = False,
+    planner: str = "auto",
+    keep_previous: int = KEEP_PREVIOUS_RUNS,
 ) -> RefreshJob:
     """The refresh run that performs ``job``: every catalog track embedded (unless already in the
     store with these settings), tracks not in the catalog removed, committed per chunk."""
@@ -39,6 +44,7 @@ def embed_refresh_job(
         break_lease=break_lease,
         kind="embed",
         planner=planner,
+        keep_previous=keep_previous,
     )
 
 
@@ -50,6 +56,7 @@ def run_embed(
     break_lease: bool = False,
     model_stage: type | None = None,
     planner: str = "auto",
+    keep_previous: int = KEEP_PREVIOUS_RUNS,
 ) -> RefreshReport:
     """Run the embed job end to end and return its report (also stored in ``runs.lance`` with
     ``kind="embed"``). ``model_stage`` replaces the model stage (benchmarks).
@@ -62,7 +69,9 @@ def run_embed(
     """
     check_output(job.output, job.storage_options)  # fail in seconds, not after the whole run
     report = run_refresh(
-        embed_refresh_job(job, chunk_size, break_lease, planner), progress, model_stage=model_stage
+        embed_refresh_job(job, chunk_size, break_lease, planner, keep_previous),
+        progress,
+        model_stage=model_stage,
     )
     if job.format == "parquet" and report.status == "ok":
         from pipeline.runs.export import export_parquet

@@ -90,6 +90,7 @@ from pipeline.runs.settings import EmbedJob, RefreshJob
 from pipeline.store.commits import append_fragments_once, append_once, delete_rows, merge_tracks, retry_write
 from pipeline.store.lease import StoreLock
 from pipeline.store.maintenance import maintain, sweep
+from pipeline.store.snapshots import pin_for_search, publish
 from pipeline.store.tables import StoreWriter, in_list, in_lists, sql_str
 
 log = logging.getLogger("musicfm.refresh")
@@ -507,6 +508,8 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
         report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
         return report
     assert store is not None and lease is not None
+    if planned.counts["settings"] and pin_for_search(store):  # a model change: search stays whole
+        report.extra["migration"] = "search pinned to the store before it until this run ends ok"
     failpoint("planned")
     removed = planned.counts["removed"]
     if planned.stored_tracks and removed > job.max_delete_fraction * planned.stored_tracks:
@@ -554,6 +557,8 @@ def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | N
     report.stage_s, report.wall_s = stage_s, time.perf_counter() - t_start
     _fill_extra(job, report)
     write_run_row(store, ej, report, started_at, kind=job.kind)
+    if report.status == "ok":  # this run's versions become a snapshot; a migration switches here
+        publish(store, run_id, job.keep_previous)
     _event("refresh finished", run_id, status=report.status, **report.plan, embedded=report.tracks_ok,
            windows=report.windows, deleted=report.deleted, failed=report.tracks_failed,
            wall_s=round(report.wall_s, 3), x_realtime=round(report.x_realtime, 2), stage_s=report.stage_s,

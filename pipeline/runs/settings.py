@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.exits import DEFAULT_MAX_ERROR_RATE
+from pipeline.exits import DEFAULT_MAX_ERROR_RATE, KEEP_PREVIOUS_RUNS
 from pipeline.io.audio import TARGET_SR, AudioLimits
 from pipeline.io.objects import redacted
 
@@ -95,6 +95,7 @@ class RefreshJob:
     break_lease: bool = False
     kind: str = "refresh"  # "embed" when the embed job runs on this engine (runs.lance kind, report)
     planner: str = "auto"  # "driver", "ray" (a distributed join: pipeline.runs.ray_plan) or "auto"
+    keep_previous: int = KEEP_PREVIOUS_RUNS  # earlier ok runs kept queryable/restorable (store.snapshots)
 
     def __post_init__(self) -> None:
         if self.embed.format != "lance":
@@ -109,6 +110,8 @@ class RefreshJob:
             raise ValueError("--lock-ttl-s must be > 0 and --lock-wait-s >= 0")
         if self.lookup_threads < 1:
             raise ValueError("--lookup-threads must be >= 1")
+        if self.keep_previous < 0:
+            raise ValueError("--keep-previous must be >= 0")
         if self.planner not in ("auto", "driver", "ray"):
             raise ValueError(f"--planner must be auto, driver or ray, got {self.planner!r}")
 

@@ -132,7 +132,7 @@ def run_search(
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        store = open_store(args.store, args.storage_options)
+        store = open_store(args.store, args.storage_options, model=args.model)
         query: Any
         if args.track_id is not None:
             query = TrackQuery(args.track_id)
@@ -241,6 +241,13 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="stats JSON of the --checkpoint")
     p.add_argument("--model-config", default=None, help="model config JSON of the --checkpoint")
     p.add_argument("--device", default=None, help="device for the audio model (default: cuda if available)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL_ID",
+        help="search the newest kept run of this model (an earlier model after a change; see "
+        "--keep-previous of the refresh job); default: the store's current model",
+    )
     return p
 
 

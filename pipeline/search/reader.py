@@ -59,6 +59,7 @@ from pipeline.errors import (
 from pipeline.io.objects import fsspec_options, lance_options
 from pipeline.io.uris import AUDIO_EXTENSIONS
 from pipeline.schemas import RESERVED_COLUMNS, layer_column, parse_layer_column
+from pipeline.store.snapshots import reading_versions, snapshot_runs_of
 from pipeline.store.tables import in_list, sql_str
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,10 +248,18 @@ class StoreReader:
     (``None`` without ``windows.lance``), ``window_layers``.
 
     Thread-safe for concurrent :meth:`search` calls; :meth:`refresh` picks up new versions.
+
+    Which versions it reads (:mod:`pipeline.store.snapshots`; ``snapshot`` says which): during a
+    model change the store's complete state before it (the ``search`` pin), so every query answers
+    over the whole catalog from one model; with ``model`` the newest kept run of that model;
+    otherwise the latest.
     """
 
-    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, root: str, storage_options: Mapping[str, Any] | None = None, model: str | None = None
+    ) -> None:
         self.root = str(root).rstrip("/") or "/"
+        self.pinned_model = model
         self.storage_options: dict[str, Any] = dict(storage_options or {})
         self._lance_options = lance_options(self.root, self.storage_options)
         self.model: Any = None  # the query-by-audio model once set (see set_model / load_model)
@@ -265,7 +274,9 @@ class StoreReader:
         """URI of ``{table}.lance`` under the root."""
         return f"{self.root}/{table}.lance" if self.root != "/" else f"/{table}.lance"
 
-    def _open(self, table: str, required: bool) -> lance.LanceDataset | None:
+    def _open(
+        self, table: str, required: bool, version: int | str | None = None
+    ) -> lance.LanceDataset | None:
         import lance
 
         uri = self.uri(table)
@@ -274,7 +285,7 @@ class StoreReader:
                 raise StoreNotFoundError(f"no embedding store at {self.root}: {uri} does not exist")
             return None
         try:
-            return lance.dataset(uri, storage_options=self._lance_options)
+            return lance.dataset(uri, version=version, storage_options=self._lance_options)
         except (ValueError, OSError) as e:
             if _is_not_found(e):
                 if required:
@@ -285,10 +296,35 @@ class StoreReader:
             raise
 
     def _load(self) -> None:
-        tracks = self._open("tracks", required=True)
+        self._open("tracks", required=True)  # StoreNotFoundError first
+        run_id = self._run_of_model(self.pinned_model) if self.pinned_model else None
+        for attempt in range(2):
+            snap = reading_versions(lambda t: self._open(t, required=False), run_id)
+            try:
+                tracks = self._open("tracks", required=True, version=snap.versions["tracks"])
+                windows = self._open("windows", required=False, version=snap.versions["windows"])
+                break
+            except (ValueError, OSError):  # the migration's pin went away meanwhile: read again
+                if attempt or run_id is not None:
+                    raise
         assert tracks is not None
-        windows = self._open("windows", required=False)
+        self.snapshot: str = snap.reason
         self._set_tables(tracks, windows)
+
+    def _run_of_model(self, model_id: str) -> str:
+        """The newest ``ok`` run of ``model_id`` whose versions are kept (``--keep-previous``)."""
+        runs = self._open("runs", required=False)
+        rows = [] if runs is None else runs.to_table(columns=["run_id", "model_id", "status"]).to_pylist()
+        ours = {r["run_id"] for r in rows if r["model_id"] == model_id and r["status"] == "ok"}
+        tracks = self._open("tracks", required=True)
+        kept = [r for r in snapshot_runs_of(tracks) if r in ours]
+        if not kept:
+            models = sorted({r["model_id"] for r in rows if r["status"] == "ok" and r["model_id"]})
+            raise ModelUnavailableError(
+                f"no kept run of model {model_id} in this store (models of ok runs: {', '.join(models) or 'none'}; "
+                "a refresh keeps --keep-previous earlier runs)"
+            )
+        return kept[0]
 
     def _set_tables(self, tracks: lance.LanceDataset, windows: lance.LanceDataset | None) -> None:
         schema = tracks.schema
@@ -333,9 +369,10 @@ class StoreReader:
             self._index_cache.clear()
 
     def refresh(self) -> StoreReader:
-        """Move to the latest version of every table (new rows, new indexes); returns ``self``."""
+        """Move to the versions to read now (new rows, new indexes, the end of a model change);
+        returns ``self``."""
         # fresh dataset objects, swapped in under the lock: searches in flight keep their version
-        self._set_tables(self._open("tracks", required=True), self._open("windows", required=False))
+        self._load()
         return self
 
     def describe(self) -> dict[str, Any]:
@@ -879,19 +916,24 @@ def _score(distance: float | None) -> float:
     return float("nan") if distance is None else float(1.0 - distance)
 
 
-def open_store(uri: str, storage_options: Mapping[str, Any] | None = None) -> StoreReader:
+def open_store(
+    uri: str, storage_options: Mapping[str, Any] | None = None, model: str | None = None
+) -> StoreReader:
     """Open the embedding store at ``uri`` (a local directory or ``s3://bucket/prefix``).
 
     ``storage_options``: Lance/object_store keys (``aws_endpoint``, ``aws_access_key_id``,
     ``aws_secret_access_key``, ``aws_region``, ``allow_http``) or the pipeline's s3fs-style keys
     (``endpoint_url``, ``key``, ``secret``, ...); see :mod:`pipeline.io.objects`.
 
+    ``model``: read the newest kept run of this model id (an earlier model, after a change).
+
     Raises:
         StoreNotFoundError: no ``tracks.lance`` under ``uri``.
+        ModelUnavailableError: ``model`` has no kept run in the store.
     """
     if not uri or not str(uri).strip():
         raise StoreNotFoundError("no store given")
     uri = str(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
-    return StoreReader(uri, storage_options)
+    return StoreReader(uri, storage_options, model=model)

@@ -149,7 +149,10 @@ def maintain(store: StoreWriter, retention_days: float) -> dict[str, Any]:
             ds = store.open(name)
         stats = retry_write(  # idempotent
             f"cleanup of {name}",
-            lambda ds=ds: ds.cleanup_old_versions(older_than=dt.timedelta(days=retention_days)),
+            # tagged versions (pipeline.store.snapshots: a migration's search pin, kept runs) stay
+            lambda ds=ds: ds.cleanup_old_versions(
+                older_than=dt.timedelta(days=retention_days), error_if_tagged_old_versions=False
+            ),
         )
         rec["old_versions_removed"] = int(getattr(stats, "old_versions", 0))
         rec["bytes_removed"] = int(getattr(stats, "bytes_removed", 0))
