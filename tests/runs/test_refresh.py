@@ -237,9 +237,11 @@ def test_failures_at_each_commit_step_then_rerun_converge(world: World, monkeypa
     assert maint["tracks"]["indices"] and "indices" not in maint["windows"]
     idx = lance.dataset(str(store / "tracks.lance")).describe_indices()[0]
     assert idx.num_rows_indexed == 5  # the new rows were folded into the index
-    for t in DATA_TABLES:  # retention 0: only the latest version is left, compacted
+    for t in DATA_TABLES:  # retention 0: the latest version, compacted, and the kept previous run's
         ds = lance.dataset(str(store / f"{t}.lance"))
-        assert len(ds.versions()) == 1 and len(ds.get_fragments()) == 1
+        tagged = {int(x["version"]) for x in ds.tags.list().values()}
+        assert len(ds.tags.list()) == 2 and ds.version in tagged  # --keep-previous 1: this run and v1
+        assert {v["version"] for v in ds.versions()} == tagged and len(ds.get_fragments()) == 1
 
 
 def test_sigkill_and_a_concurrent_refresh(world: World, ray_cluster) -> None:
