@@ -154,13 +154,12 @@ def gap_matches(sims: np.ndarray, crit: Criterion) -> int:
     return first_gap(np.maximum(1.0 - sims.astype(np.float64), 0.0), crit.margin)
 
 
-def first_gap(d: np.ndarray, margin: float) -> int:
-    """How many of the leading distances (``d``, ascending) stand out: the smallest ``m`` with
-    ``d[m-1] <= margin * d[m]``, at most half the list (the rest is the background); 0: none."""
-    for m in range(1, len(d) // 2 + 1):
-        if d[m - 1] <= margin * d[m]:
-            return m
-    return 0
+def first_gap(d: np.ndarray, margin: float, last: bool = False) -> int:
+    """How many of the leading distances (``d``, ascending) stand out: the smallest ``m`` (the
+    largest with ``last``) with ``d[m-1] <= margin * d[m]``, at most half the list (the rest is
+    the background); 0: none."""
+    ms = [m for m in range(1, len(d) // 2 + 1) if d[m - 1] <= margin * d[m]]
+    return (ms[-1] if last else ms[0]) if ms else 0
 
 
 def _gap_rows(sims: np.ndarray, crit: Criterion) -> tuple[np.ndarray, np.ndarray]:
@@ -366,11 +365,12 @@ def _track_level(
     if wref is None:
         return _track_pairs(gap)
     have = windowed_tracks(wref)
-    cands: dict[str, list[str]] = {}
+    cands: dict[str, set[str]] = {}  # both directions: a track is a candidate of its candidates
     for i, j in zip(*np.nonzero(nbrs.nb >= 0), strict=True):
         q, c = tids[nbrs.qpos[i]], tids[nbrs.nb[i, j]]
         if q in have and c in have:
-            cands.setdefault(q, []).append(c)
+            cands.setdefault(q, set()).add(c)
+            cands.setdefault(c, set()).add(q)
     rows = _aligned_rows(wref, layer, cands, crit, report)
     done = {frozenset((q, c)) for q, cs in cands.items() for c in cs}
     return rows + _track_pairs([g for g in gap if frozenset(g[:2]) not in done])
@@ -379,7 +379,7 @@ def _track_level(
 def _aligned_rows(
     wref: StoreRef,
     layer: int,
-    cands: dict[str, list[str]],
+    cands: dict[str, set[str]],
     crit: Criterion,
     report: DuplicateReport,
 ) -> list[dict[str, Any]]:
@@ -400,7 +400,7 @@ def _aligned_rows(
         keep = set()
         for q, cs in cands.items():  # the gap test on each track's aligned distances
             ranked = sorted((dist[k], c) for c in cs if (k := frozenset((q, c))) in dist)
-            m = first_gap(np.array([d for d, _ in ranked]), crit.align_margin)
+            m = first_gap(np.array([d for d, _ in ranked]), crit.align_margin, last=True)
             keep |= {frozenset((q, c)) for _, c in ranked[:m]}
         ceiling = crit.align_ceiling * report.align_background
         keep = {k for k in keep if dist[k] <= ceiling}  # and well below the store's typical pair
