@@ -106,8 +106,11 @@ def offset_grid(a: TrackWindows, b: TrackWindows, min_cover: float = MIN_COVER) 
     return grid[(grid >= lo - 1e-9) & (grid <= hi + 1e-9)]
 
 
-def _scores(a: TrackWindows, b: TrackWindows, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(score (O,), windows of ``a`` counted (O, na) as their weights) for every offset."""
+def _scores(
+    a: TrackWindows, b: TrackWindows, offsets: np.ndarray, min_cover: float = MIN_COVER
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score (O,), windows of ``a`` counted (O, na) as their weights) for every offset; -inf
+    where the windows counted weigh less than ``min_cover`` of all of ``a``'s."""
     s = a.starts[None, :, None] + offsets[:, None, None]  # (O, na, 1) shifted window starts
     e = a.ends[None, :, None] + offsets[:, None, None]
     w = np.clip(np.minimum(e, b.ends[None, None, :]) - np.maximum(s, b.starts[None, None, :]), 0.0, None)
@@ -120,7 +123,7 @@ def _scores(a: TrackWindows, b: TrackWindows, offsets: np.ndarray) -> tuple[np.n
     share = inside / (a.ends - a.starts)[None, :]  # (O, na) share of window i inside b
     weight = np.where(share >= MIN_INSIDE, share, 0.0)
     score = (weight * sim_i).sum(1) / np.maximum(weight.sum(1), 1e-12)
-    score[weight.sum(1) <= 0] = -np.inf
+    score[weight.sum(1) < max(1e-9, min_cover * len(a.starts)) - 1e-9] = -np.inf
     return score, weight
 
 
@@ -130,7 +133,7 @@ def align(a: TrackWindows, b: TrackWindows, min_cover: float = MIN_COVER) -> Ali
     offsets = offset_grid(a, b, min_cover)
     if not len(offsets):
         return None
-    score, weight = _scores(a, b, offsets)
+    score, weight = _scores(a, b, offsets, min_cover)
     k = int(np.argmax(score))
     if not np.isfinite(score[k]):
         return None
