@@ -130,14 +130,14 @@ def _track(tid: str, frames: np.ndarray, start: int, stop: int, win: int, fps: i
 
 def test_align_finds_a_shifted_crop_between_window_boundaries() -> None:
     """Frames of a smooth random 'song' (10 frames per second); a crop from 13.3 s to 41.7 s of
-    a 60 s song, 5 s windows: found at +13.3 s within a step of the grid (window / 8)."""
+    a 60 s song, 5 s windows: found at +13.3 s within a step of the grid (window / 8), no other song as near."""
     rng = np.random.default_rng(0)
     frames = np.cumsum(rng.standard_normal((600, 16)), 0).astype(np.float32)  # (frames, D)
     song = _track("song", frames, 0, 600, 50, 10)
     crop = _track("crop", frames, 133, 417, 50, 10)
     al = align(crop, song)
     assert al is not None and abs(al.offset_s - 13.3) <= 5.0 / 8
-    assert al.distance < 1e-3 and al.windows == len(crop.starts)
+    assert al.distance < 1e-2 and al.windows == len(crop.starts)  # the grid is 0.625 s off at most
     assert al.a_start == 0.0 and al.a_end == pytest.approx(28.4)
     assert al.b_start == pytest.approx(al.offset_s) and al.b_end == pytest.approx(28.4 + al.offset_s)
     other = _track("other", np.cumsum(rng.standard_normal((300, 16)), 0).astype(np.float32), 0, 300, 50, 10)

@@ -16,8 +16,10 @@ BENCH = str(REPO / "bench" / "intelligence.py")
 
 def test_crops_part_quick_reports_recall_by_length(tmp_path) -> None:
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", MUSICFM_SHARED=str(SHARED), PYTHONPATH=str(REPO))
+    # no PYTHONPATH: the script puts the repository first on sys.path itself (with the script's
+    # folder first, bench/pipeline.py would shadow the pipeline package)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", MUSICFM_SHARED=str(SHARED))
     cmd = [sys.executable, BENCH, "--quick", "--parts", "crops", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
