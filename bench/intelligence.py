@@ -387,7 +387,7 @@ def _crop_figures(table, planted: list, clips: list[str], window: float) -> dict
     by_frac: dict[str, list[bool]] = {}
     errs = []
     for p in planted:
-        key = "lead-in" if p.kind == "lead-in" else f"{p.fraction:.2f}"
+        key = p.kind if p.kind in ("lead-in", "gain") else f"{p.fraction:.2f}"
         by_frac.setdefault(key, []).append(p.copy_id in group and group.get(p.source) == group[p.copy_id])
         r = rows.get(frozenset((p.copy_id, p.source)))
         if r is not None and r["offset_s"] is not None:
