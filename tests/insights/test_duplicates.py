@@ -245,6 +245,8 @@ def test_incremental_without_a_previous_run_is_refused(tmp_path: Path) -> None:
         (["--margin", "0"], "argument --margin: expected a number in (0, 1)"),
         (["--layer", "7"], "layer 7 is not in tracks.lance; available layers: 6, 12"),
         (["-k", "0"], "argument -k: expected an integer >= 1"),
+        (["--align", "maybe"], "argument --align: invalid choice"),
+        (["--align", "on"], "--align on needs windows.lance with layer 12"),
     ],
 )
 def test_cli_errors_are_one_line(planted, capsys, argv, msg) -> None:
