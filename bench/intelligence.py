@@ -21,6 +21,11 @@ Each part runs in its own subprocess (so ``peak_rss`` is that part's own peak, f
    classes whose labels follow the clusters of the second layer): wall time, epochs, accuracy.
 3. **Map**: ``catalog_map`` of ``--map-rows`` rows (fit on 50k, placed fragment group by
    fragment group in this process): wall time per stage and peak memory.
+4. **Crops** (real audio): the 12 shared clips plus crops of ``--crop-sources`` of them at each
+   of ``--crop-fractions`` of their length (start / end / both sides, off the window grid) and
+   a copy of each behind a lead-in, embedded with the golden model (hop = window =
+   ``--crop-window``): recall by crop length, false merges between distinct clips and offset
+   errors, with window alignment (the default) and with track vectors alone, layers 1 and 3.
 
 Not in CI. On a shared machine, check ``uptime`` first: the figures scale with the free cores.
 """
@@ -320,7 +325,114 @@ def part_map(a: argparse.Namespace, work: str) -> dict:
     }  # fmt: skip
 
 
-PARTS = {"duplicates": part_duplicates, "probe": part_probe, "map": part_map}
+def _shared_dir() -> str:
+    """The shared folder (golden model, audio clips): $MUSICFM_SHARED, ./shared or ../shared."""
+    for cand in (
+        os.environ.get("MUSICFM_SHARED"),
+        os.path.join(ROOT, "shared"),
+        os.path.join(ROOT, "..", "shared"),
+    ):
+        if cand and os.path.isdir(os.path.join(cand, "golden")):
+            return os.path.abspath(cand)
+    raise SystemExit(
+        "intelligence: error: cannot find the shared/ folder (golden model, audio); set MUSICFM_SHARED"
+    )
+
+
+def _crop_store(a: argparse.Namespace, work: str) -> tuple[str, list, list[str]]:
+    """The shared clips plus crops of ``--crop-sources`` of them at every ``--crop-fractions``
+    (start / end / both sides, off the window grid) and a lead-in copy of each, embedded with
+    the golden model (hop = window = ``--crop-window``, loudness -20 dBFS): (store, planted, clips)."""
+    import csv
+    from pathlib import Path
+
+    from pipeline.runs.embed import run_embed
+    from pipeline.runs.settings import EmbedJob
+    from tests.insights.crop_audio import crop_plan, write_copies
+
+    shared = Path(_shared_dir())
+    audio = shared / "audio"
+    folder = Path(work) / "crops"
+    (folder / "clips").mkdir(parents=True, exist_ok=True)
+    with open(audio / "catalog.csv", newline="") as f:
+        clips = [{k: r[k] for k in ("track_id", "uri", "title", "artist")} for r in csv.DictReader(f)]
+    for r in clips:
+        shutil.copy(audio / r["uri"], folder / r["uri"])
+    ids = [r["track_id"] for r in clips]
+    sources = ids[: a.crop_sources]
+    fractions = tuple(float(x) for x in a.crop_fractions.split(","))
+    rows, planted = write_copies(audio, folder, crop_plan(sources, fractions, seed=a.seed))
+    with open(folder / "catalog.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["track_id", "uri", "title", "artist"])
+        w.writeheader()
+        w.writerows(clips + rows)
+    job = EmbedJob(
+        catalog=str(folder / "catalog.csv"), output=str(folder / "store"),
+        checkpoint=str(shared / "golden" / "checkpoint.pt"), stats=str(shared / "golden" / "stats.json"),
+        layers=(1, 3), precision="fp32", window_s=a.crop_window, hop_s=a.crop_window, batch_size=8,
+        decode_cpus=2, loudness_target_db=-20.0,
+    )  # fmt: skip
+    report = run_embed(job, progress=False)
+    if report.status != "ok" or report.tracks_failed:
+        raise SystemExit(f"intelligence: error: embedding the crops failed: {report}")
+    return str(folder / "store"), planted, ids
+
+
+def _crop_figures(table, planted: list, clips: list[str], window: float) -> dict:
+    """Recall by kind and by crop fraction, false merges between distinct clips, offset errors."""
+    group: dict[str, str] = {}
+    for r in table.to_pylist():
+        group[r["track_id"]] = group[r["match_track_id"]] = r["group_id"]
+    rows = {frozenset((r["track_id"], r["match_track_id"])): r for r in table.to_pylist()}
+    by_frac: dict[str, list[bool]] = {}
+    errs = []
+    for p in planted:
+        key = p.kind if p.kind in ("lead-in", "gain") else f"{p.fraction:.2f}"
+        by_frac.setdefault(key, []).append(p.copy_id in group and group.get(p.source) == group[p.copy_id])
+        r = rows.get(frozenset((p.copy_id, p.source)))
+        if r is not None and r["offset_s"] is not None:
+            errs.append(abs(r["offset_s"] - (p.offset_s if r["track_id"] == p.copy_id else -p.offset_s)))
+    merged = [
+        (x, y) for i, x in enumerate(clips) for y in clips[i + 1 :] if x in group and group.get(y) == group[x]
+    ]
+    return {
+        "recall_by_fraction": {k: round(float(np.mean(v)), 3) for k, v in sorted(by_frac.items())},
+        "copies": len(planted), "grouped": int(sum(sum(v) for v in by_frac.values())),
+        "false_merges": len(merged), "merged_clips": merged[:10], "pairs": table.num_rows,
+        "offset_err_s": {"direct_pairs": len(errs), "max": round(max(errs), 2) if errs else None,
+                         "within_half_window": round(float(np.mean(np.array(errs) <= window / 2)), 3) if errs else None},
+    }  # fmt: skip
+
+
+def part_crops(a: argparse.Namespace, work: str) -> dict:
+    """Crops of real clips at several lengths and offsets: recall by crop length, with the
+    window alignment (default) and with track vectors alone (``align="off"``), per layer."""
+    from pipeline.insights.duplicates import Criterion, find_duplicates
+
+    t0 = time.perf_counter()
+    store, planted, clips = _crop_store(a, work)
+    out: dict = {
+        "tracks": len(clips) + len(planted),
+        "window_s": a.crop_window,
+        "embed_s": round(time.perf_counter() - t0, 1),
+    }
+    for layer in (1, 3):
+        for mode in ("auto", "off"):
+            t1 = time.perf_counter()
+            table, rep = find_duplicates(
+                store, layer, criterion=Criterion(align=mode), write=False, use_ray=False
+            )
+            fig = _crop_figures(table, planted, clips, a.crop_window)
+            fig.update(
+                wall_s=round(time.perf_counter() - t1, 2),
+                aligned_pairs=rep.aligned,
+                align_s=round(rep.align_s, 2),
+            )
+            out[f"layer{layer}_{'aligned' if mode == 'auto' else 'track_vectors'}"] = fig
+    return out  # fmt: skip
+
+
+PARTS = {"duplicates": part_duplicates, "probe": part_probe, "map": part_map, "crops": part_crops}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=1024, help="vector size of the duplicates and map stores")
     p.add_argument("--map-dim", type=int, default=None, help="vector size of the map store (default: --dim)")
     p.add_argument("--rows-per-file", type=int, default=50_000)
-    p.add_argument("--parts", default="duplicates,probe,map")
+    p.add_argument("--parts", default="duplicates,probe,map,crops")
     p.add_argument("--no-ray", action="store_true", help="duplicates in this process even for large stores")
     p.add_argument(
         "--dup-index", choices=("ivf_pq", "ivf_hnsw_sq", "none"), default="ivf_pq",
@@ -343,6 +455,15 @@ def main(argv: list[str] | None = None) -> int:
         "--dup-ann", choices=("auto", "batched", "lance"), default="auto", help="find_duplicates ann_mode"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--crop-sources", type=int, default=12, help="crops part: clips cropped (of the 12 shared)"
+    )
+    p.add_argument(
+        "--crop-fractions",
+        default="0.1,0.2,0.3,0.5,0.8",
+        help="crops part: crop lengths (share of the source)",
+    )
+    p.add_argument("--crop-window", type=float, default=2.5, help="crops part: window = hop (s)")
     p.add_argument("--png-out", default=None, help="copy the map's PNG here")
     p.add_argument("--quick", action="store_true", help="smoke-test size")
     p.add_argument("--json", default=None, help="write all figures to this file")
@@ -359,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             5000,
         )
         a.rows_per_file = 5000
+        a.crop_sources, a.crop_fractions = 2, "0.2,0.5"
     if a.part:
         out = PARTS[a.part](a, a.work)
         print("RESULT " + json.dumps(out))

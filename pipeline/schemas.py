@@ -319,13 +319,16 @@ DUPLICATES_SCHEMA = pa.schema(
         pa.field("score", pa.float32(), nullable=False),  # cosine (window level: mean over matched windows)
         pa.field("level", pa.string(), nullable=False),  # "track" | "window"
         pa.field("layer", pa.int32(), nullable=False),
-        # window level: the matching spans (seconds) and how many windows matched; null at track level
+        # the matching spans (seconds): window level, and track level when confirmed by alignment
         pa.field("start_s", pa.float64()),
         pa.field("end_s", pa.float64()),
         pa.field("match_start_s", pa.float64()),
         pa.field("match_end_s", pa.float64()),
-        pa.field("offset_s", pa.float64()),  # median(match window start - window start)
-        pa.field("windows", pa.int32()),
+        # track level (aligned): time in match_track_id = time in track_id + offset_s, track_id the
+        # shorter track; window level: median(match window start - window start)
+        pa.field("offset_s", pa.float64()),
+        pa.field("windows", pa.int32()),  # windows of track_id compared (aligned) or matched (window level)
+        pa.field("aligned", pa.bool_()),  # track level: confirmed by window alignment (null: not tried)
         pa.field("criterion", pa.string(), nullable=False),  # JSON of the criterion used
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("computed_at", TIMESTAMP, nullable=False),

@@ -106,6 +106,20 @@ def duplicates_parser() -> argparse.ArgumentParser:
         help="default criterion: a match is at most MARGIN times the distance of the track's nearest "
         "non-match (default 0.1)",
     )
+    p.add_argument(
+        "--align",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="track level: confirm candidates by aligning their windows at one offset (auto: when "
+        "windows.lance has the layer; off: track vectors alone)",
+    )
+    p.add_argument(
+        "--align-margin",
+        type=margin_arg,
+        default=None,
+        help="aligned: a match is at most ALIGN_MARGIN times the aligned distance of the track's "
+        "nearest non-match (default 0.3)",
+    )
     p.add_argument("-k", type=positive_int, default=None, help="neighbours per track (default 16)")
     p.add_argument(
         "--min-windows", type=positive_int, default=None, help="window level: windows per match (2)"
@@ -134,7 +148,13 @@ def _use_ray(v: str) -> bool | None:
 def run_duplicates(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    from pipeline.insights.duplicates import DEFAULT_K, DEFAULT_MARGIN, Criterion, find_duplicates
+    from pipeline.insights.duplicates import (
+        DEFAULT_ALIGN_MARGIN,
+        DEFAULT_K,
+        DEFAULT_MARGIN,
+        Criterion,
+        find_duplicates,
+    )
 
     args = duplicates_parser().parse_args(argv)
 
@@ -144,6 +164,8 @@ def run_duplicates(
             threshold=args.threshold,
             k=max(2, args.k or DEFAULT_K),
             min_windows=args.min_windows or 2,
+            align=args.align,
+            align_margin=args.align_margin or DEFAULT_ALIGN_MARGIN,
         )
         layer = _layer_or_highest(args)
         _, report = find_duplicates(
