@@ -87,9 +87,9 @@ def load_dataset(
 # --------------------------------------------------------------------------- JAMS
 
 
-def reference_from_jams(path: str, task: Task) -> Reference:
-    """The task's reference from a JAMS file (DatasetError naming the file when it is missing,
-    malformed or holds no annotation of the task's namespaces)."""
+def reference_from_jams(path: str, task: Task) -> tuple[Reference, str | None]:
+    """The task's reference (and the ``sandbox.split``, if any) from a JAMS file; DatasetError
+    naming the file when it is missing, malformed or holds no annotation of the task's namespaces."""
     import jams
 
     try:
@@ -106,7 +106,7 @@ def reference_from_jams(path: str, task: Task) -> Reference:
             f"(namespaces: {', '.join(have)})"
         )
     try:
-        return _jams_reference(anns[0], task)
+        return _jams_reference(anns[0], task), getattr(jam.sandbox, "split", None)
     except (ValueError, TypeError, KeyError) as e:
         raise DatasetError(f"malformed annotation {path}: {e}") from None
 
@@ -133,8 +133,6 @@ def _jams_reference(ann: Any, task: Task) -> Reference:
 
 def load_jams_folder(folder: str, task: Task) -> EvalDataset:
     """Every audio file under ``folder`` with its ``<stem>.jams`` beside it."""
-    import jams
-
     root = os.path.abspath(folder)
     audio = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
     if not audio:
@@ -142,8 +140,7 @@ def load_jams_folder(folder: str, task: Task) -> EvalDataset:
     tracks = []
     for a in audio:
         jpath = str(a.with_suffix(".jams"))
-        ref = reference_from_jams(jpath, task)
-        split = jams.load(jpath, validate=False).sandbox.get("split")
+        ref, split = reference_from_jams(jpath, task)
         tid = str(a.relative_to(root).with_suffix("")).replace(os.sep, "/")
         tracks.append(EvalTrack(tid, str(a), ref, _split_name(split), jpath))
     return EvalDataset(os.path.basename(root.rstrip("/")), root, tuple(tracks))

@@ -32,7 +32,7 @@ class ProbeConfig:
     patience: int = 10
     batch_size: int = 1024
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # torch threads; more threads spin badly on a busy machine for these small matmuls
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "mlp"):
