@@ -119,13 +119,11 @@ def store_settings(store: str, settings_id: str, storage_options: dict | None = 
         runs = lance.dataset(f"{store.rstrip('/')}/runs.lance", storage_options=opts)
     except (ValueError, OSError):
         raise ValueError(f"the store at {store} has no runs.lance: cannot tell its window settings") from None
-    rows = runs.to_table(
-        columns=["settings_id", "args_json"], filter=f"settings_id = '{settings_id}'"
-    ).to_pylist()
+    where = f"settings_id = '{settings_id}' AND kind IN ('embed', 'refresh')"
+    rows = runs.to_table(columns=["settings_id", "args_json"], filter=where).to_pylist()
     if not rows:
         raise ValueError(f"no run in {store}/runs.lance wrote settings {settings_id}")
-    args = json.loads(rows[-1]["args_json"] or "{}")
-    return args.get("embed", args)
+    return json.loads(rows[-1]["args_json"] or "{}")
 
 
 def check_profile(store: str, settings_id: str, task: Task, storage_options: dict | None = None) -> None:

@@ -273,3 +273,38 @@ def test_mirdata_layout_dataset(tmp_path: Path) -> None:
         load_dataset("beatles", get_task("beat"), data_home=str(home))
     with pytest.raises(DatasetError, match="needs --data-home"):
         load_dataset("beatles", get_task("beat"))
+
+
+def test_finetune_mode_without_the_finetune_module_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import sys
+
+    from pipeline.evaluate.cli import evaluate_main
+
+    monkeypatch.setitem(sys.modules, "pipeline.evaluate.finetune", None)  # import fails as if absent
+    data = genre_folder(tmp_path / "g")
+    argv = [
+        "--task",
+        "genre",
+        "--dataset",
+        str(data),
+        "--checkpoint",
+        "random:0",
+        "--mode",
+        "finetune",
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert evaluate_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("evaluate: error: --mode finetune needs pipeline.evaluate.finetune")
+        and "\n" not in err
+    )
+
+
+def test_layer_ranges() -> None:
+    from pipeline.evaluate.cli import layer_range
+
+    assert layer_range("0-3,7") == (0, 1, 2, 3, 7) and layer_range("12") == (12,)
+    with pytest.raises(Exception, match="distinct"):
+        layer_range("1,1")
