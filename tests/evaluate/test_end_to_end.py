@@ -77,6 +77,15 @@ def test_beat_and_downbeat_scores_are_mir_eval_on_the_saved_predictions(
     out2 = tmp_path / "downbeat"
     res2 = run(["--task", "downbeat", "--dataset", str(data), "--store", str(store), "--output", str(out2)])
     assert len(runs_of(store, "embed")) == 1 and len(runs_of(store, "evaluate")) == 2
+    # the same model again into the same store: the embed job finds every track already there
+    res3 = run(
+        ["--task", "beat", "--dataset", str(data), *MODEL_ARGS, "--output", str(out), "--max-epochs", "2"]
+    )
+    assert (
+        res3["settings"]["embed"]["tracks_embedded"] == 0
+        and res3["settings"]["embed"]["already_stored"] == 12
+    )
+    assert res3["settings_id"] == res["settings_id"]
     per = [mir_eval.beat.f_measure(np.array([o.time for o in source_annotation(data, x, "beat").data if o.value == 1]),
                                    saved(out2, "layer_1", x, "downbeat").events, 0.07) for x in res2["test_tracks"]]  # fmt: skip
     assert res2["layers"]["layer_1"]["metrics"]["f_measure"] == pytest.approx(np.mean(per))
