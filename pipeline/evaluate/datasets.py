@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluate.tasks import Reference, Task, key_class
+from pipeline.evaluate.tasks import Reference, Task, key_class, normalize_key
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".aiff", ".aif", ".m4a", ".opus")
 SPLITS = ("train", "valid", "test")
@@ -125,8 +125,7 @@ def _jams_reference(ann: Any, task: Task) -> Reference:
         return Reference(intervals=np.asarray(iv, np.float64).reshape(-1, 2), labels=tuple(map(str, labels)))
     if task.name == "key":
         longest = max(obs, key=lambda o: o.duration)
-        key_class(str(longest.value))  # validates
-        return Reference(key=str(longest.value))
+        return Reference(key=normalize_key(str(longest.value)))
     tags = tuple(str(o.value) for o in obs)
     return Reference(tags=tags[:1] if task.name == "genre" else tags)
 
@@ -182,10 +181,9 @@ def load_catalog(path: str, task: Task, label_column: str | None) -> EvalDataset
 def _label_reference(task: Task, label: str, where: str) -> Reference:
     if task.name == "key":
         try:
-            key_class(label)
+            return Reference(key=normalize_key(label))
         except (ValueError, IndexError) as e:
             raise DatasetError(f"{where}: bad key {label!r} ({e})") from None
-        return Reference(key=label)
     if task.name == "tagging":
         return Reference(tags=tuple(t.strip() for t in label.replace(";", "|").split("|") if t.strip()))
     return Reference(tags=(label.strip(),))

@@ -96,18 +96,28 @@ def chord_class(label: str) -> int:
     return 0
 
 
+def normalize_key(key: str) -> str:
+    """A key as mir_eval writes it ("C major", "Eb minor") from "C major", "Eb:minor", "a minor"
+    or "C" (major); ValueError for other modes."""
+    import mir_eval
+
+    parts = key.replace(":", " ").split()
+    if not parts:
+        raise ValueError("empty key")
+    tonic, mode = parts[0][0].upper() + parts[0][1:], (parts[1] if len(parts) > 1 else "major").lower()
+    if mode not in ("major", "minor"):
+        raise ValueError(f"key {key!r}: only major/minor keys are probed")
+    out = f"{tonic} {mode}"
+    mir_eval.key.validate_key(out)
+    return out
+
+
 def key_class(key: str) -> int:
     """Index in :data:`KEY_VOCAB` of a key string ("C major", "Eb:minor", "a minor")."""
     import mir_eval
 
-    text = key.replace(":", " ").strip()
-    tonic, mode = text.split()[0], (text.split()[1] if len(text.split()) > 1 else "major").lower()
-    tonic = tonic[0].upper() + tonic[1:]
-    mir_eval.key.validate_key(f"{tonic} {mode}")
-    pc = mir_eval.chord.pitch_class_to_semitone(tonic) % 12
-    if mode not in ("major", "minor"):
-        raise ValueError(f"key {key!r}: only major/minor keys are probed")
-    return pc + (12 if mode == "minor" else 0)
+    tonic, mode = normalize_key(key).split()
+    return mir_eval.chord.pitch_class_to_semitone(tonic) % 12 + (12 if mode == "minor" else 0)
 
 
 def beat_targets(times: np.ndarray, beats: np.ndarray, hz: float) -> np.ndarray:

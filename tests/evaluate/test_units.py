@@ -265,7 +265,7 @@ def test_mirdata_layout_dataset(tmp_path: Path) -> None:
     assert list(t.ref.positions[:5]) == [1, 2, 3, 4, 1]
     chords = load_dataset("beatles", get_task("chord"), data_home=str(home)).tracks[0].ref
     assert chords.labels == ("C", "A:min")
-    assert load_dataset("beatles", get_task("key"), data_home=str(home)).tracks[0].ref.key == "C"
+    assert load_dataset("beatles", get_task("key"), data_home=str(home)).tracks[0].ref.key == "C major"
     with pytest.raises(TaskMismatch, match="no genre annotations"):
         load_dataset("beatles", get_task("genre"), data_home=str(home))
     (home / "annotations/beat/The Beatles/01_-_Album/02_-_Song.txt").unlink()
