@@ -1,0 +1,232 @@
+"""``jobs/evaluate.py`` and ``jobs/compare_models.py``: flags and the run, with one-line errors.
+
+    python jobs/evaluate.py --task beat --dataset beatles --data-home ~/mir_datasets/beatles \\
+        --checkpoint msd --output eval/beat
+    python jobs/evaluate.py --task genre --dataset my_jams_folder/ --store s3://b/store --output eval/genre
+    python jobs/compare_models.py --task key --dataset giantsteps_key --data-home ... \\
+        --a msd --b finetuned.safetensors --output eval/key_cmp
+
+Exit codes: 0 ok; 1 error (one line on stderr); 2 bad flags or a dataset that cannot serve the task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from pipeline.cli import OneLineParser, positive_int, run_main, storage_options_arg
+from pipeline.evaluate.tasks import TASKS
+
+DOC = __doc__
+
+
+def layer_range(text: str) -> tuple[int, ...]:
+    """``--layers``: ``0-12``, ``7``, ``3,7,12`` or mixed (``0-3,7``)."""
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like 0-12 or 3,7,12, got {text!r}") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative layers, got {text!r}")
+    return tuple(out)
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--dataset", required=True,
+                   help="mirdata dataset name (with --data-home), a folder of audio + <stem>.jams, or a catalog CSV/Parquet")  # fmt: skip
+    p.add_argument("--data-home", help="local folder of a mirdata dataset (nothing is downloaded)")
+    p.add_argument("--mirdata-version", help="mirdata index version (default: the dataset's default)")
+    p.add_argument("--label-column", help="catalog label column (default genre / key / tags)")
+    p.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the split where there is no official one"
+    )
+    p.add_argument("--output", required=True, help="folder for results.json, results.md, the PNG and JAMS")
+
+
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("probe")
+    g.add_argument("--layers", type=layer_range, help="hidden states to probe, e.g. 0-12 (default: all)")
+    g.add_argument("--probe", choices=["linear", "mlp"], default="linear", help="probe head (default linear)")
+    g.add_argument("--hidden", type=positive_int, default=512, help="MLP width (default 512)")
+    g.add_argument("--lr", type=float, default=1e-3, help="probe learning rate (default 1e-3)")
+    g.add_argument("--max-epochs", type=positive_int, default=200)
+    g.add_argument("--patience", type=positive_int, default=10, help="early stopping on the valid split")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test tracks"
+    )
+    g = p.add_argument_group("features")
+    g.add_argument("--stats", help="stats JSON for a .pt checkpoint")
+    g.add_argument("--model-config", help="MusicFMConfig JSON for non-default sizes")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    g.add_argument("--batch-size", type=positive_int, default=None)
+    g.add_argument("--decode-cpus", type=positive_int, default=2)
+    g.add_argument("--gpu-actors", type=positive_int, default=None)
+    g.add_argument("--storage-options", type=storage_options_arg, default=None)
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--debug", action="store_true", help="print tracebacks on failure")
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="evaluate", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(p)
+    p.add_argument("--checkpoint", help="model to embed with (msd | fma | path | random[:SEED]); "
+                   "without it --store is used as it is")  # fmt: skip
+    p.add_argument(
+        "--store", help="feature store (default OUTPUT/features); reused when it holds the task's profile"
+    )
+    p.add_argument("--mode", choices=["probe", "finetune"], default="probe")
+    g = p.add_argument_group("fine-tuning (--mode finetune)")
+    g.add_argument("--backbone-lr", type=float, default=1e-5)
+    g.add_argument("--head-lr", type=float, default=1e-4)
+    g.add_argument("--workers", type=positive_int, default=2)
+    g.add_argument("--steps", type=positive_int, default=1000)
+    g.add_argument("--checkpoint-every", type=positive_int, default=100)
+    add_probe_args(p)
+    return p
+
+
+def is_store(path: str) -> bool:
+    return "://" not in path and os.path.isdir(os.path.join(path, "tracks.lance"))
+
+
+def store_layers(store: str, storage_options: dict | None) -> tuple[int, ...]:
+    import lance
+
+    from pipeline.io.objects import lance_options
+    from pipeline.schemas import parse_layer_column
+
+    ds = lance.dataset(
+        f"{store.rstrip('/')}/tracks.lance", storage_options=lance_options(store, storage_options or {})
+    )
+    return tuple(sorted(i for i in (parse_layer_column(n) for n in ds.schema.names) if i is not None))
+
+
+def build_spec(args: argparse.Namespace, output: str, checkpoint: str | None, store: str | None) -> Any:
+    """An :class:`EvalSpec` from the flags, for one model (checkpoint) or one store."""
+    from pipeline.evaluate.features import FeatureSpec
+    from pipeline.evaluate.probe import ProbeConfig
+    from pipeline.evaluate.runner import EvalSpec, default_layers
+
+    if not checkpoint and not store:
+        raise ValueError("give --checkpoint (embed the dataset) or --store (features already embedded)")
+    store = store or os.path.join(output, "features")
+    if args.layers:
+        layers = args.layers
+    elif checkpoint:
+        layers = default_layers(args.model_config)
+    else:
+        layers = store_layers(store, args.storage_options)
+    feats = FeatureSpec(store=store, checkpoint=checkpoint, stats=args.stats, model_config=args.model_config,
+                        layers=layers, precision=args.precision, batch_size=args.batch_size,
+                        decode_cpus=args.decode_cpus, gpu_actors=args.gpu_actors,
+                        storage_options=dict(args.storage_options or {}))  # fmt: skip
+    probe = ProbeConfig(kind=args.probe, hidden=args.hidden, lr=args.lr, max_epochs=args.max_epochs,
+                        patience=args.patience, seed=args.seed)  # fmt: skip
+    return EvalSpec(task=args.task, dataset=args.dataset, output=output, features=feats, probe=probe,
+                    data_home=args.data_home, mirdata_version=args.mirdata_version, label_column=args.label_column,
+                    split_seed=args.split_seed, resamples=args.bootstrap, progress=not args.no_progress)  # fmt: skip
+
+
+def finetuned_checkpoint(args: argparse.Namespace) -> str:
+    """Fine-tune with ``pipeline.evaluate.finetune`` (Ray Train) and return the checkpoint path."""
+    try:
+        from pipeline.evaluate import finetune
+    except ImportError as e:
+        raise RuntimeError(
+            f"--mode finetune needs pipeline.evaluate.finetune, which is not installed here ({e})"
+        ) from None
+    wanted = {"task": args.task, "dataset": args.dataset, "data_home": args.data_home, "checkpoint": args.checkpoint,
+              "stats": args.stats, "model_config": args.model_config, "output": os.path.join(args.output, "finetune"),
+              "backbone_lr": args.backbone_lr, "head_lr": args.head_lr, "workers": args.workers, "steps": args.steps,
+              "checkpoint_every": args.checkpoint_every, "seed": args.seed, "split_seed": args.split_seed}  # fmt: skip
+    names = {f.name for f in dataclasses.fields(finetune.FinetuneSpec)}
+    spec = finetune.FinetuneSpec(**{k: v for k, v in wanted.items() if k in names})
+    return str(finetune.run_finetune(spec).checkpoint)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = evaluate_parser()
+
+    def run(args: argparse.Namespace) -> int:
+        from pipeline.evaluate.datasets import TaskMismatch
+        from pipeline.evaluate.runner import load, run_evaluation
+
+        checkpoint = args.checkpoint
+        if args.mode == "finetune":
+            if not checkpoint:
+                parser.error("--mode finetune needs --checkpoint (the model to start from)")
+            checkpoint = finetuned_checkpoint(args)
+        spec = build_spec(args, args.output, checkpoint, args.store)
+        try:
+            ds = load(spec)  # the task is checked against the annotations before any work
+        except TaskMismatch as e:
+            parser.error(str(e))
+        res, _ = run_evaluation(spec, ds)
+        print(summary(res))
+        return 0
+
+    return run_main(run, parser, argv)
+
+
+def summary(res: dict[str, Any]) -> str:
+    p = res["primary_metric"]
+    lines = [f"evaluate {res['run_id']}: {res['task']} on {res['dataset']['name']} with {res['model_id']}"]
+    for name, m in res["layers"].items():
+        lo, hi = m["ci95"][p]
+        lines.append(f"  {name:<9} {p} {m['metrics'][p]:.4f} [{lo:.4f}, {hi:.4f}]")
+    if res["error_rows"]:
+        lines.append(f"  errors   {len(res['error_rows'])} tracks left out (see results.json error_rows)")
+    lines.append(f"  best     {res['best_layer']}; results in {os.path.dirname(res['outputs']['json'])}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="compare_models", description="Two models (checkpoints or stores) on the same dataset "
+                      "and task, per layer, with a paired bootstrap over test tracks.")  # fmt: skip
+    add_dataset_args(p)
+    p.add_argument(
+        "--a", required=True, help="model A: a checkpoint (msd, path, random:SEED) or a store folder"
+    )
+    p.add_argument("--b", required=True, help="model B: a checkpoint or a store folder")
+    add_probe_args(p)
+    return p
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    parser = compare_parser()
+
+    def run(args: argparse.Namespace) -> int:
+        from pipeline.evaluate.datasets import TaskMismatch
+        from pipeline.evaluate.runner import load, run_compare
+
+        specs = []
+        for name in ("a", "b"):
+            ref = getattr(args, name)
+            out = os.path.join(args.output, name)
+            specs.append(
+                build_spec(args, out, None if is_store(ref) else ref, ref if is_store(ref) else None)
+            )
+        try:
+            load(specs[0])
+        except TaskMismatch as e:
+            parser.error(str(e))
+        out = run_compare(specs[0], specs[1], args.output)
+        print(
+            f"compare {out['task']} on {out['dataset']['name']}: a = {out['a']['model_id']}, b = {out['b']['model_id']}"
+        )
+        for head, line in out["verdict"].items():
+            print(f"  {head:<9} {line}")
+        return 0
+
+    return run_main(run, parser, sys.argv[1:] if argv is None else argv)
