@@ -1,0 +1,1 @@
+"""Downstream evaluation: datasets, features, probes, metrics, fine-tuning."""
