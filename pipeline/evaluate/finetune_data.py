@@ -16,6 +16,7 @@ import os
 import random
 import tempfile
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,10 @@ def training_dataset(spec: FinetuneSpec, decode_actors: int | None = None) -> tu
     rows = training_rows(spec)
     n_actors = decode_actors or max(1, min(spec.num_workers, len(rows)))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n_actors)))
+    # as in pipeline.flow.streaming: max_restarts / max_task_retries go through ray_remote_args on purpose
+    warnings.filterwarnings(
+        "ignore", message=".*ray_remote_args.* is deprecated", module=r"pipeline\.evaluate\.finetune_data"
+    )
     decoded = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs=dict(
