@@ -69,8 +69,6 @@ def _check(spec: FinetuneSpec) -> None:
     cfg = base_config(spec)
     if cfg is not None and spec.layer > cfg.encoder_depth:
         raise ValueError(f"layer {spec.layer} exceeds the model depth {cfg.encoder_depth}")
-    if spec.use_gpu is False and spec.num_workers < 1:
-        raise ValueError("num_workers must be >= 1")
 
 
 def _trainer(spec: FinetuneSpec, dataset: object, storage: str) -> object:
@@ -85,7 +83,7 @@ def _trainer(spec: FinetuneSpec, dataset: object, storage: str) -> object:
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.num_workers,
             use_gpu=spec.use_gpu,
-            resources_per_worker={"GPU": 1} if spec.use_gpu else {"CPU": 1},
+            resources_per_worker={"CPU": 1, "GPU": 1} if spec.use_gpu else {"CPU": 1},
         ),
         # Ray Train's own run folder (worker logs, its state); the model checkpoints go to spec.output
         run_config=ray.train.RunConfig(name=f"finetune-{uuid.uuid4().hex[:12]}", storage_path=storage),
