@@ -247,3 +247,46 @@ def test_bad_labels_and_layers_are_refused_before_any_work(tmp_path) -> None:
                            "checkpoint": str(tmp_path / "nope.safetensors")})  # fmt: skip
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         run_finetune(spec)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_store_is_atomic_keeps_the_newest_and_reads_back(where, tmp_path, request) -> None:
+    opts: dict = {}
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        output = server.bucket("finetune-ckpt") + "/run"  # bucket names need 3+ characters
+        opts = server.options("s3fs")
+    else:
+        output = str(tmp_path / "run")
+    store = CheckpointStore(output, opts)
+    assert store.latest() is None
+    for step in (4, 8, 12):
+        store.write(step, {"w": torch.full((3,), float(step))}, {"step": str(step)})
+    assert store.steps() == [8, 12] and store.latest() == 12  # the two newest kept
+    tensors, meta = store.read(12)
+    assert torch.equal(tensors["w"], torch.full((3,), 12.0)) and meta["step"] == "12"
+    if where == "local":  # no temporary file left beside the checkpoints
+        assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [
+            "step-000000008.safetensors",
+            "step-000000012.safetensors",
+        ]
+
+
+def test_export_to_object_storage_loads_with_the_same_model_id(
+    trained, s3_server, tmp_path, monkeypatch
+) -> None:
+    from pipeline.evaluate.finetune import export_result
+    from pipeline.flow.inference import load_model
+
+    args, res = trained[0], trained[1]
+    opts = s3_server.options("s3fs")
+    output = s3_server.bucket("finetune-out") + "/run"
+    spec = FinetuneSpec(**{**args, "train": tuple(LabelledTrack(**t) for t in args["train"]), "output": output,
+                           "storage_options": opts})  # fmt: skip
+    store = CheckpointStore(output, opts)
+    store.write(MAX_STEPS, *CheckpointStore(args["output"]).read(MAX_STEPS))  # as rank 0 writes it
+    got = export_result(spec, store, MAX_STEPS, 0)
+    assert got.checkpoint == output + "/finetuned.safetensors" and got.head == output + "/head.safetensors"
+    monkeypatch.setenv("MUSICFM_CACHE", str(tmp_path / "cache"))
+    model = load_model(got.checkpoint, storage_options=opts)  # as the embed job loads --checkpoint s3://...
+    assert model.model_id == got.model_id == res["model_id"]
