@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # logical CPUs: one per worker and two for decoding, even on a 2-core machine
+        cpus = max(os.cpu_count() or 1, args.workers + 2)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)  # fmt: skip
     ray_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="musicfm-bench-ft-") as out:
         spec = FinetuneSpec(

@@ -71,6 +71,22 @@ def _check(spec: FinetuneSpec) -> None:
         raise ValueError(f"layer {spec.layer} exceeds the model depth {cfg.encoder_depth}")
 
 
+def _check_cluster(spec: FinetuneSpec) -> None:
+    """The workers and at least one decode actor must fit at once, or the run would wait forever
+    (Ray Data only uses what the training workers leave)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    need_cpu = spec.num_workers + 1  # a CPU per worker (also for GPU workers) and one decode actor
+    if cpus < need_cpu or (spec.use_gpu and gpus < spec.num_workers):
+        raise ValueError(
+            f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs; {spec.num_workers} "
+            f"{'GPU' if spec.use_gpu else 'CPU'} workers and a decode actor need {need_cpu} CPUs"
+            + (f" and {spec.num_workers} GPUs" if spec.use_gpu else "")
+        )
+
+
 def _trainer(spec: FinetuneSpec, dataset: object, storage: str) -> object:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -98,6 +114,7 @@ def run_finetune(spec: FinetuneSpec) -> FinetuneResult:
 
     _check(spec)
     ensure_ray()
+    _check_cluster(spec)
     configure_data_context(progress=False)
     store = CheckpointStore(spec.output, spec.storage_options)
     resumed_from = store.latest() or 0

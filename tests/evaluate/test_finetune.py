@@ -290,3 +290,15 @@ def test_export_to_object_storage_loads_with_the_same_model_id(
     monkeypatch.setenv("MUSICFM_CACHE", str(tmp_path / "cache"))
     model = load_model(got.checkpoint, storage_options=opts)  # as the embed job loads --checkpoint s3://...
     assert model.model_id == got.model_id == res["model_id"]
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_not_a_hang(ray_cluster, tmp_path) -> None:
+    from pipeline.evaluate.finetune import run_finetune
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    spec = FinetuneSpec(
+        **{**_spec_args(tmp_path), "train": (LabelledTrack("a.wav", 0),), "num_workers": cpus}
+    )
+    with pytest.raises(ValueError, match=f"need {cpus + 1} CPUs"):
+        run_finetune(spec)
+    assert not (tmp_path / "checkpoints").exists()
