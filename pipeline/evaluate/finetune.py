@@ -25,11 +25,21 @@ import shutil
 import tempfile
 import uuid
 
+from pipeline.evaluate.finetune_forgetting import ForgettingReport, forgetting
 from pipeline.evaluate.finetune_spec import FinetuneResult, FinetuneSpec, LabelledTrack
 from pipeline.evaluate.finetune_state import CheckpointStore, backbone_tensors
 from pipeline.io.objects import is_remote, join, open_uri
 
-__all__ = ["FinetuneResult", "FinetuneSpec", "LabelledTrack", "base_config", "run_finetune"]
+__all__ = [
+    "FinetuneResult",
+    "FinetuneSpec",
+    "ForgettingReport",
+    "LabelledTrack",
+    "base_config",
+    "export_result",
+    "forgetting",
+    "run_finetune",
+]
 
 log = logging.getLogger(__name__)
 
