@@ -217,7 +217,6 @@ class DecodeStage:
         facts = _TrackFacts(scan.num_samples, scan.sample_rate_in, scan.channels_in, scan.warnings)
         left = None if deadline is None else max(0.0, deadline - (time.perf_counter() - t0))
         cutter = WindowCutter(stream_audio(data, scan.num_samples, self.limits, deadline_s=left))
-        pending: list[dict[str, Any]] | None = None
         try:
             for k in range(0, len(wins), self.WINDOWS_PER_BLOCK):
                 part = wins[k : k + self.WINDOWS_PER_BLOCK]
@@ -228,18 +227,16 @@ class DecodeStage:
                     views.append(flat[at : at + w.length])
                     at += w.length
                 block = self._window_rows(row, version, facts, part, views, time.perf_counter() - t0)
+                del flat, views
                 t0 = time.perf_counter()
-                if pending is not None:
-                    yield pending
-                pending = block
-            cutter.drain()
+                if k + self.WINDOWS_PER_BLOCK >= len(wins):
+                    cutter.drain()  # the last block waits for the stream's own end check
+                yield block
+                del block
         except (PipelineError, MemoryError, ValueError) as e:
             yield [_error_row(row, "decode", e)]
-            return
         finally:
             trim_heap()
-        if pending is not None:
-            yield pending
 
     def _window_rows(
         self,
@@ -291,7 +288,10 @@ class DecodeStage:
         # Yield bounded blocks: a 2-hour track becomes many ~50 MB blocks, not one 700 MB block.
         for row in batch.to_pylist():
             for rows in self._guarded_blocks(row):
-                yield _task_table(rows)
+                table = _task_table(rows)
+                del rows  # one block at a time: nothing here holds the previous one
+                yield table
+                del table
 
 
 @dataclass(frozen=True)
