@@ -17,12 +17,13 @@ Ray internals used here, each with the public alternative and why it is not used
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTOR_MAX_RESTARTS",
@@ -123,7 +124,8 @@ def _stage_actors(before: set[str] | None) -> list[tuple[str, dict[str, Any]]] |
         import ray._private.state  # the public state API needs the dashboard
 
         table = ray._private.state.actors()
-    except Exception:
+    except Exception as e:  # an internal API: the caller says what is then unknown
+        log.warning("cannot read Ray's actor table (%s: %s)", type(e).__name__, e)
         return None
     out = []
     for aid, a in table.items():
@@ -139,6 +141,7 @@ def actor_restarts(before: set[str] | None = None) -> dict[str, int]:
     the GCS actor table; ``{}`` when it cannot be read. ``before=None``: all of them."""
     actors = _stage_actors(before)
     if actors is None:
+        log.warning("actor restarts of this run are unknown: the report shows none")
         return {}
     out = {"decode": 0, "model": 0}
     for kind, a in actors:
@@ -151,6 +154,7 @@ def actors_started(before: set[str]) -> dict[str, int]:
     pools grew during a run; ``{}`` when the actor table cannot be read."""
     actors = _stage_actors(before)
     if actors is None:
+        log.warning("the actors this run started are unknown: the report shows none")
         return {}
     out = {"decode": 0, "model": 0}
     for kind, _ in actors:
@@ -165,18 +169,23 @@ def stop_stage_actors(before: set[str]) -> int:
         import ray
         import ray._private.state
 
-        me = ray.get_runtime_context().get_job_id()
         table = ray._private.state.actors()
+        me = ray.get_runtime_context().get_job_id()
         core = ray._private.worker.global_worker.core_worker
-    except Exception:
+    except Exception as e:  # internal APIs: say that the actors may live on
+        log.warning(
+            "cannot stop this run's stage actors (%s: %s); they end with the driver", type(e).__name__, e
+        )
         return 0
     n = 0
     for aid, a in table.items():
         alive = a.get("State") != "DEAD" and aid not in before
         if alive and a.get("JobID") == me and str(a.get("ActorClassName") or "").startswith("MapWorker("):
-            with contextlib.suppress(Exception):  # already gone
+            try:
                 core.kill_actor(ray.ActorID.from_hex(aid), True)
                 n += 1
+            except Exception as e:  # most often: it ended between the table read and the kill
+                log.warning("could not stop actor %s (%s: %s)", aid, type(e).__name__, e)
     return n
 
 
@@ -186,7 +195,12 @@ def actor_ids() -> set[str]:
         import ray._private.state
 
         return set(ray._private.state.actors())
-    except Exception:
+    except Exception as e:  # then every actor counts as this run's: the caller's counts say so
+        log.warning(
+            "cannot read Ray's actor table (%s: %s): actors of other runs may be counted as this run's",
+            type(e).__name__,
+            e,
+        )
         return set()
 
 
