@@ -64,7 +64,7 @@ class DecodeStage:
     so this process holds one block of windows plus one piece of audio however long the file is.
     The windows and their samples are the same either way. A local file is read from disk; a
     remote object's encoded bytes are fetched whole first (31 MB per 10 minutes of 24 kHz mono
-    FLAC). After a streamed track the heap is handed back to the OS (``malloc_trim``).
+    FLAC). After a streamed track, or one over ``TRIM_ABOVE_BYTES`` decoded, the heap is handed back to the OS (``malloc_trim``).
 
     Poison files: with ``attempts_dir`` set, a marker file per track is written before the track
     is read and removed once it is done. If the worker process dies meanwhile (a segfault in a
@@ -77,6 +77,9 @@ class DecodeStage:
     WINDOWS_PER_BLOCK = 16
     #: Tracks longer than this (by their header) are streamed: 20 min of 24 kHz float32 is 115 MB.
     STREAM_ABOVE_S = 20 * 60.0
+    #: After a track whose decoded samples took this much, the heap is trimmed (``malloc_trim``):
+    #: the workers' allocator keeps freed memory otherwise (64 MB: 11 min at 24 kHz).
+    TRIM_ABOVE_BYTES = 64 * 1024**2
 
     def __init__(
         self,
@@ -175,8 +178,13 @@ class DecodeStage:
             yield [_error_row(row, "decode", e)]
             return
         rows = self._window_rows(row, version, facts, wins, views, time.perf_counter() - t0)
+        held = audio.samples.nbytes
+        del audio, views
         for k in range(0, len(rows), self.WINDOWS_PER_BLOCK):
             yield rows[k : k + self.WINDOWS_PER_BLOCK]
+        if held >= self.TRIM_ABOVE_BYTES:  # a long track's memory goes back to the OS now
+            del rows
+            trim_heap()
 
     def _source(self, row: dict[str, Any]) -> tuple[Any, str]:
         """(what to decode, content version): the path of a local file whose header says it is
