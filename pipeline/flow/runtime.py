@@ -31,12 +31,17 @@ __all__ = [
     "DECODE_MAX_CRASHES",
     "TASK_MAX_RETRIES",
     "CpuModelPlan",
+    "ModelCost",
+    "PoolPlan",
     "actor_ids",
     "actor_restarts",
     "actors_started",
     "cluster_gpus",
     "configure_data_context",
     "cpu_model_plan",
+    "decode_actor_bytes",
+    "model_cost",
+    "plan_pools",
     "default_cpu_model_actors",
     "ensure_ray",
     "stop_stage_actors",
@@ -231,14 +236,29 @@ def largest_node_cpus() -> int:
     return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)) or 1
 
 
-def default_cpu_model_actors() -> int:
-    """Model actors when ``--gpu-actors`` is not given on a cluster without GPUs: one per core of
-    the largest node, at most :data:`CPU_MODEL_ACTORS_MAX`, each with its share of the cores as
-    torch threads (:func:`cpu_model_plan`). Several single-threaded model processes beat one
-    process with as many torch threads: a small model's operators are too short to keep two
-    threads busy (the second one spins at each barrier), and while a decoder holds a core a
-    multi-threaded call waits for its preempted thread; independent processes just take turns."""
-    return max(1, min(largest_node_cpus(), CPU_MODEL_ACTORS_MAX))
+def default_cpu_model_actors(cost: ModelCost | None = None) -> int:
+    """Model actors when ``--gpu-actors`` is not given on a cluster without GPUs, at most
+    :data:`CPU_MODEL_ACTORS_MAX`, each with its share of the cores as torch threads
+    (:func:`cpu_model_plan`): one per :func:`threads_per_model_actor` cores of the largest node
+    (``cost`` None: one per core). A small model's operators are too short to keep two threads
+    busy (the second one spins at each barrier), so several single-threaded processes that take
+    turns beat one multi-threaded one; the full-size model's are long enough, and there one actor
+    with both threads of a 2-core node beat two single-threaded ones (job ÷ model-only 0.84
+    against 0.49, issue 25), with half the memory."""
+    per = 1 if cost is None else threads_per_model_actor(cost)
+    return max(1, min(largest_node_cpus() // per, CPU_MODEL_ACTORS_MAX))
+
+
+#: GFLOP per audio second that keeps one more torch thread busy (the rule of
+#: :func:`threads_per_model_actor`): the golden model (0.05) gets 1 thread per actor, the
+#: full-size one (41.8) 5, a 4 x 512 model with 128 conv channels (3.1) 1.
+GFLOP_PER_THREAD = 8.0
+
+
+def threads_per_model_actor(cost: ModelCost) -> int:
+    """Torch threads one CPU model actor keeps busy: one per :data:`GFLOP_PER_THREAD` of the
+    model's work per audio second, 1 to 8."""
+    return max(1, min(8, int(cost.gflop_per_audio_s // GFLOP_PER_THREAD)))
 
 
 def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
@@ -350,3 +370,143 @@ def default_decode_cpus(gpus: int, model_actors: int) -> int:
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, cpus - model_actors)
+
+
+# --------------------------------------------------------------------------- memory and pool shape
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one model actor costs, computed from the model's sizes (no forward pass needed).
+
+    Attributes:
+        gflop_per_audio_s: model FLOPs per audio second (2 per multiply-add; mel filterbank, conv
+            front end and Conformer, as ``bench/flops.py`` counts them: 41.8 at full size).
+        weight_bytes: parameters in memory (fp32; bf16/fp16 keep a cast copy beside them).
+        window_bytes: activations of one more window in a batch at the precision (CPU, peak).
+        process_bytes: the worker process itself (Python, torch, Ray) and the model's fixed part.
+    """
+
+    gflop_per_audio_s: float
+    weight_bytes: int
+    window_bytes: int
+    process_bytes: int
+
+    def actor_bytes(self, batch: int) -> int:
+        """Memory of one model actor running ``batch`` windows per call."""
+        return self.process_bytes + self.weight_bytes + max(1, batch) * self.window_bytes
+
+
+#: A model worker's own memory beside the model (Python, torch, Ray, pyarrow), measured USS ~0.4 GB.
+MODEL_PROCESS_BYTES = 600 * 1024**2
+#: A decode worker's own memory (Python, pyarrow, soundfile, Ray).
+DECODE_PROCESS_BYTES = 400 * 1024**2
+#: Live front-end activation maps per window at the peak: 3 in the graph (conv1, conv2 and the
+#: shortcut of the first block), measured 4.8 with oneDNN's reorders (4 x 512, conv 128, 10 s:
+#: 78.5 MB per window); 6 keeps a margin.
+ACTIVATION_MAPS = 6.0
+
+
+def model_cost(config: Any, window_s: float, precision: str = "fp32") -> ModelCost:
+    """:class:`ModelCost` of a ``musicfm.MusicFMConfig`` (or anything with its size fields) for
+    windows of ``window_s`` seconds at ``precision``."""
+    d, depth, c, f = config.encoder_dim, config.encoder_depth, config.conv_dim, config.ffn_dim
+    m = config.n_mels
+    fps = config.sample_rate / config.hop_length  # mel frames per second
+    tok = fps / 4  # tokens per second after the two stride-2 blocks
+    t = tok * window_s  # tokens per window (attention is quadratic in it)
+    # multiply-adds per audio second
+    b0 = (m / 2) * (fps / 2) * 9 * (2 * c + c * c)  # conv1 + conv3 (1 -> C), conv2 (C -> C)
+    b1 = (m / 4) * (fps / 4) * 9 * 3 * c * c
+    proj = tok * c * (m / 4) * d
+    layer = 2 * 2 * d * f + 4 * d * d + 2 * t * d + 3 * d * d + config.conv_kernel * d
+    mel = fps * m * (config.n_fft // 2 + 1)  # the mel filterbank's matmul (the FFT is not counted)
+    macs = mel + b0 + b1 + proj + tok * depth * layer
+    params = 9 * (2 * c + c * c + 3 * c * c) + c * (m / 4) * d + depth * (2 * 2 * d * f + 7 * d * d)
+    half = precision in ("bf16", "fp16")
+    elem = 2 if half else 4
+    maps = ACTIVATION_MAPS * c * (m / 2) * (fps / 2) * window_s * elem
+    conformer = 4 * t * max(f, 2 * d) * elem + 2 * t * t * config.num_heads * elem
+    return ModelCost(
+        gflop_per_audio_s=2 * macs / 1e9,
+        weight_bytes=int(params * 4 * (1.5 if half else 1.0)),
+        window_bytes=int(maps + conformer + 8 * 24000 * window_s),  # + the input, in float64
+        process_bytes=MODEL_PROCESS_BYTES,
+    )
+
+
+def decode_actor_bytes(window_s: float, windows_per_block: int, whole_up_to_s: float) -> int:
+    """Memory of one decode actor: its process, one block of windows on the way out, and the
+    largest track it decodes whole (samples + their window copy, at 24 kHz float32); longer ones
+    are streamed (``pipeline.flow.stages.DecodeStage``)."""
+    block = windows_per_block * window_s * 24000 * 4
+    return int(DECODE_PROCESS_BYTES + 2 * block + 2 * whole_up_to_s * 24000 * 4)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The shape of a run's pools on the cluster it has, and the memory each actor declares."""
+
+    model_actors: int
+    batch_size: int | None  # windows per model call (None: the GPU actor sizes it from its memory)
+    model_memory: int  # bytes each model actor requests from Ray
+    decode_memory: int  # bytes each decode actor requests from Ray
+
+
+def largest_node_memory() -> int:
+    """Ray's ``memory`` resource of the cluster's largest alive node (bytes, 0 when unknown)."""
+    import ray
+
+    return int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def plan_pools(
+    cost: ModelCost,
+    model_actors: int,
+    decoders_per_node: int,
+    decode_memory: int,
+    batch_size: int | None,
+    gpus: int,
+    node_memory: int,
+    cpu_batch: int = 8,
+) -> PoolPlan:
+    """Fit the model actors into the largest node's memory beside its decoders. On CPU: fewer
+    actors, then smaller batches (from ``cpu_batch`` down to one window); a GPU actor's host
+    memory is its process and weights (its batch is sized from GPU memory in the actor).
+    ``model_actors`` is what the CPU / ``--gpu-actors`` rule gives, ``batch_size`` ``--batch-size``.
+
+    Raises:
+        ValueError: (one line) the node cannot hold one model actor beside one decoder.
+    """
+    if node_memory <= 0:  # no memory figure (an odd cluster): declare, never refuse
+        node_memory = 1 << 62
+    alone = node_memory - decode_memory  # one decoder and one model actor: the least a run needs
+    if gpus > 0:
+        need = cost.process_bytes + cost.weight_bytes
+        if alone < need:
+            raise ValueError(_too_small(need, node_memory, decode_memory))
+        return PoolPlan(model_actors, batch_size, need, decode_memory)
+    need1 = cost.actor_bytes(batch_size or 1)
+    if alone < need1:
+        raise ValueError(_too_small(need1, node_memory, decode_memory))
+    room = node_memory - max(1, decoders_per_node) * decode_memory
+    if room < need1:  # the decoders beyond the first wait for memory (the decode pool starts at 1)
+        room = alone
+    actors = max(1, min(model_actors, room // need1))
+    batch = batch_size
+    if batch is None:
+        per = room // actors - cost.process_bytes - cost.weight_bytes
+        batch = max(1, min(cpu_batch, per // cost.window_bytes))
+    return PoolPlan(actors, batch, cost.actor_bytes(batch), decode_memory)
+
+
+def _too_small(need: int, node_memory: int, decode_memory: int) -> str:
+    return (
+        f"the largest node has {_gib(node_memory)} of memory for Ray; one model actor needs {_gib(need)} "
+        f"beside one decoder ({_gib(decode_memory)}): use a node with at least "
+        f"{_gib(need + decode_memory)}, a smaller --batch-size or shorter --window-s"
+    )

@@ -118,3 +118,122 @@ def test_worker_allocator_settings_reach_a_worker(ray_cluster, monkeypatch) -> N
     assert got == ":".join(runtime.WORKER_MALLOC_TUNABLES)
     monkeypatch.setenv("MUSICFM_WORKER_MALLOC", "default")
     assert runtime.worker_runtime_env() == {}
+
+
+# --------------------------------------------------------------------------- pool shape and memory
+
+
+def _configs():
+    import json
+
+    from musicfm import MusicFMConfig
+    from tests.conftest import GOLDEN
+
+    golden = {k: v for k, v in json.loads((GOLDEN / "config.json").read_text()).items() if k != "stats_keys"}
+    mid = MusicFMConfig(encoder_dim=512, encoder_depth=4, conv_dim=128, num_heads=8, ffn_dim=2048)
+    return MusicFMConfig(), MusicFMConfig(**golden), mid
+
+
+def test_model_cost_matches_counted_flops_and_sizes() -> None:
+    """The computed FLOPs are the counted ones (bench/flops.py's counter, within 10 %) and the
+    weights are the parameters' bytes (within 10 %)."""
+    from bench.flops import count_flops
+    from musicfm import MusicFM25Hz
+    from pipeline.flow.runtime import model_cost
+
+    full, golden, mid = _configs()
+    assert (
+        abs(model_cost(full, 30.0).gflop_per_audio_s - 41.8) < 0.05 * 41.8
+    )  # counted: docs/sizing_decode.md
+    for cfg in (golden, mid):
+        model = MusicFM25Hz(cfg).eval()
+        counted = count_flops(model, 1.0)["gflop_per_audio_s"]
+        cost = model_cost(cfg, 1.0)
+        assert abs(cost.gflop_per_audio_s - counted) < 0.1 * counted, (cost, counted)
+        params = sum(p.numel() for p in model.parameters()) * 4
+        assert abs(cost.weight_bytes - params) < 0.1 * params, (cost.weight_bytes, params)
+        assert model_cost(cfg, 1.0, "bf16").window_bytes < cost.window_bytes
+
+
+_ACT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from musicfm import MusicFM25Hz, MusicFMConfig
+torch.set_num_threads(1)
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+cfg = MusicFMConfig(encoder_dim=512, encoder_depth=4, conv_dim=128, num_heads=8, ffn_dim=2048)
+m = MusicFM25Hz(cfg).eval()
+x = torch.zeros(int(sys.argv[2]), 24000 * 5)
+rss0 = status("VmRSS")
+with torch.inference_mode():
+    m.hidden_states(x, [4])
+print(status("VmHWM") - rss0)
+"""
+
+
+def test_activation_memory_bounds_a_measured_forward() -> None:
+    """One more window in a batch takes less memory than model_cost's window_bytes (measured: the
+    peak RSS of a 4 x 512 model's forward at batch 1 and 2, 5 s windows, the workers' allocator)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.flow.runtime import model_cost, worker_runtime_env
+    from tests.conftest import REPO
+
+    env = {**os.environ, **worker_runtime_env().get("env_vars", {})}
+    peaks = [
+        int(subprocess.run([sys.executable, "-c", _ACT, str(REPO), str(b)], env=env, capture_output=True,
+                           text=True, timeout=300, check=True).stdout.split()[-1])
+        for b in (1, 2)
+    ]  # fmt: skip
+    cost = model_cost(_configs()[2], 5.0)
+    assert 0 < peaks[1] - peaks[0] <= cost.window_bytes, (peaks, cost)
+    assert peaks[0] <= cost.window_bytes + cost.weight_bytes + cost.process_bytes
+
+
+def test_pool_shape_follows_the_model_loaded(monkeypatch) -> None:
+    """Threads per CPU model actor come from the model's FLOPs per audio second: the golden and a
+    4 x 512 model get one single-threaded actor per core; the full-size model one actor with
+    every core of a 2-core node (its decoders niced below it), 4 actors of 16 threads on 64."""
+    from pipeline.flow import runtime
+
+    full, golden, mid = _configs()
+    costs = {
+        name: runtime.model_cost(c, 30.0) for name, c in (("full", full), ("golden", golden), ("mid", mid))
+    }
+    monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 2)
+    assert [runtime.default_cpu_model_actors(costs[k]) for k in ("golden", "mid", "full")] == [2, 2, 1]
+    plan = runtime.cpu_model_plan(decode_cpus=1, model_actors=runtime.default_cpu_model_actors(costs["full"]))
+    assert (plan.threads, plan.decode_niceness) == (2, runtime.CPU_DECODE_NICENESS)
+    monkeypatch.setattr(runtime, "largest_node_cpus", lambda: 64)
+    assert runtime.default_cpu_model_actors(costs["full"]) == 4
+    assert runtime.threads_per_model_actor(costs["full"]) == 5
+
+
+def test_pools_fit_the_node_memory_or_refuse_in_one_line() -> None:
+    from pipeline.flow.runtime import ModelCost, plan_pools
+
+    gib = 1024**3
+    cost = ModelCost(gflop_per_audio_s=40, weight_bytes=gib, window_bytes=gib // 2, process_bytes=gib // 2)
+    dec = gib // 2
+    # roomy: the CPU rule's actors at the default batch, each declaring its footprint
+    p = plan_pools(cost, model_actors=2, decoders_per_node=1, decode_memory=dec, batch_size=None, gpus=0,
+                   node_memory=64 * gib)  # fmt: skip
+    assert (p.model_actors, p.batch_size, p.model_memory, p.decode_memory) == (2, 8, int(5.5 * gib), dec)
+    # 8 GiB: both actors fit at a smaller batch; 4 GiB: one actor, its batch what fits beside the decoder
+    p = plan_pools(cost, 2, 1, dec, None, 0, 8 * gib)
+    assert (p.model_actors, p.batch_size) == (2, 4) and 2 * p.model_memory + dec <= 8 * gib
+    p = plan_pools(cost, 2, 1, dec, None, 0, 4 * gib)
+    assert (p.model_actors, p.batch_size) == (1, 4) and p.model_memory + dec <= 4 * gib
+    # --batch-size is kept; GPU actors declare their host memory only
+    assert plan_pools(cost, 2, 1, dec, 4, 0, 64 * gib).batch_size == 4
+    p = plan_pools(cost, 3, 1, dec, None, 1, 16 * gib)
+    assert (p.model_actors, p.batch_size, p.model_memory) == (3, None, int(1.5 * gib))
+    with pytest.raises(ValueError) as e:
+        plan_pools(cost, 1, 1, dec, None, 0, 2 * gib)
+    msg = str(e.value)
+    assert "\n" not in msg and "one model actor needs 2.0 GiB" in msg and "at least 2.5 GiB" in msg
