@@ -237,3 +237,66 @@ def test_pools_fit_the_node_memory_or_refuse_in_one_line() -> None:
         plan_pools(cost, 1, 1, dec, None, 0, 2 * gib)
     msg = str(e.value)
     assert "\n" not in msg and "one model actor needs 2.0 GiB" in msg and "at least 2.5 GiB" in msg
+
+
+def _resource_recording_stage(path: str) -> type:
+    """An EmbedStage that first writes the Ray resources its actor was given to ``path`` (a class
+    made here, so that cloudpickle ships it with ``path`` to the worker)."""
+
+    class ResourceRecordingEmbedStage:
+        def __init__(self, **kw) -> None:
+            import json
+
+            import ray
+
+            from pipeline.flow.stages import EmbedStage
+
+            with open(path, "w") as f:
+                json.dump(ray.get_runtime_context().get_assigned_resources(), f)
+            self.inner = EmbedStage(**kw)
+
+        def __call__(self, batch):
+            return self.inner(batch)
+
+    return ResourceRecordingEmbedStage
+
+
+def _small_job(tmp_path: Path, *extra: str):
+    audio = tmp_path / "a"
+    audio.mkdir(exist_ok=True)
+    rows = [(f"t{i}", write_tone(audio / f"t{i}.wav", 1.5, 200 + 40 * i), f"T{i}") for i in range(2)]
+    cat = write_catalog(tmp_path / "c.csv", rows)
+    args = embed_parser().parse_args(
+        ["--catalog", cat, "--output", str(tmp_path / "s"), "--checkpoint", CKPT, "--stats", STATS,
+         "--layers", "1,3", "--precision", "fp32", "--window-s", "1", *extra]
+    )  # fmt: skip
+    return embed_job_from_args(args)
+
+
+def test_model_actors_request_their_memory_from_ray(ray_cluster, tmp_path: Path) -> None:
+    import json
+
+    from pipeline.flow.streaming import size_pools
+    from pipeline.runs.model_info import probe_model
+
+    job = _small_job(tmp_path, "--gpu-actors", "1")
+    stage = _resource_recording_stage(str(tmp_path / "res.json"))
+    report = run_embed(job, progress=False, model_stage=stage)
+    assert report.status == "ok" and report.tracks_ok == 2
+    got = json.loads((tmp_path / "res.json").read_text())
+    gpus = int(ray_cluster.cluster_resources().get("GPU", 0))  # the session cluster declares one
+    _model, _decode, pools = size_pools(job, probe_model(job, gpus), 2)
+    assert got.get("memory") == pools.model_memory > 0 and pools.decode_memory > 0
+
+
+def test_a_node_too_small_for_one_model_actor_is_refused_before_any_work(
+    ray_cluster, tmp_path: Path, monkeypatch
+) -> None:
+    import pipeline.flow.streaming as streaming
+    from pipeline.errors import RunFailed
+
+    monkeypatch.setattr(streaming, "largest_node_memory", lambda: 512 * 1024**2)
+    with pytest.raises(RunFailed) as e:
+        run_embed(_small_job(tmp_path), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "before any commit" in msg and "one model actor needs" in msg, msg
