@@ -42,6 +42,7 @@ __all__ = [
     "decode_actor_bytes",
     "model_cost",
     "plan_pools",
+    "process_tree_cpu_s",
     "default_cpu_model_actors",
     "ensure_ray",
     "stop_stage_actors",
@@ -510,3 +511,37 @@ def _too_small(need: int, node_memory: int, decode_memory: int) -> str:
         f"beside one decoder ({_gib(decode_memory)}): use a node with at least "
         f"{_gib(need + decode_memory)}, a smaller --batch-size or shorter --window-s"
     )
+
+
+def process_tree_cpu_s(root: int | None = None) -> float | None:
+    """CPU seconds (user + system) used so far by process ``root`` (default: this one) and all its
+    descendants, the ended ones included (their time is in their parent's ``cutime``/``cstime``
+    once reaped), from ``/proc``; None off Linux. On a local cluster the driver's tree holds the
+    Ray processes and every worker; on a remote cluster only the driver."""
+    root = os.getpid() if root is None else root
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        entries = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError as e:
+        log.warning("no CPU accounting (%s): busy cores are not reported", e)
+        return None
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for d in entries:
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                raw = f.read().decode("latin-1")
+        except OSError:  # the process ended between the listing and the read: its parent has it
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total

@@ -50,6 +50,7 @@ from pipeline.flow.runtime import (
     model_cost,
     plan_pools,
     pool_bounds,
+    process_tree_cpu_s,
     stop_stage_actors,
     worker_runtime_env,
 )
@@ -402,6 +403,7 @@ def stream_chunks(
     )
     ChunkWriter(**writer_args)  # checks the arguments here, before anything starts
     t0 = time.perf_counter()
+    cpu0 = process_tree_cpu_s()
     stream = embed_stream(
         source, job, info, decode_actors, model_actors, model_stage=model_stage, pools=pools
     )
@@ -458,6 +460,9 @@ def stream_chunks(
             close()
         restarts = stream.finish(failed)
         stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
+        cpu1 = process_tree_cpu_s()
+        if cpu0 is not None and cpu1 is not None:  # CPU s of this machine's run processes meanwhile
+            stage_s["decode+model_cpu"] = stage_s.get("decode+model_cpu", 0.0) + cpu1 - cpu0
     all_times = pa.concat_tables(times) if times else None
     add_worker_seconds(stage_s, all_times)
     return StreamResult(restarts, all_times, stream.actors)

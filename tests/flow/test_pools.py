@@ -283,6 +283,9 @@ def test_model_actors_request_their_memory_from_ray(ray_cluster, tmp_path: Path)
     stage = _resource_recording_stage(str(tmp_path / "res.json"))
     report = run_embed(job, progress=False, model_stage=stage)
     assert report.status == "ok" and report.tracks_ok == 2
+    # the report says how many cores the pass kept busy (this process's tree: the local cluster)
+    assert report.busy_cores is not None and 0 < report.busy_cores < 64
+    assert f"cores    {report.busy_cores:.2f} busy" in report.summary()
     got = json.loads((tmp_path / "res.json").read_text())
     gpus = int(ray_cluster.cluster_resources().get("GPU", 0))  # the session cluster declares one
     _model, _decode, pools = size_pools(job, probe_model(job, gpus), 2)

@@ -32,3 +32,14 @@ def test_unreadable_actor_table_is_a_warning_with_its_reason(no_actor_table, cap
     assert any("actors this run started are unknown" in t for t in text)
     assert any("cannot stop this run's stage actors" in t for t in text)
     assert any("other runs may be counted" in t for t in text)
+
+
+def test_process_tree_cpu_counts_children_that_ended() -> None:
+    """A child's CPU seconds stay in the tree's total after it exits (reaped: its parent's cutime)."""
+    import subprocess
+    import sys
+
+    before = runtime.process_tree_cpu_s()
+    subprocess.run([sys.executable, "-c", "x = 0\nfor i in range(3 * 10**7): x += i"], check=True)
+    after = runtime.process_tree_cpu_s()
+    assert before is not None and after is not None and after - before > 0.5
