@@ -400,6 +400,10 @@ class ModelCost:
 
 #: A model worker's own memory beside the model (Python, torch, Ray, pyarrow), measured USS ~0.4 GB.
 MODEL_PROCESS_BYTES = 600 * 1024**2
+#: Host memory of a GPU model actor beside its process and weights: the CUDA context and the pinned
+#: staging buffers of its input batches (not measured here: no GPU was lent; Ray's high-memory check
+#: on a GPU run says if it is short).
+GPU_HOST_BYTES = 1024**3
 #: A decode worker's own memory (Python, pyarrow, soundfile, Ray).
 DECODE_PROCESS_BYTES = 400 * 1024**2
 #: Live front-end activation maps per window at the peak: 3 in the graph (conv1, conv2 and the
@@ -487,7 +491,7 @@ def plan_pools(
         node_memory = 1 << 62
     alone = node_memory - decode_memory  # one decoder and one model actor: the least a run needs
     if gpus > 0:
-        need = cost.process_bytes + cost.weight_bytes
+        need = cost.process_bytes + cost.weight_bytes + GPU_HOST_BYTES
         if alone < need:
             raise ValueError(_too_small(need, node_memory, decode_memory))
         return PoolPlan(model_actors, batch_size, need, decode_memory)

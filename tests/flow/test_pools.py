@@ -215,7 +215,7 @@ def test_pool_shape_follows_the_model_loaded(monkeypatch) -> None:
 
 
 def test_pools_fit_the_node_memory_or_refuse_in_one_line() -> None:
-    from pipeline.flow.runtime import ModelCost, plan_pools
+    from pipeline.flow.runtime import GPU_HOST_BYTES, ModelCost, plan_pools
 
     gib = 1024**3
     cost = ModelCost(gflop_per_audio_s=40, weight_bytes=gib, window_bytes=gib // 2, process_bytes=gib // 2)
@@ -232,7 +232,7 @@ def test_pools_fit_the_node_memory_or_refuse_in_one_line() -> None:
     # --batch-size is kept; GPU actors declare their host memory only
     assert plan_pools(cost, 2, 1, dec, 4, 0, 64 * gib).batch_size == 4
     p = plan_pools(cost, 3, 1, dec, None, 1, 16 * gib)
-    assert (p.model_actors, p.batch_size, p.model_memory) == (3, None, int(1.5 * gib))
+    assert (p.model_actors, p.batch_size, p.model_memory) == (3, None, int(1.5 * gib) + GPU_HOST_BYTES)
     with pytest.raises(ValueError) as e:
         plan_pools(cost, 1, 1, dec, None, 0, 2 * gib)
     msg = str(e.value)
