@@ -403,7 +403,9 @@ def stream_chunks(
     )
     ChunkWriter(**writer_args)  # checks the arguments here, before anything starts
     t0 = time.perf_counter()
-    cpu0 = process_tree_cpu_s()
+    # busy cores: CPU s of this process's tree, which holds the workers only when the cluster is
+    # the local one this process started (not under RAY_ADDRESS, e.g. ``ray job submit``)
+    cpu0 = None if os.environ.get("RAY_ADDRESS") else process_tree_cpu_s()
     stream = embed_stream(
         source, job, info, decode_actors, model_actors, model_stage=model_stage, pools=pools
     )
@@ -460,7 +462,7 @@ def stream_chunks(
             close()
         restarts = stream.finish(failed)
         stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
-        cpu1 = process_tree_cpu_s()
+        cpu1 = None if cpu0 is None else process_tree_cpu_s()
         if cpu0 is not None and cpu1 is not None:  # CPU s of this machine's run processes meanwhile
             stage_s["decode+model_cpu"] = stage_s.get("decode+model_cpu", 0.0) + cpu1 - cpu0
     all_times = pa.concat_tables(times) if times else None
