@@ -287,7 +287,10 @@ def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
 #: with the golden model. Keeping freed memory in the heap (no mmap, no trim) and backing it with
 #: transparent huge pages cuts the faults 100x; measured in-process (golden model, 28 real
 #: tracks, 1 thread): model 19.5 -> 14.0 CPU s. The price: a worker keeps its peak heap until it
-#: exits (a few hundred MB for a model actor, which holds it anyway at the next batch).
+#: exits (a few hundred MB for a model actor, which holds it anyway at the next batch). A decode
+#: actor's peak is a long track, not a steady batch: it hands its heap back (``malloc_trim``) after
+#: a streamed track or one over 64 MB decoded (``pipeline.flow.stages.DecodeStage``), and streams
+#: tracks over 20 minutes, so its peak is bounded by the window, not the file.
 WORKER_MALLOC_TUNABLES = (
     "glibc.malloc.hugetlb=1",
     "glibc.malloc.mmap_threshold=4294967296",
