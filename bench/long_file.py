@@ -83,7 +83,8 @@ def run_job(path: Path, model_argv: list[str], malloc: str, store: Path) -> dict
     if malloc == "default":
         env["MUSICFM_WORKER_MALLOC"] = "default"
     cmd = [sys.executable, str(REPO / "jobs" / "embed_catalog.py"), "--catalog", str(catalog), "--output",
-           str(store), *model_argv, "--no-progress", "--max-duration-s", "25000"]  # fmt: skip
+           str(store), *model_argv, "--no-progress", "--max-duration-s", "25000",
+           "--allowed-prefixes", str(path.parent)]  # fmt: skip
     w0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -102,6 +103,8 @@ def run_job(path: Path, model_argv: list[str], malloc: str, store: Path) -> dict
     wall = time.perf_counter() - w0
     text = "".join(out)
     warned = [line for line in text.splitlines() if "only requests" in line or "used up to" in line]
+    if proc.returncode == 0 and " 1 embedded" not in text:  # the file must have gone through the model
+        raise SystemExit(f"the job did not embed the file:\n{text[-1500:]}")
     return {"rc": proc.returncode, "wall_s": wall, "cpu_s": sum(cpu.values()), "peak_rss_mb":
             {k: v / 2**20 for k, v in sorted(peak.items())}, "ray_memory_warnings": warned,
             "tail": text[-1500:] if proc.returncode else ""}  # fmt: skip

@@ -410,9 +410,12 @@ GPU_HOST_BYTES = 1024**3
 #: A decode worker's own memory (Python, pyarrow, soundfile, Ray).
 DECODE_PROCESS_BYTES = 400 * 1024**2
 #: Live front-end activation maps per window at the peak: 3 in the graph (conv1, conv2 and the
-#: shortcut of the first block), measured 4.8 with oneDNN's reorders (4 x 512, conv 128, 10 s:
-#: 78.5 MB per window); 6 keeps a margin.
-ACTIVATION_MAPS = 6.0
+#: shortcut of the first block), and 3.0 measured beside the STFT's own buffers (peak RSS of a
+#: forward at batch 1 and 2: 4 x 512 with 128 conv channels at 10 s, 78.5 MB per window; full size
+#: at 5 s, 114 MB per window).
+ACTIVATION_MAPS = 3.0
+#: Ray's high-memory check wants a request >= 1.25 x the peak it saw: the margin on activations.
+RAY_HEADROOM = 1.25
 
 
 def model_cost(config: Any, window_s: float, precision: str = "fp32") -> ModelCost:
@@ -433,12 +436,16 @@ def model_cost(config: Any, window_s: float, precision: str = "fp32") -> ModelCo
     params = 9 * (2 * c + c * c + 3 * c * c) + c * (m / 4) * d + depth * (2 * 2 * d * f + 7 * d * d)
     half = precision in ("bf16", "fp16")
     elem = 2 if half else 4
-    maps = ACTIVATION_MAPS * c * (m / 2) * (fps / 2) * window_s * elem
+    frames = fps * window_s
+    maps = ACTIVATION_MAPS * c * (m / 2) * (frames / 2) * elem
+    # the STFT in fp32 whatever the precision: framed input (twice: windowed), complex bins, power
+    stft = frames * (2 * config.n_fft * 4 + (config.n_fft // 2 + 1) * 12)
     conformer = 4 * t * max(f, 2 * d) * elem + 2 * t * t * config.num_heads * elem
+    window = maps + stft + conformer + 8 * config.sample_rate * window_s  # + the input, in float64
     return ModelCost(
         gflop_per_audio_s=2 * macs / 1e9,
         weight_bytes=int(params * 4 * (1.5 if half else 1.0)),
-        window_bytes=int(maps + conformer + 8 * 24000 * window_s),  # + the input, in float64
+        window_bytes=int(RAY_HEADROOM * window),
         process_bytes=MODEL_PROCESS_BYTES,
     )
 
