@@ -5,6 +5,7 @@ Usage (from the repo root)::
     python bench/pipeline.py                         # small model, 60 tracks x 30 s
     python bench/pipeline.py --model full            # full-size model, 8 tracks x 30 s (minutes on CPU)
     python bench/pipeline.py --quick --json out.json # smoke test: 4 x 10 s, small model, ~1 min
+    python bench/pipeline.py --quick --model mid     # smoke test at a mid size (4 layers x 512)
 
 Everything is measured in ONE run, on the same synthetic audio, on the same machine:
 
@@ -41,8 +42,11 @@ environment (torch threads) from the pipeline around the model.
 Audio: ``--tracks`` synthetic music-like tracks of ``--track-s`` seconds (chords of harmonic tones,
 kick / hi-hat beats, noise; 44.1 kHz stereo, so decoding downmixes and resamples), written as a
 FLAC / Ogg Vorbis / WAV mix and cached under ``--audio-dir``. Models have random weights:
-``--model small`` is ``shared/golden/config.json`` (D=48, 3 layers), ``--model full`` the released
-size (D=1024, 12 layers).
+``--model small`` is ``shared/golden/config.json`` (D=48, 3 layers), ``--model mid`` 4 layers x 512
+(128 conv channels; between the two, so that a pool-shape rule tuned on one end is seen at
+another), ``--model full`` the released size (D=1024, 12 layers). The pipeline row gives the pool
+shape the job chose for the model (model actors x torch threads, decode actors, the memory each
+declares) and the cores it kept busy (CPU s ÷ wall of its decode+model pass).
 """
 
 from __future__ import annotations
@@ -91,7 +95,15 @@ GOAL_DP_PER_CORE = 500.0
 GOAL_DP_RAY_VS_INPROCESS = 0.9  # Ray data plane per core / in-process per core
 RAY_NICENESS_ENV = "RAY_worker_niceness"  # Ray config read from the environment (lower-case on purpose)
 DP_TARGET_AUDIO_S = 3 * 3600.0  # audio of the Ray data-plane run (amortises Ray's fixed costs)
-DP_STEADY_CHUNKS = 8  # chunks of the Ray data-plane run (its steady-state rate: chunks 2..n)
+DP_STEADY_CHUNKS = 8
+#: ``--model mid``: 4 layers x 512 wide, 128 conv channels (3.1 GFLOP per audio second).
+MID_CONFIG = {
+    "encoder_dim": 512,
+    "encoder_depth": 4,
+    "conv_dim": 128,
+    "num_heads": 8,
+    "ffn_dim": 2048,
+}  # chunks of the Ray data-plane run (its steady-state rate: chunks 2..n)
 
 
 def cpu_count() -> int:
@@ -459,6 +471,7 @@ def pipeline_run(
     with Meter(tree=True) as m:
         ray_start_s = start_ray()
         rep = run_embed(job, progress=False)
+    pool = pool_shape(job, rep)
     ray_init = ray_start_s + rep.stage_s.get("ray_init", 0.0)
     model_load = rep.stage_s.get("model_probe", 0.0)  # the driver's one model load
     wall = rep.wall_s + ray_start_s  # the RunReport's wall plus the Ray start it did not see
@@ -483,6 +496,33 @@ def pipeline_run(
         # the model's own rate inside its actor (sum of model-call seconds): separates what the
         # actor's environment (threads) costs from what the pipeline around the model costs
         "model_worker_x_realtime": rep.audio_s / mws if (mws := rep.stage_s.get("model_worker")) else 0.0,
+        "busy_cores": rep.busy_cores,
+        "pool": pool,
+    }
+
+
+def pool_shape(job: Any, rep: Any) -> dict[str, Any]:
+    """The pools the job chose for this model on this cluster (Ray still up after the run): actors
+    started, torch threads per model actor, the memory each actor declared, and the rule's inputs."""
+    from pipeline.flow.runtime import cpu_model_plan, model_cost, threads_per_model_actor
+    from pipeline.flow.streaming import size_pools
+    from pipeline.runs.model_info import probe_model
+
+    info = probe_model(job, 0)
+    model, decode, pools = size_pools(job, info, rep.tracks_total)
+    cost = model_cost(info.config, info.settings.window_s, info.settings.precision)
+    plan = cpu_model_plan(decode[1], model[1])
+    return {
+        "model_actors": model[1],
+        "decode_actors": decode[1],
+        "threads_per_model_actor": plan.threads,
+        "decode_niceness": plan.decode_niceness,
+        "rule_threads_per_actor": threads_per_model_actor(cost),
+        "gflop_per_audio_s": cost.gflop_per_audio_s,
+        "model_memory": pools.model_memory if pools else None,
+        "decode_memory": pools.decode_memory if pools else None,
+        "batch_size": pools.batch_size if pools else job.batch_size,
+        "actors_started": rep.extra.get("actors", {}),
     }
 
 
@@ -652,6 +692,12 @@ def render(r: dict[str, Any]) -> str:
             "    stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in pl["stage_s"].items()),
             f"    model calls inside the model actor: {pl['model_worker_x_realtime']:.2f}x realtime "
             f"(= {g['actor_vs_model_only']['value']:.2f} x model-only)",
+            f"    pool: {pl['pool']['model_actors']} model actor(s) x {pl['pool']['threads_per_model_actor']} "
+            f"torch threads ({pl['pool']['gflop_per_audio_s']:.1f} GFLOP per audio s), "
+            f"{pl['pool']['decode_actors']} decode actor(s) at nice {pl['pool']['decode_niceness']}; "
+            f"memory declared {_f((pl['pool']['model_memory'] or 0) / 2**30, 2)} GiB per model actor, "
+            f"{_f((pl['pool']['decode_memory'] or 0) / 2**30, 2)} GiB per decoder; "
+            f"busy cores {_f(pl['busy_cores'], 2)} of {c['cpus']}",
         ]
     lines += [
         _row(
@@ -720,9 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--model",
-        choices=["small", "full"],
+        choices=["small", "mid", "full"],
         default="small",
-        help="small: shared/golden/config.json sizes; full: released sizes (random weights)",
+        help="small: shared/golden/config.json sizes; mid: 4 x 512; full: released sizes (random weights)",
     )
     ap.add_argument("--model-config", default=None, help="MusicFMConfig JSON (overrides --model's sizes)")
     ap.add_argument("--layers", default=None, help="layers to store (default: small 1,3; full 7,12)")
@@ -787,7 +833,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if "b" not in args.parts or set(args.parts) - {"a", "b"}:
         raise SystemExit("--parts: a,b (everything) or b (the data plane alone)")
     if args.quick:
-        args.model = "small"
+        args.model = "mid" if args.model == "mid" else "small"
         args.tracks = args.tracks or 4
         args.track_s = args.track_s or 10.0
         args.batch_size = min(args.batch_size, 4)
@@ -796,7 +842,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tracks = args.tracks or (60 if args.model == "small" else 8)
     args.track_s = args.track_s or 30.0
     if args.layers is None:
-        args.layers = "1,3" if args.model == "small" else "7,12"
+        args.layers = {"small": "1,3", "mid": "2,4"}.get(args.model, "7,12")
     args.layers = [int(x) for x in str(args.layers).split(",") if x.strip()]
     if args.decode_cpus is None:
         args.decode_cpus = max(1, cpu_count() - 1)
@@ -807,6 +853,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if shared is None:
             raise SystemExit("cannot find shared/golden/config.json for --model small; set MUSICFM_SHARED")
         args.model_config = str(shared / "golden" / "config.json")
+    if args.model_config is None and args.model == "mid":
+        path = Path(tempfile.gettempdir()) / "musicfm-bench-mid-config.json"
+        path.write_text(json.dumps(MID_CONFIG))
+        args.model_config = str(path)
     if args.tracks < 1 or args.track_s <= 0 or args.batch_size < 1 or args.decode_cpus < 1:
         raise SystemExit("--tracks, --track-s, --batch-size and --decode-cpus must be positive")
     return args

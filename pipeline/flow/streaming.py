@@ -38,13 +38,20 @@ from pipeline.flow.runtime import (
     ACTOR_MAX_RESTARTS,
     ACTOR_MAX_TASK_RETRIES,
     DECODE_MAX_CRASHES,
+    PoolPlan,
     actor_ids,
     actor_restarts,
     actors_started,
     cpu_model_plan,
+    decode_actor_bytes,
     default_cpu_model_actors,
     default_decode_cpus,
+    largest_node_cpus,
+    largest_node_memory,
+    model_cost,
+    plan_pools,
     pool_bounds,
+    process_tree_cpu_s,
     stop_stage_actors,
     worker_runtime_env,
 )
@@ -155,11 +162,13 @@ def embed_stream(
     decode_actors: tuple[int, int],
     model_actors: tuple[int, int],
     model_stage: type | None = None,
+    pools: PoolPlan | None = None,
 ) -> EmbedStream:
     """Decode (a pool of ``decode_actors`` = (min, max) CPU actors) and embed (``model_actors``
     model actors; min < max autoscales with the work) catalog rows: a lazy Ray dataset. ``job`` (a :class:`pipeline.runs.settings.EmbedJob`) gives the model
     source, limits and batch size; ``info`` (:class:`pipeline.flow.inference.ModelInfo`) the
     settings. ``model_stage`` replaces :class:`pipeline.flow.stages.EmbedStage` (benchmarks).
+    ``pools`` (:func:`size_pools`): the memory each actor requests from Ray and the CPU batch size.
     ``rows``: a list of catalog rows, or a Ray dataset of them (:class:`TodoRows`)."""
     import ray
 
@@ -186,6 +195,7 @@ def embed_stream(
     )
     cpu_plan = None if info.gpus > 0 else cpu_model_plan(decode_actors[1], model_actors[1])
     worker_env = worker_runtime_env()  # decode and model actors alike
+    batch = job.batch_size if pools is None else pools.batch_size
     decoded = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs=dict(
@@ -200,6 +210,7 @@ def embed_stream(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=1,
+        **({"memory": pools.decode_memory} if pools else {}),
         compute=ray.data.ActorPoolStrategy(min_size=decode_actors[0], max_size=decode_actors[1]),
         runtime_env=worker_env,
         max_restarts=ACTOR_MAX_RESTARTS,
@@ -210,20 +221,52 @@ def embed_stream(
         fn_constructor_kwargs=dict(
             model_args=model_args,
             settings=info.settings,
-            batch_size=job.batch_size,  # None: the model actor sizes its batches from GPU memory
+            batch_size=batch,  # None: the model actor sizes its batches from GPU memory
             dim=info.dim,
             cpu_threads=None if cpu_plan is None else cpu_plan.threads,
         ),
-        batch_size=rows_per_model_call(job.batch_size, info.gpus),
+        batch_size=rows_per_model_call(batch, info.gpus),
         batch_format="pyarrow",
         num_gpus=1 if info.gpus > 0 else 0,
         num_cpus=1 if cpu_plan is None else cpu_plan.reserve,
+        **({"memory": pools.model_memory} if pools else {}),
         compute=ray.data.ActorPoolStrategy(min_size=model_actors[0], max_size=model_actors[1]),
         runtime_env=worker_env,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
     return EmbedStream(embedded, attempts_dir, actors_before)
+
+
+def size_pools(job: Any, info: Any, work: int) -> tuple[tuple[int, int], tuple[int, int], PoolPlan | None]:
+    """(model actors, decode actors, memory plan) of a run of ``work`` tracks: the pool shape from
+    the model loaded (its FLOPs per audio second give the torch threads per CPU actor), fitted to
+    the largest node's memory (:func:`pipeline.flow.runtime.plan_pools`; raises ``ValueError`` in
+    one line before any work when one model actor does not fit). ``--gpu-actors`` and
+    ``--decode-cpus`` override the counts; the plan is None without the model's config."""
+    from pipeline.flow.stages import DecodeStage
+
+    settings = info.settings
+    cost = None if info.config is None else model_cost(info.config, settings.window_s, settings.precision)
+    # a small run (a quiet night) does not need every actor the cluster could hold
+    model_max = job.gpu_actors or (info.gpus if info.gpus > 0 else default_cpu_model_actors(cost))
+    decode_max = job.decode_cpus or default_decode_cpus(info.gpus, pool_bounds(None, model_max, work)[1])
+    decode_actors = pool_bounds(job.decode_cpus_min if job.decode_cpus else 1, decode_max, work)
+    if cost is None:
+        return pool_bounds(job.gpu_actors_min, model_max, work), decode_actors, None
+    decode_memory = decode_actor_bytes(
+        settings.window_s, DecodeStage.WINDOWS_PER_BLOCK, DecodeStage.STREAM_ABOVE_S
+    )
+    pools = plan_pools(
+        cost,
+        pool_bounds(None, model_max, work)[1],
+        min(decode_actors[1], largest_node_cpus()),
+        decode_memory,
+        job.batch_size,
+        info.gpus,
+        largest_node_memory(),
+    )
+    return pool_bounds(job.gpu_actors_min, pools.model_actors, work), decode_actors, pools
 
 
 def add_worker_seconds(stage_s: dict[str, float], times: pa.Table | None) -> None:
@@ -348,11 +391,7 @@ def stream_chunks(
             chunks[ix] = Chunk(ix, min(chunk_size, n - ix * chunk_size))
         return chunks[ix]
 
-    # a small run (a quiet night) does not need every actor the cluster could hold
-    model_max = job.gpu_actors or (info.gpus if info.gpus > 0 else default_cpu_model_actors())
-    model_actors = pool_bounds(job.gpu_actors_min, model_max, n)
-    decode_max = job.decode_cpus or default_decode_cpus(info.gpus, model_actors[1])
-    decode_actors = pool_bounds(job.decode_cpus_min if job.decode_cpus else 1, decode_max, n)
+    model_actors, decode_actors, pools = size_pools(job, info, n)
     frames_hz = info.settings.frames_hz
     writer_args = dict(
         windows_uri=store.uri("windows"),
@@ -366,7 +405,12 @@ def stream_chunks(
     )
     ChunkWriter(**writer_args)  # checks the arguments here, before anything starts
     t0 = time.perf_counter()
-    stream = embed_stream(source, job, info, decode_actors, model_actors, model_stage=model_stage)
+    # busy cores: CPU s of this process's tree, which holds the workers only when the cluster is
+    # the local one this process started (not under RAY_ADDRESS, e.g. ``ray job submit``)
+    cpu0 = None if os.environ.get("RAY_ADDRESS") else process_tree_cpu_s()
+    stream = embed_stream(
+        source, job, info, decode_actors, model_actors, model_stage=model_stage, pools=pools
+    )
     # Writer actors (a retried batch rewrites its files; only the driver commits). They reserve no
     # CPU, so the stream can never stall behind actors holding every CPU of a small node, and a
     # pool of them growing with the work keeps up with the decoders (writing is a fraction of
@@ -420,6 +464,9 @@ def stream_chunks(
             close()
         restarts = stream.finish(failed)
         stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
+        cpu1 = None if cpu0 is None else process_tree_cpu_s()
+        if cpu0 is not None and cpu1 is not None:  # CPU s of this machine's run processes meanwhile
+            stage_s["decode+model_cpu"] = stage_s.get("decode+model_cpu", 0.0) + cpu1 - cpu0
     all_times = pa.concat_tables(times) if times else None
     add_worker_seconds(stage_s, all_times)
     return StreamResult(restarts, all_times, stream.actors)

@@ -3,6 +3,9 @@
 :func:`decode_audio` reads the input **by blocks** (``block_frames`` frames at a time),
 downmixes every block to mono (mean over channels) and feeds it to a streaming
 ``soxr.ResampleStream`` (``HQ``), so the only full-length allocation is the output array.
+A track too long to hold is read twice instead: :func:`scan_audio` decodes it to the end keeping
+only its length and checks, then :func:`stream_audio` yields the same samples piece by piece
+(no full-length allocation at all; ``pipeline.flow.stages.DecodeStage`` cuts windows from them).
 Limits (:class:`AudioLimits`) are checked on the header before decoding and again while
 decoding, so a lying header cannot make the decoder run away.
 
@@ -18,6 +21,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -27,7 +31,18 @@ import soxr
 
 from pipeline.errors import DecodeError, TooShortError, redact
 
-__all__ = ["TARGET_SR", "AudioLimits", "DecodedAudio", "decode_audio", "probe_audio", "AudioInfo"]
+__all__ = [
+    "TARGET_SR",
+    "AudioInfo",
+    "AudioLimits",
+    "AudioScan",
+    "DecodedAudio",
+    "decode_audio",
+    "output_samples",
+    "probe_audio",
+    "scan_audio",
+    "stream_audio",
+]
 
 TARGET_SR = 24000
 
@@ -256,38 +271,21 @@ def decode_audio(
 
     A header that claims more frames than the stream holds is not an error: what decoded is
     kept and a warning ``"header claimed X s, decoded Y s"`` is added.
+
+    The whole track is one array here; :func:`scan_audio` + :func:`stream_audio` give the same
+    samples piece by piece for a track too long to hold (``pipeline.flow.stages.DecodeStage``).
     """
     if block_frames < 1:
         raise ValueError(f"block_frames must be >= 1, got {block_frames}")
     t0 = time.monotonic()
     src, nbytes, _desc = _prepare_source(data, limits)
-    warnings: list[str] = []
     with _open(src) as f:
-        sr_in, ch, header_frames = int(f.samplerate), int(f.channels), int(f.frames)
-        fmt = _header_format(f)
-        # ---- header checks (before decoding anything) -------------------------------------
-        if sr_in <= 0 or sr_in < _MIN_PLAUSIBLE_SR or sr_in > _MAX_PLAUSIBLE_SR:
-            raise DecodeError(
-                f"implausible sample rate {sr_in} Hz in header (accepted {_MIN_PLAUSIBLE_SR}..{_MAX_PLAUSIBLE_SR})"
-            )
-        if ch < 1:
-            raise DecodeError(f"invalid channel count {ch} in header")
-        if ch > limits.max_channels:
-            raise DecodeError(f"{ch} channels, over the limit of {limits.max_channels}")
-        max_frames_in = int(math.floor(limits.max_duration_s * sr_in))
-        header_known = 0 < header_frames < (1 << 62)
-        claimed_frames = _claimed_frames(f, header_frames) if header_known else None
-        if header_known and header_frames > max_frames_in:
-            raise DecodeError(
-                f"duration {_fmt_s(header_frames / sr_in)} s (header) exceeds the limit of "
-                f"{_fmt_s(limits.max_duration_s)} s"
-            )
-
+        hdr = _check_header(f, limits)
         # ---- output buffer --------------------------------------------------------------------
-        ratio = TARGET_SR / sr_in
-        expected_out = int(math.ceil(header_frames * ratio)) + 16 if header_known else 0
+        ratio = TARGET_SR / hdr.sr_in
+        expected_out = int(math.ceil(hdr.header_frames * ratio)) + 16 if hdr.header_known else 0
         budget = max(_PREALLOC_FREE_BYTES, _PREALLOC_MAX_RATIO * (nbytes or 0))
-        if header_known and expected_out * 4 <= budget:
+        if hdr.header_known and expected_out * 4 <= budget:
             cap = expected_out
         else:
             cap = _INITIAL_OUT_SAMPLES
@@ -305,87 +303,257 @@ def decode_audio(
             out[n_out : n_out + k] = y
             n_out += k
 
-        resampler = (
-            None
-            if sr_in == TARGET_SR
-            else soxr.ResampleStream(sr_in, TARGET_SR, 1, dtype="float32", quality=resample_quality)
-        )
-        block = np.empty((block_frames, ch), dtype=np.float32)  # (block_frames, C) reused
-        mono = np.empty(block_frames, dtype=np.float32)  # (block_frames,) reused
-        frames_in = 0
-        bad = 0  # non-finite samples seen
-        first_bad_s: float | None = None
-        while True:
-            try:
-                got = f.read(block_frames, dtype="float32", always_2d=True, out=block)
-            except sf.LibsndfileError as e:
-                raise DecodeError(
-                    f"corrupt or truncated audio after {_fmt_s(frames_in / sr_in)} s: {e.error_string}"
-                ) from None
-            except (RuntimeError, ValueError, OSError, EOFError) as e:
-                raise DecodeError(
-                    f"corrupt or truncated audio after {_fmt_s(frames_in / sr_in)} s: {e}"
-                ) from None
-            n = got.shape[0]  # got: (n, C), a view of block
-            if n == 0:
-                break
-            frames_in += n
-            if frames_in > max_frames_in:
-                raise DecodeError(
-                    f"audio longer than the limit of {_fmt_s(limits.max_duration_s)} s"
-                    + (f" (header claimed {_fmt_s(header_frames / sr_in)} s)" if header_known else "")
-                )
-            m = mono[:n]  # (n,)
-            if ch == 1:
-                m[:] = got[:, 0]
-            elif ch < 8:
-                # np.mean(axis=1) runs a C-length inner loop per frame (~1 ms per 65536 stereo frames,
-                # as much as decoding FLAC); whole-column adds are ~35x faster and, below 8 channels
-                # (where np.mean's sum is still sequential), bit-identical to it.
-                np.add(got[:, 0], got[:, 1], out=m)
-                for c in range(2, ch):
-                    np.add(m, got[:, c], out=m)
-                np.divide(m, np.float32(ch), out=m)
-            else:
-                np.mean(got, axis=1, dtype=np.float32, out=m)
-            fin = np.isfinite(got)
-            if not fin.all():
-                nb = int(fin.size - np.count_nonzero(fin))
-                if bad == 0:
-                    first_bad_s = (frames_in - n + int(np.argmin(fin.all(axis=1)))) / sr_in
-                bad += nb
-            if bad == 0:
-                _append(m if resampler is None else resampler.resample_chunk(m, last=False))
-            if deadline_s is not None and time.monotonic() - t0 > deadline_s:
-                raise DecodeError(
-                    f"decode exceeded {deadline_s:g} s (stopped at {_fmt_s(frames_in / sr_in)} s of audio)"
-                )
-        if bad:
-            raise DecodeError(
-                f"{bad} non-finite (NaN/Inf) sample values, first at {_fmt_s(first_bad_s or 0.0)} s"
-            )
-        if resampler is not None:
-            _append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
-
-    claimed = max(header_frames if header_known else 0, claimed_frames or 0)
-    if claimed > frames_in:
-        warnings.append(f"header claimed {_fmt_s(claimed / sr_in)} s, decoded {_fmt_s(frames_in / sr_in)} s")
+        count = _Count()
+        for y in _resampled(f, hdr, limits, block_frames, t0, deadline_s, resample_quality, count):
+            _append(y)
+    frames_in = count.frames_in
+    warnings = _length_warnings(hdr, frames_in)
     if frames_in == 0:
         raise TooShortError("no audio frames decoded (empty stream)")
-    if n_out < limits.min_samples:
-        raise TooShortError(
-            f"audio is {n_out} samples at {TARGET_SR} Hz ({_fmt_s(n_out / TARGET_SR)} s), "
-            f"shorter than the minimum of {limits.min_samples} samples"
-        )
+    _check_min_samples(n_out, limits)
     if cap != n_out:
         out.resize(n_out, refcheck=False)  # shrink in place (realloc), no second full-length copy
     assert out.flags.c_contiguous and out.dtype == np.float32
     return DecodedAudio(
         samples=out,
-        sample_rate_in=sr_in,
-        channels_in=ch,
+        sample_rate_in=hdr.sr_in,
+        channels_in=hdr.ch,
         duration_s=n_out / TARGET_SR,
         warnings=[redact(w) for w in warnings],
         frames_in=frames_in,
-        format=fmt,
+        format=hdr.fmt,
     )
+
+
+# --------------------------------------------------------------------------- shared decode loop
+
+
+@dataclass(frozen=True)
+class _Header:
+    sr_in: int
+    ch: int
+    header_frames: int
+    header_known: bool
+    claimed_frames: int | None
+    fmt: str
+    max_frames_in: int
+
+
+@dataclass
+class _Count:
+    frames_in: int = 0
+
+
+def _check_header(f: sf.SoundFile, limits: AudioLimits) -> _Header:
+    """The header's facts, checked before anything is decoded."""
+    sr_in, ch, header_frames = int(f.samplerate), int(f.channels), int(f.frames)
+    fmt = _header_format(f)
+    if sr_in <= 0 or sr_in < _MIN_PLAUSIBLE_SR or sr_in > _MAX_PLAUSIBLE_SR:
+        raise DecodeError(
+            f"implausible sample rate {sr_in} Hz in header (accepted {_MIN_PLAUSIBLE_SR}..{_MAX_PLAUSIBLE_SR})"
+        )
+    if ch < 1:
+        raise DecodeError(f"invalid channel count {ch} in header")
+    if ch > limits.max_channels:
+        raise DecodeError(f"{ch} channels, over the limit of {limits.max_channels}")
+    max_frames_in = int(math.floor(limits.max_duration_s * sr_in))
+    header_known = 0 < header_frames < (1 << 62)
+    claimed_frames = _claimed_frames(f, header_frames) if header_known else None
+    if header_known and header_frames > max_frames_in:
+        raise DecodeError(
+            f"duration {_fmt_s(header_frames / sr_in)} s (header) exceeds the limit of "
+            f"{_fmt_s(limits.max_duration_s)} s"
+        )
+    return _Header(sr_in, ch, header_frames, header_known, claimed_frames, fmt, max_frames_in)
+
+
+def _mono_blocks(
+    f: sf.SoundFile,
+    hdr: _Header,
+    limits: AudioLimits,
+    block_frames: int,
+    t0: float,
+    deadline_s: float | None,
+    count: _Count,
+    downmix: bool = True,
+) -> Iterator[np.ndarray]:
+    """Every block of ``f`` as mono samples at the source rate: (n,) float32 views of one reused
+    buffer (``downmix=False``: decoded and checked only, nothing yielded). The limits, the deadline
+    and the samples' finiteness are checked as it goes; ``count.frames_in`` is the frames read."""
+    sr_in, ch = hdr.sr_in, hdr.ch
+    block = np.empty((block_frames, ch), dtype=np.float32)  # (block_frames, C) reused
+    mono = np.empty(block_frames, dtype=np.float32)  # (block_frames,) reused
+    frames_in = 0
+    bad = 0  # non-finite samples seen
+    first_bad_s: float | None = None
+    while True:
+        try:
+            got = f.read(block_frames, dtype="float32", always_2d=True, out=block)
+        except sf.LibsndfileError as e:
+            raise DecodeError(
+                f"corrupt or truncated audio after {_fmt_s(frames_in / sr_in)} s: {e.error_string}"
+            ) from None
+        except (RuntimeError, ValueError, OSError, EOFError) as e:
+            raise DecodeError(
+                f"corrupt or truncated audio after {_fmt_s(frames_in / sr_in)} s: {e}"
+            ) from None
+        n = got.shape[0]  # got: (n, C), a view of block
+        if n == 0:
+            break
+        frames_in += n
+        count.frames_in = frames_in
+        if frames_in > hdr.max_frames_in:
+            raise DecodeError(
+                f"audio longer than the limit of {_fmt_s(limits.max_duration_s)} s"
+                + (f" (header claimed {_fmt_s(hdr.header_frames / sr_in)} s)" if hdr.header_known else "")
+            )
+        m = mono[:n]  # (n,)
+        if not downmix:
+            pass
+        elif ch == 1:
+            m[:] = got[:, 0]
+        elif ch < 8:
+            # np.mean(axis=1) runs a C-length inner loop per frame (~1 ms per 65536 stereo frames,
+            # as much as decoding FLAC); whole-column adds are ~35x faster and, below 8 channels
+            # (where np.mean's sum is still sequential), bit-identical to it.
+            np.add(got[:, 0], got[:, 1], out=m)
+            for c in range(2, ch):
+                np.add(m, got[:, c], out=m)
+            np.divide(m, np.float32(ch), out=m)
+        else:
+            np.mean(got, axis=1, dtype=np.float32, out=m)
+        fin = np.isfinite(got)
+        if not fin.all():
+            nb = int(fin.size - np.count_nonzero(fin))
+            if bad == 0:
+                first_bad_s = (frames_in - n + int(np.argmin(fin.all(axis=1)))) / sr_in
+            bad += nb
+        if bad == 0 and downmix:
+            yield m
+        if deadline_s is not None and time.monotonic() - t0 > deadline_s:
+            raise DecodeError(
+                f"decode exceeded {deadline_s:g} s (stopped at {_fmt_s(frames_in / sr_in)} s of audio)"
+            )
+    if bad:
+        raise DecodeError(
+            f"{bad} non-finite (NaN/Inf) sample values, first at {_fmt_s(first_bad_s or 0.0)} s"
+        )
+
+
+def _resampled(
+    f: sf.SoundFile,
+    hdr: _Header,
+    limits: AudioLimits,
+    block_frames: int,
+    t0: float,
+    deadline_s: float | None,
+    quality: str,
+    count: _Count,
+) -> Iterator[np.ndarray]:
+    """Mono pieces at 24 kHz, in order: (n,) float32, a view of a reused buffer at 24 kHz input
+    (copy it to keep it), else the resampler's fresh output."""
+    resampler = (
+        None
+        if hdr.sr_in == TARGET_SR
+        else soxr.ResampleStream(hdr.sr_in, TARGET_SR, 1, dtype="float32", quality=quality)
+    )
+    for m in _mono_blocks(f, hdr, limits, block_frames, t0, deadline_s, count):
+        yield m if resampler is None else resampler.resample_chunk(m, last=False)
+    if resampler is not None:
+        yield resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+
+
+def _length_warnings(hdr: _Header, frames_in: int) -> list[str]:
+    claimed = max(hdr.header_frames if hdr.header_known else 0, hdr.claimed_frames or 0)
+    if claimed > frames_in:
+        return [f"header claimed {_fmt_s(claimed / hdr.sr_in)} s, decoded {_fmt_s(frames_in / hdr.sr_in)} s"]
+    return []
+
+
+def _check_min_samples(n_out: int, limits: AudioLimits) -> None:
+    if n_out < limits.min_samples:
+        raise TooShortError(
+            f"audio is {n_out} samples at {TARGET_SR} Hz ({_fmt_s(n_out / TARGET_SR)} s), "
+            f"shorter than the minimum of {limits.min_samples} samples"
+        )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def output_samples(frames_in: int, sample_rate_in: int) -> int:
+    """Samples at 24 kHz that :func:`decode_audio` gives for ``frames_in`` source frames: soxr's
+    stream rounds ``frames_in * 24000 / rate`` half up (exact integer arithmetic)."""
+    if sample_rate_in == TARGET_SR:
+        return frames_in
+    return (2 * frames_in * TARGET_SR + sample_rate_in) // (2 * sample_rate_in)
+
+
+@dataclass(frozen=True)
+class AudioScan:
+    """What :func:`scan_audio` found by decoding a whole input without keeping it."""
+
+    sample_rate_in: int
+    channels_in: int
+    frames_in: int
+    num_samples: int  # samples at 24 kHz that stream_audio yields in all
+    duration_s: float  # num_samples / 24000
+    warnings: list[str]
+    format: str
+
+
+def scan_audio(
+    data: _Source,
+    limits: AudioLimits = AudioLimits(),
+    block_frames: int = 65536,
+    deadline_s: float | None = None,
+) -> AudioScan:
+    """Decode ``data`` to the end, checking it as :func:`decode_audio` does, and keep only its
+    facts: the same errors, warnings and length (``num_samples`` = ``len(decode_audio(data).samples)``)
+    in memory bounded by one block. The first pass of a track too long to hold (the second is
+    :func:`stream_audio`): the window plan needs the length before the first window goes out."""
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+    t0 = time.monotonic()
+    src, _nbytes, _desc = _prepare_source(data, limits)
+    count = _Count()
+    with _open(src) as f:
+        hdr = _check_header(f, limits)
+        for _ in _mono_blocks(f, hdr, limits, block_frames, t0, deadline_s, count, downmix=False):
+            pass
+    if count.frames_in == 0:
+        raise TooShortError("no audio frames decoded (empty stream)")
+    n_out = output_samples(count.frames_in, hdr.sr_in)
+    _check_min_samples(n_out, limits)
+    warnings = [redact(w) for w in _length_warnings(hdr, count.frames_in)]
+    return AudioScan(hdr.sr_in, hdr.ch, count.frames_in, n_out, n_out / TARGET_SR, warnings, hdr.fmt)
+
+
+def stream_audio(
+    data: _Source,
+    expect_samples: int,
+    limits: AudioLimits = AudioLimits(),
+    block_frames: int = 65536,
+    deadline_s: float | None = None,
+    resample_quality: str = "HQ",
+) -> Iterator[np.ndarray]:
+    """The samples of :func:`decode_audio` piece by piece: (n,) float32 arrays at 24 kHz, each
+    its own (never reused), whose concatenation is bit-identical to ``decode_audio(data).samples``.
+    ``expect_samples``: the length :func:`scan_audio` found; a stream that ends at another length
+    (the input changed between the passes) raises :class:`DecodeError` once it is over."""
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+    t0 = time.monotonic()
+    src, _nbytes, _desc = _prepare_source(data, limits)
+    count = _Count()
+    n = 0
+    with _open(src) as f:
+        hdr = _check_header(f, limits)
+        for y in _resampled(f, hdr, limits, block_frames, t0, deadline_s, resample_quality, count):
+            if y.shape[0]:
+                n += y.shape[0]
+                yield y.copy() if hdr.sr_in == TARGET_SR else y
+    if n != expect_samples:
+        raise DecodeError(
+            f"the input changed while it was read: {n} samples decoded, {expect_samples} expected"
+        )

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from pipeline.errors import TooShortError
 
-__all__ = ["WindowSpec", "Window", "plan_windows"]
+__all__ = ["WindowSpec", "Window", "plan_windows", "WindowCutter"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +154,57 @@ def plan_windows(num_samples: int, spec: WindowSpec) -> list[Window]:
     if windows[-1].end < n:
         windows.append(Window(count, n - w, n))
     return windows
+
+
+class WindowCutter:
+    """Copies windows out of a track that arrives in pieces, keeping only what a later window can
+    still need: memory is bounded by one window plus one piece, however long the track.
+
+    ``pieces``: consecutive (n,) float32 arrays of the track (they are kept, not copied: give
+    arrays that are not reused). Windows must be asked for by non-decreasing start (the order of
+    :func:`plan_windows`); the samples they get are exactly ``track[w.start:w.end]``.
+    """
+
+    def __init__(self, pieces: Iterable[np.ndarray]) -> None:
+        self._pieces: Iterator[np.ndarray] = iter(pieces)
+        self._held: list[tuple[int, np.ndarray]] = []  # (offset in the track, piece), in order
+        self._end = 0  # samples received so far
+        self._last_start = 0
+
+    def _pull_to(self, end: int) -> None:
+        while self._end < end:
+            piece = next(self._pieces, None)
+            if piece is None:
+                raise ValueError(f"the track ended at sample {self._end}, before sample {end}")
+            if piece.shape[0]:
+                self._held.append((self._end, piece))
+                self._end += piece.shape[0]
+
+    def copy_into(self, w: Window, out: np.ndarray) -> None:
+        """Write ``track[w.start:w.end]`` into ``out`` ((w.length,) float32), then drop the pieces
+        that end before ``w.start``."""
+        if w.start < self._last_start:
+            raise ValueError(f"windows must come by start: {w.start} after {self._last_start}")
+        if out.shape[0] != w.length:
+            raise ValueError(f"out holds {out.shape[0]} samples, the window {w.length}")
+        self._last_start = w.start
+        self._held = [(o, p) for o, p in self._held if o + p.shape[0] > w.start]
+        self._pull_to(w.end)
+        for o, p in self._held:
+            a, b = max(o, w.start), min(o + p.shape[0], w.end)
+            if a < b:
+                out[a - w.start : b - w.start] = p[a - o : b - o]
+
+    def windows(self, wins: Sequence[Window]) -> Iterator[np.ndarray]:
+        """Each window of ``wins`` as a fresh (length,) float32 array, in order."""
+        for w in wins:
+            out = np.empty(w.length, dtype=np.float32)
+            self.copy_into(w, out)
+            yield out
+
+    def drain(self) -> int:
+        """Read the rest of the pieces (the source checks its own end); the track's length."""
+        self._held = []
+        for piece in self._pieces:
+            self._end += piece.shape[0]
+        return self._end

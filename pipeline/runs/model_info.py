@@ -4,7 +4,8 @@ settings fingerprint (:class:`ModelInfo`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.errors import one_line
 from pipeline.flow.inference import EmbedSettings, load_model, resolve_precision
@@ -22,6 +23,7 @@ class ModelInfo:
     settings: EmbedSettings
     settings_id: str
     gpus: int
+    config: Any = field(default=None, compare=False)  # musicfm.MusicFMConfig: sizes the pools
 
 
 def prepare_model(job: EmbedJob, stage_s: dict[str, float]) -> ModelInfo:
@@ -76,6 +78,7 @@ def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
         settings=settings,
         settings_id=settings.settings_id(probe.model_id),
         gpus=gpus,
+        config=probe.config,
     )
 
 

@@ -42,6 +42,13 @@ class RunReport:
         return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
+    def busy_cores(self) -> float | None:
+        """CPU seconds of the decode + model pass ÷ its wall seconds (the run's processes on this
+        machine: every Ray worker of a local cluster), None when not measured."""
+        cpu, wall = self.stage_s.get("decode+model_cpu"), self.stage_s.get("decode+model")
+        return cpu / wall if cpu is not None and wall else None
+
+    @property
     def error_rate(self) -> float:
         return self.tracks_failed / self.tracks_total if self.tracks_total else 0.0
 
@@ -61,6 +68,8 @@ class RunReport:
             "  stages   " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_s.items()),
             f"  model    {self.model_id}",
         ]
+        if self.busy_cores is not None:
+            lines.append(f"  cores    {self.busy_cores:.2f} busy in decode+model (CPU s ÷ wall)")
         restarts = self.extra.get("actor_restarts") or {}
         if any(restarts.values()):
             lines.append(

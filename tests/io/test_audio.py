@@ -454,3 +454,59 @@ def test_errors_pickle() -> None:
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc) and back.stage == exc.stage
     assert str(DecodeError("x token=abc")) == "x token=***"
+
+
+# --------------------------------------------------------------------------- scan + stream
+
+
+@pytest.mark.parametrize(("sr", "channels"), [(24000, 1), (44100, 2), (48000, 6), (22050, 1), (16000, 3)])
+def test_scan_then_stream_gives_decode_audio_bit_for_bit(sr: int, channels: int) -> None:
+    from pipeline.io.audio import scan_audio, stream_audio
+
+    x = _tone(sr * 5 + 777, sr, channels, seed=sr)
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="FLAC")
+    data = buf.getvalue()
+    whole = decode_audio(data)
+    scan = scan_audio(data)
+    assert (scan.num_samples, scan.frames_in, scan.sample_rate_in, scan.channels_in) == (
+        whole.samples.shape[0],
+        whole.frames_in,
+        sr,
+        channels,
+    )
+    pieces = list(stream_audio(data, scan.num_samples, block_frames=4096))
+    assert len(pieces) > 10  # it really came in pieces
+    assert np.array_equal(np.concatenate(pieces), whole.samples)
+    if sr == TARGET_SR:  # the 24 kHz path reuses its block buffer: every piece must be its own
+        assert len({p.__array_interface__["data"][0] for p in pieces}) == len(pieces)
+
+
+def test_output_samples_is_the_resampled_length() -> None:
+    from pipeline.io.audio import output_samples
+
+    rng = np.random.default_rng(3)
+    for sr in (8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000, 12345):
+        for n in rng.integers(2000, 300_000, size=4):
+            got = soxr.ResampleStream(sr, TARGET_SR, 1, dtype="float32", quality="HQ")
+            total = got.resample_chunk(np.zeros(int(n), np.float32)).shape[0]
+            total += got.resample_chunk(np.zeros(0, np.float32), last=True).shape[0]
+            assert output_samples(int(n), sr) == total, (sr, n)
+
+
+def test_scan_reports_what_decode_audio_refuses(tmp_path: Path) -> None:
+    from pipeline.io.audio import scan_audio, stream_audio
+
+    x = _tone(24000 * 3, 24000, 1)
+    x[30000, 0] = np.nan
+    sf.write(tmp_path / "nan.wav", x, 24000, subtype="FLOAT")
+    with pytest.raises(DecodeError, match="non-finite") as a:
+        decode_audio(tmp_path / "nan.wav")
+    with pytest.raises(DecodeError, match="non-finite") as b:
+        scan_audio(tmp_path / "nan.wav")
+    assert str(a.value) == str(b.value)
+    sf.write(tmp_path / "ok.wav", _tone(24000 * 3, 24000, 1), 24000)
+    with pytest.raises(TooShortError):
+        scan_audio(tmp_path / "ok.wav", AudioLimits(min_samples=10**7))
+    with pytest.raises(DecodeError, match="changed while it was read"):
+        list(stream_audio(tmp_path / "ok.wav", 24000 * 3 + 1))

@@ -139,3 +139,54 @@ def test_invariants_random_lengths(window_s: float, hop_s: float) -> None:
             assert ws[-1].start == n - w_n and body[-1].end < n
         if h_n <= w_n:  # no gaps: every sample is covered
             assert all(b.start <= a.end for a, b in zip(ws, ws[1:], strict=False))
+
+
+# --------------------------------------------------------------------------- WindowCutter
+
+
+@pytest.mark.parametrize(
+    ("n", "window_s", "hop_s", "piece"),
+    [
+        (70 * 100, 30, 30, 7),
+        (75 * 100, 30, 20, 333),
+        (95 * 100, 10, 30, 1000),
+        (12 * 100, 30, 30, 50),
+        (60 * 100, 30, 30, 6000),
+        (101 * 100, 30, 7, 1),
+    ],  # fmt: skip
+)
+def test_window_cutter_gives_the_plan_s_samples_from_pieces(n, window_s, hop_s, piece) -> None:
+    import numpy as np
+
+    from pipeline.io.windows import WindowCutter
+
+    spec = WindowSpec(window_s=window_s, hop_s=hop_s, min_s=0.01, sample_rate=100)
+    track = np.arange(n, dtype=np.float32)
+    wins = plan_windows(n, spec)
+    held = []
+
+    def pieces():
+        for a in range(0, n, piece):
+            held.append(len(cutter._held))
+            yield track[a : a + piece].copy()
+
+    cutter = WindowCutter(pieces())
+    got = list(cutter.windows(wins))
+    assert cutter.drain() == n
+    for w, g in zip(wins, got, strict=True):
+        assert np.array_equal(g, track[w.start : w.end])
+    # what it holds is bounded by one window plus a piece, not by the track
+    assert max(held) <= spec.window_samples // piece + 2
+
+
+def test_window_cutter_refuses_out_of_order_and_short_tracks() -> None:
+    import numpy as np
+
+    from pipeline.io.windows import Window, WindowCutter
+
+    cutter = WindowCutter([np.zeros(10, np.float32)])
+    cutter.copy_into(Window(0, 5, 8), np.empty(3, np.float32))
+    with pytest.raises(ValueError, match="by start"):
+        cutter.copy_into(Window(1, 2, 4), np.empty(2, np.float32))
+    with pytest.raises(ValueError, match="ended at sample 10"):
+        cutter.copy_into(Window(2, 6, 12), np.empty(6, np.float32))
