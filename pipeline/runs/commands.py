@@ -5,6 +5,7 @@ codes. ``jobs/embed_catalog.py``, ``jobs/refresh_catalog.py`` and ``jobs/export_
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.cli import (
@@ -42,6 +43,26 @@ tracks than --max-error-rate; 4 another refresh holds the store.
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_LOCKED = 0, 3, 4
 
+# --------------------------------------------------------------------------- precision
+
+
+def check_cpu_precision(parser: argparse.ArgumentParser, precision: str) -> None:
+    """``--precision bf16`` where the model runs on this machine's CPU (a local cluster, no CUDA)
+    and that CPU has no bf16 units: refused with one line (exit 2) before anything starts. On a
+    cluster (``RAY_ADDRESS``) each CPU model actor checks its own CPU when it starts
+    (:func:`pipeline.flow.device.require_cpu_bf16`); GPU actors run bf16 on the GPU."""
+    if precision != "bf16" or os.environ.get("RAY_ADDRESS"):
+        return
+    from pipeline.flow.device import CPU_BF16_REFUSAL, cpu_bf16_units
+
+    if cpu_bf16_units():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error(CPU_BF16_REFUSAL)
+
+
 # --------------------------------------------------------------------------- embed
 
 
@@ -78,6 +99,7 @@ def embed_main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if not args.catalog or not args.output:
             parser.error("--catalog and --output are required (or use --demo)")
+        check_cpu_precision(parser, args.precision)
         from pipeline.errors import RefreshLocked
         from pipeline.runs.embed import run_embed
         from pipeline.runs.settings import embed_job_from_args
@@ -155,6 +177,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             parser.error("--format: refresh works on Lance stores only")
         if args.lock_ttl_s <= 0:
             parser.error("--lock-ttl-s must be > 0")
+        check_cpu_precision(parser, args.precision)
         args.output = args.store
         job = RefreshJob(
             embed=embed_job_from_args(args), dry_run=args.dry_run, delete_missing=args.delete_missing,
