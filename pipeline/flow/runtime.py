@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import signals
+
 __all__ = [
     "ACTOR_MAX_RESTARTS",
     "ACTOR_MAX_TASK_RETRIES",
@@ -116,6 +118,7 @@ def ensure_ray(num_gpus_hint: int | None = None) -> None:
         from pipeline.flow.health import NODE_HEALTH_CHECKS  # node loss as on infra/'s heads
 
         ray.init(address="local", include_dashboard=False, _system_config=dict(NODE_HEALTH_CHECKS), **kwargs)
+    signals.reassert()  # ray.init replaced a graceful stop's SIGTERM handler
 
 
 def _stage_actors(before: set[str] | None) -> list[tuple[str, dict[str, Any]]] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from pipeline.cli import (
     OneLineParser,
@@ -38,10 +39,34 @@ lease on the store (a second concurrent refresh exits with code 4), then compact
 indices and removes versions older than --retention-days. See docs/refresh.md.
 
 Exit codes: 0 ok; 1 error (the run stopped; rerun to resume); 2 bad flags; 3 more failed
-tracks than --max-error-rate; 4 another refresh holds the store.
+tracks than --max-error-rate; 4 another refresh holds the store; 143 stopped by SIGTERM (the
+commit in flight finished, the lease released; rerun to resume).
 """
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_LOCKED = 0, 3, 4
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def stop_gracefully(
+    prog: str, run: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    """``run`` with SIGTERM as a graceful stop (:mod:`pipeline.signals`): the commit in flight
+    finishes, committed chunks stay, the lease is released, one line on stderr, and the exit code
+    is :data:`pipeline.signals.EXIT_TERMINATED` (143)."""
+    from pipeline.signals import EXIT_TERMINATED, Terminated, stop_on_sigterm
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            with stop_on_sigterm():
+                return run(args)
+        except Terminated:
+            print(f"{prog}: stopped by SIGTERM (committed chunks are kept; the same command resumes)",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_TERMINATED
+
+    return wrapped
+
 
 # --------------------------------------------------------------------------- precision
 
@@ -119,7 +144,7 @@ def embed_main(argv: list[str] | None = None) -> int:
                 print(f"  index    {rep}")
         return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
 
-    return run_main(run, parser, argv)
+    return run_main(stop_gracefully(parser.prog, run), parser, argv)
 
 
 # --------------------------------------------------------------------------- refresh
@@ -199,7 +224,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             print(predict_store(args.store, probe, args.storage_options, run_id=report.run_id).summary())
         return EXIT_OK if report.status == "ok" else EXIT_ERROR_RATE
 
-    return run_main(run, parser, argv)
+    return run_main(stop_gracefully(parser.prog, run), parser, argv)
 
 
 def _load_probes(parser: argparse.ArgumentParser, dirs: list[str]) -> list:

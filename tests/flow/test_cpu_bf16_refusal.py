@@ -19,7 +19,13 @@ NO_BF16 = "fpu sse sse2 avx avx2 fma"  # e.g. an AMD EPYC (Zen 2/3) or a pre-202
 
 
 def _env(flags: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", CPU_FLAGS_ENV: flags}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_raylet_start_wait_time_s": "300",
+        CPU_FLAGS_ENV: flags,
+    }
     env.pop("RAY_ADDRESS", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # the model runs on this CPU
     return env
@@ -33,7 +39,16 @@ def _catalog(tmp_path: Path) -> str:
 def test_the_jobs_refuse_bf16_at_once_in_one_line(tmp_path: Path) -> None:
     catalog = _catalog(tmp_path)
     for job, out in (("embed_catalog.py", "--output"), ("refresh_catalog.py", "--store")):
-        cmd = [sys.executable, f"jobs/{job}", "--catalog", catalog, out, str(tmp_path / "s"), "--precision", "bf16"]
+        cmd = [
+            sys.executable,
+            f"jobs/{job}",
+            "--catalog",
+            catalog,
+            out,
+            str(tmp_path / "s"),
+            "--precision",
+            "bf16",
+        ]
         r = subprocess.run(cmd, cwd=REPO, env=_env(NO_BF16), capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (job, r.stderr)
         lines = r.stderr.strip().splitlines()

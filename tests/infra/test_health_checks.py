@@ -70,7 +70,12 @@ def test_the_local_cluster_a_job_starts_runs_with_them() -> None:
         ray.shutdown()
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_raylet_start_wait_time_s": "300",
+    }
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
