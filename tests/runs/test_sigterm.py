@@ -24,7 +24,7 @@ def _cmd(job: str, catalog: str, store: Path) -> list[str]:
     out = "--store" if job == "refresh_catalog" else "--output"
     cmd = [
         sys.executable, f"jobs/{job}.py", "--catalog", catalog, out, str(store), "--checkpoint", CKPT,
-        "--stats", STATS, "--layers", "1,3", "--precision", "fp32", "--window-s", "1", "--hop-s", "1",
+        "--stats", STATS, "--layers", "1,3", "--precision", "fp32", "--window-s", "1", "--hop-s", "1", "--frames-hz", "5",
         "--chunk-size", str(CHUNK), "--decode-cpus", "1", "--gpu-actors", "1", "--batch-size", "4",
         "--log-format", "json", "--no-progress", "--planner", "driver",
     ]  # fmt: skip
@@ -67,7 +67,7 @@ def _stop_after_first_commit(cmd: list[str]) -> tuple[int, list[dict], str, floa
             other.append(line.rstrip("\n"))
             continue
         events.append(ev)
-        if t_sig is None and ev.get("event") == "chunk committed":
+        if t_sig is None and ev.get("step") == "chunk committed":
             p.send_signal(signal.SIGTERM)
             t_sig = time.monotonic()
         assert time.monotonic() < deadline, "the job did not finish"
@@ -81,7 +81,7 @@ def _check_stopped(rc: int, events: list[dict], stderr: str, store: Path) -> set
     assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-3000:]
     for dump in ("Traceback", "SIGTERM received", "PC: @"):
         assert dump not in stderr, stderr[-3000:]
-    committed = [e for e in events if e.get("event") == "chunk committed"]
+    committed = [e for e in events if e.get("step") == "chunk committed"]
     assert committed and len(committed) < N_TRACKS // CHUNK  # stopped part-way
     # the committed chunks are there, whole; nothing of the abandoned ones is visible
     check_consistent(store)
