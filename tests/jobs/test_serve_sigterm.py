@@ -42,9 +42,9 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if requests.get(f"{url}/healthz", timeout=30).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or slow to answer under load
             pass
         time.sleep(0.5)
     raise AssertionError("the service did not come up")
