@@ -117,7 +117,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tmp_path: Path) -> N
     for dump in ("SIGTERM received", "PC: @"):  # Ray's C++ signal handler's stack dump
         assert dump not in err and dump not in out, err[-3000:]
     assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]  # the driver's
-    assert "SIGTERM: finishing the requests in flight" in out and "stopped" in out.splitlines()[-1]
+    assert "serve_search: SIGTERM: finishing the requests in flight" in out and "serve_search: stopped" in out
     assert all(c in (200, 404, 503, -1) for c in load_codes), load_codes
     try:
         requests.get(f"{url}/healthz", timeout=5)
