@@ -95,7 +95,7 @@ def test_the_demo_and_its_two_search_commands_work_in_a_fresh_directory(tmp_path
 
     by_track, by_audio = follow_ups
     r = subprocess.run(_argv(by_track), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stderr.strip() == "" or "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if re.match(r"\s*[123]\s", line)]
     assert len(rows) == 3 and not any("a_minor_pad " in row for row in rows), r.stdout  # itself left out
 
