@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from pipeline.flow.device import CPU_BF16_REFUSAL, CPU_FLAGS_ENV
 from tests.conftest import REPO
 from tests.support.stores import write_catalog, write_tone
@@ -56,6 +58,7 @@ def test_the_jobs_refuse_bf16_at_once_in_one_line(tmp_path: Path) -> None:
         assert not (tmp_path / "s").exists()  # nothing written, nothing started
 
 
+@pytest.mark.slow  # 3-4 min on the loaded 2-core machine (a Ray start, then the pool's failed actor starts)
 def test_a_cpu_model_actor_without_bf16_units_fails_the_run_with_the_reason(tmp_path: Path) -> None:
     # as on a cluster (the CLI's early check is for local runs): the model actor checks its own CPU
     code = textwrap.dedent(
