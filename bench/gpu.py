@@ -144,6 +144,7 @@ def embedder_path(model: Any, precision: str, seconds: float, windows: int, batc
         model,
         EmbedSettings(layers=layers_for(model), window_s=seconds, hop_s=seconds, precision=precision),
         batch,
+        allow_slow_bf16=True,  # the CPU smoke checks the script at toy sizes, on any CPU
     )
     emb.embed(audio[: emb.max_batch])  # warm-up
     emb.model_seconds = emb.device_seconds = 0.0

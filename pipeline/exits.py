@@ -11,6 +11,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ERROR_RATE = 3
 EXIT_LOCKED = 4
+EXIT_TERMINATED = 143  # 128 + SIGTERM: pipeline.signals
 
 #: (code, meaning): what each exit code of the embed and refresh jobs says.
 EXIT_CODES: tuple[tuple[int, str], ...] = (
@@ -23,6 +24,11 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_USAGE, "bad arguments: one line names the flag"),
     (EXIT_ERROR_RATE, "too many failed tracks: more than --max-error-rate, or every track failed"),
     (EXIT_LOCKED, "another run holds the store's lease"),
+    (
+        EXIT_TERMINATED,
+        "stopped by SIGTERM: the commit in flight finished, committed chunks stay, the lease is "
+        "released; the same command resumes",
+    ),
 )
 
 #: Default of ``--max-error-rate``. A run where half of the tracks fail is not a catalog with some

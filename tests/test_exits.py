@@ -15,7 +15,7 @@ def readme_table() -> list[tuple[int, str]]:
     text = (REPO / "README.md").read_text()
     section = text.split("### Exit codes", 1)[1].split("\n#", 1)[0]
     return [
-        (int(m.group(1)), m.group(2).strip()) for m in re.finditer(r"^\| (\d) \| (.+?) \|$", section, re.M)
+        (int(m.group(1)), m.group(2).strip()) for m in re.finditer(r"^\| (\d+) \| (.+?) \|$", section, re.M)
     ]
 
 

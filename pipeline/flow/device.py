@@ -3,6 +3,8 @@
 * :func:`cpu_bf16_units` / :func:`cpu_prefers_bf16`: whether this CPU has bf16 matrix units
   (AMX-BF16, AVX512-BF16), read from ``/proc/cpuinfo`` flags; ``--precision auto`` uses bf16 on a
   CPU only with AMX-BF16 (the rule and the figures behind it are in ``docs/sizing_decode.md``).
+  :func:`require_cpu_bf16`: an explicit ``--precision bf16`` is refused on a CPU without bf16 units
+  (``MUSICFM_CPU_FLAGS`` replaces the flags read, to simulate another CPU).
 * :func:`batch_from_memory` / :func:`auto_batch_size`: windows per model call from the free GPU
   memory and the measured memory of one window (CUDA); the CPU default otherwise.
 * :func:`sdpa_backends`: which ``scaled_dot_product_attention`` kernel the model really runs
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,12 +28,15 @@ if TYPE_CHECKING:
     from musicfm import MusicFM25Hz
 
 __all__ = [
+    "CPU_BF16_REFUSAL",
     "CPU_DEFAULT_BATCH",
+    "CPU_FLAGS_ENV",
     "auto_batch_size",
     "batch_from_memory",
     "compile_model",
     "cpu_bf16_units",
     "cpu_prefers_bf16",
+    "require_cpu_bf16",
     "sdpa_backends",
     "window_bytes",
 ]
@@ -64,13 +70,23 @@ def _cpuinfo_flags(text: str) -> frozenset[str]:
     return frozenset()
 
 
+#: Environment variable that replaces this CPU's flags (space-separated, as in ``/proc/cpuinfo``):
+#: how tests simulate a CPU without bf16 units, in this process and in the Ray workers it starts.
+CPU_FLAGS_ENV = "MUSICFM_CPU_FLAGS"
+
+
 @functools.lru_cache(maxsize=1)
-def _host_flags() -> frozenset[str]:
+def _proc_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             return _cpuinfo_flags(f.read())
     except OSError:  # not Linux: no flags, so no bf16 by default
         return frozenset()
+
+
+def _host_flags() -> frozenset[str]:
+    forced = os.environ.get(CPU_FLAGS_ENV)
+    return frozenset(forced.split()) if forced is not None else _proc_flags()
 
 
 def cpu_bf16_units(cpuinfo: str | None = None) -> tuple[str, ...]:
@@ -94,6 +110,21 @@ def cpu_prefers_bf16(cpuinfo: str | None = None) -> bool:
     (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` measures it on an AMX machine).
     """
     return "amx_bf16" in cpu_bf16_units(cpuinfo)
+
+
+#: Why ``--precision bf16`` is refused on a CPU without bf16 units (one line).
+CPU_BF16_REFUSAL = (
+    "--precision bf16: this CPU has no bf16 units (AVX512-BF16 or AMX-BF16), where bf16 runs on slow "
+    "reference kernels (minutes per track with the full-size model); use --precision fp32, or auto "
+    "(bf16 only where it was measured faster)"
+)
+
+
+def require_cpu_bf16(cpuinfo: str | None = None) -> None:
+    """Raise ``ValueError`` (:data:`CPU_BF16_REFUSAL`) unless this CPU has bf16 units
+    (:func:`cpu_bf16_units`): the model would run bf16 on CPU here."""
+    if not cpu_bf16_units(cpuinfo):
+        raise ValueError(CPU_BF16_REFUSAL)
 
 
 # --------------------------------------------------------------------------- batch size

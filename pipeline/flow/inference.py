@@ -197,18 +197,30 @@ class WindowEmbedder:
     """Runs windows through the model, batching windows of equal length (no padding: the model has
     no mask, so padding would change the embeddings of the real frames).
 
+    ``allow_slow_bf16``: run bf16 on a CPU without bf16 units anyway (refused by default:
+    :func:`pipeline.flow.device.require_cpu_bf16`); audio queries of a bf16 store do, as they
+    must match the store's settings.
+
     ``max_batch``: windows per model call; ``None`` picks one (:func:`pipeline.flow.device.auto_batch_size`:
     the CPU default of 8, or what fits in the free GPU memory). On CUDA the copy of batch n+1 to
     the device overlaps the compute of batch n, and each batch comes back in one copy
     (:mod:`pipeline.flow.staging`); ``settings.compile`` wraps the model in ``torch.compile`` first.
     """
 
-    def __init__(self, model: MusicFM25Hz, settings: EmbedSettings, max_batch: int | None = None) -> None:
-        from pipeline.flow.device import auto_batch_size, compile_model
+    def __init__(
+        self,
+        model: MusicFM25Hz,
+        settings: EmbedSettings,
+        max_batch: int | None = None,
+        allow_slow_bf16: bool = False,
+    ) -> None:
+        from pipeline.flow.device import auto_batch_size, compile_model, require_cpu_bf16
         from pipeline.flow.staging import Stager
 
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if settings.precision == "bf16" and model.device.type == "cpu" and not allow_slow_bf16:
+            require_cpu_bf16()  # bf16 on a CPU without bf16 units: refused, not minutes per track
         bad = [i for i in settings.layers if i > model.config.encoder_depth]
         if bad:
             raise ValueError(f"layers {bad} exceed the model depth {model.config.encoder_depth}")
@@ -388,4 +400,5 @@ def embed_uri(
         precision=resolve_precision(precision, model.device),
         loudness_target_db=loudness_target_db,
     )
-    return embed_samples(WindowEmbedder(model, settings), decoded.samples)
+    # a query follows the store's precision whatever this CPU has (one track, not a catalog)
+    return embed_samples(WindowEmbedder(model, settings, allow_slow_bf16=True), decoded.samples)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import signals
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -120,7 +122,10 @@ def ensure_ray(num_gpus_hint: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:  # never attach to some other cluster found on this machine: start our own
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        from pipeline.flow.health import NODE_HEALTH_CHECKS  # node loss as on infra/'s heads
+
+        ray.init(address="local", include_dashboard=False, _system_config=dict(NODE_HEALTH_CHECKS), **kwargs)
+    signals.reassert()  # ray.init replaced a graceful stop's SIGTERM handler
 
 
 def _stage_actors(before: set[str] | None) -> list[tuple[str, dict[str, Any]]] | None:

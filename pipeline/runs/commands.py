@@ -5,7 +5,9 @@ codes. ``jobs/embed_catalog.py``, ``jobs/refresh_catalog.py`` and ``jobs/export_
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 
 from pipeline.cli import (
     OneLineParser,
@@ -37,6 +39,49 @@ Commits every --chunk-size tracks (a rerun after a crash resumes where it stoppe
 lease on the store (a second concurrent refresh exits with code 4), then compacts, optimises
 indices and removes versions older than --retention-days. See docs/refresh.md.
 """
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def stop_gracefully(
+    prog: str, run: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    """``run`` with SIGTERM as a graceful stop (:mod:`pipeline.signals`): the commit in flight
+    finishes, committed chunks stay, the lease is released, one line on stderr, and the exit code
+    is :data:`pipeline.signals.EXIT_TERMINATED` (143)."""
+    from pipeline.signals import EXIT_TERMINATED, Terminated, stop_on_sigterm
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            with stop_on_sigterm():
+                return run(args)
+        except Terminated:
+            print(f"{prog}: stopped by SIGTERM (committed chunks are kept; the same command resumes)",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_TERMINATED
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def check_cpu_precision(parser: argparse.ArgumentParser, precision: str) -> None:
+    """``--precision bf16`` where the model runs on this machine's CPU (a local cluster, no CUDA)
+    and that CPU has no bf16 units: refused with one line (exit 2) before anything starts. On a
+    cluster (``RAY_ADDRESS``) each CPU model actor checks its own CPU when it starts
+    (:func:`pipeline.flow.device.require_cpu_bf16`); GPU actors run bf16 on the GPU."""
+    if precision != "bf16" or os.environ.get("RAY_ADDRESS"):
+        return
+    from pipeline.flow.device import CPU_BF16_REFUSAL, cpu_bf16_units
+
+    if cpu_bf16_units():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error(CPU_BF16_REFUSAL)
+
 
 # --------------------------------------------------------------------------- embed
 
@@ -77,6 +122,7 @@ def embed_main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if not args.catalog or not args.output:
             parser.error("--catalog and --output are required (or use --demo)")
+        check_cpu_precision(parser, args.precision)
         from pipeline.errors import RefreshLocked
         from pipeline.runs.embed import run_embed
         from pipeline.runs.settings import embed_job_from_args
@@ -97,7 +143,7 @@ def embed_main(argv: list[str] | None = None) -> int:
                 print(f"  index    {rep}")
         return report.exit_code
 
-    return run_main(run, parser, argv)
+    return run_main(stop_gracefully(parser.prog, run), parser, argv)
 
 
 # --------------------------------------------------------------------------- refresh
@@ -158,6 +204,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             parser.error("--format: refresh works on Lance stores only")
         if args.lock_ttl_s <= 0:
             parser.error("--lock-ttl-s must be > 0")
+        check_cpu_precision(parser, args.precision)
         args.output = args.store
         job = RefreshJob(
             embed=embed_job_from_args(args), dry_run=args.dry_run, delete_missing=args.delete_missing,
@@ -179,7 +226,7 @@ def refresh_main(argv: list[str] | None = None) -> int:
             print(predict_store(args.store, probe, args.storage_options, run_id=report.run_id).summary())
         return report.exit_code
 
-    return run_main(run, parser, argv)
+    return run_main(stop_gracefully(parser.prog, run), parser, argv)
 
 
 def _load_probes(parser: argparse.ArgumentParser, dirs: list[str]) -> list:

@@ -56,7 +56,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import schemas
+from pipeline import schemas, signals
 from pipeline.errors import CatalogError, InjectedFailure, PipelineError, RefreshError, RunFailed, root_cause
 from pipeline.faults import failpoint
 from pipeline.flow.runtime import (
@@ -188,10 +188,16 @@ def embed_and_commit(
     and commit it chunk by chunk as each chunk's tracks come out of the stream (decode and model
     keep running while the driver commits), in the order of the commit protocol (:func:`commit_chunk`).
     One pass means one actor-pool start (one model load per actor) however many chunks there are."""
+
+    def commit(out: ChunkOutput) -> None:
+        with signals.commit_section():  # a SIGTERM lets this chunk's commit finish first
+            commit_chunk(c, out, info)
+
+    signals.reassert()  # Ray may have started in the model-probe thread
     try:
         res = stream_chunks(
             todo if isinstance(todo, TodoRows) else list(todo), c.job.embed, info, c.store, c.run_id, meta_cols, c.job.chunk_size,
-            lambda out: commit_chunk(c, out, info), c.stage_s, model_stage=model_stage,
+            commit, c.stage_s, model_stage=model_stage,
         )  # fmt: skip
     except (InjectedFailure, RefreshError, KeyboardInterrupt):
         raise

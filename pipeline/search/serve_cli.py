@@ -32,6 +32,9 @@ from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES
 
 DEFAULT_MAX_ONGOING = 64
 DEFAULT_MAX_QUEUED = 64
+#: Seconds a SIGTERM leaves the requests in flight to finish (``--grace-s``).
+DEFAULT_GRACE_S = 20.0
+APP_NAME = "default"  # serve run's name for an app too
 
 
 def replicas_arg(text: str) -> tuple[int, int]:
@@ -181,6 +184,13 @@ def serve_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="longest time to receive an upload from the page (408 past it)",
     )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="on SIGTERM: stop taking requests, finish the ones in flight for up to this long, exit 0 "
+        f"(default {DEFAULT_GRACE_S:g}, inside Kubernetes' default 30 s termination grace period)",
+    )
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     return p
 
@@ -192,6 +202,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     if args.upload_timeout_s <= 0:
         print("serve_search: error: --upload-timeout-s must be > 0", file=sys.stderr)
+        return 2
+    if args.grace_s <= 0:
+        print("serve_search: error: --grace-s must be > 0", file=sys.stderr)
         return 2
     try:
         cfg = service_config(vars(args))
@@ -212,18 +225,35 @@ def serve_main(argv: list[str] | None = None) -> int:
     from pipeline.search.web import deployment_options
 
     opts = deployment_options(args.replicas, args.max_ongoing, args.max_queued)
+    # a replica being stopped finishes its requests in flight for up to --grace-s
+    opts.update(graceful_shutdown_timeout_s=args.grace_s, graceful_shutdown_wait_loop_s=0.5)
     root = str(Path(pipeline.__file__).resolve().parent.parent)  # the replicas import pipeline from here
     ray.init(
         address=args.ray_address, runtime_env={"env_vars": {"PYTHONPATH": root}}, ignore_reinit_error=True
     )
     serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving {cfg['store']} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    try:
-        serve.run(
-            serve_app(cfg, num_cpus=args.num_cpus, options=opts, web=web), route_prefix="/", blocking=True
-        )
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    print(f"serving {cfg['store']} on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops)", flush=True)
+    app = serve_app(cfg, num_cpus=args.num_cpus, options=opts, web=web)
+    return run_until_stopped(app, args.grace_s)
+
+
+def run_until_stopped(app: Any, grace_s: float) -> int:
+    """Run the Serve ``app`` until Ctrl-C or SIGTERM (:mod:`pipeline.signals`), then stop it
+    gracefully: the app is deleted first (its routes go away, so new requests are refused, while
+    each replica finishes its requests in flight for up to ``grace_s``), then Serve and the HTTP
+    proxy shut down. Returns 0."""
+    from ray import serve
+
+    from pipeline.signals import Terminated, stop_on_sigterm
+
+    with stop_on_sigterm():
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
+        except (KeyboardInterrupt, Terminated) as e:
+            why = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
+            print(f"serve_search: {why}: finishing the requests in flight (up to {grace_s:g} s)", flush=True)
+            serve.delete(APP_NAME)
+        finally:
+            serve.shutdown()
+    print("serve_search: stopped", flush=True)
     return 0

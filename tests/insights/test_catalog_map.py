@@ -65,7 +65,7 @@ def test_fit_on_a_sample_then_place_every_track(clustered, tmp_path) -> None:
     clustered_vectors). Ray tasks run the same function (pipeline.insights.vectors.run_tasks,
     tested with the duplicate finder and predict); bench/intelligence.py runs them for the map."""
     root, syn = clustered
-    s = MapSettings(fit_sample=400, n_neighbors=10, group_rows=300)
+    s = MapSettings(fit_sample=400, n_neighbors=10, group_rows=300, seed=42)
     rep = catalog_map(str(root), 12, str(tmp_path), color_by="genre", settings=s, use_ray=False)
     assert rep.fit_rows == 400 and rep.rows == 900 and not rep.ray
     t = (
@@ -82,7 +82,13 @@ def test_fit_on_a_sample_then_place_every_track(clustered, tmp_path) -> None:
     np.fill_diagonal(d, np.inf)
     nn = np.argsort(d, 1)[:, :5]
     agree = np.mean(labels[nn] == labels[:, None])
-    assert agree > 0.9, agree
+    # Measured share of the 5 nearest map neighbours in the same cluster (data seed 2): 0.933 in
+    # the 32-d space itself (the ceiling). On the map, AMD EPYC with AVX-512: 0.908 (seed 42),
+    # 0.907-0.916 (seeds 0-3); the same machine with AVX2 kernels (OPENBLAS_CORETYPE=Haswell,
+    # NUMBA_CPU_NAME=haswell, as on CPUs without AVX-512): 0.899 (seed 42), 0.913 (seed 0); an AMD
+    # EPYC without AVX-512 reported 0.897 (seed 42). 0.87 sits 0.027 below the worst of them (~3x
+    # the gap between platforms); chance is ~0.2, so a map that breaks the clusters still fails.
+    assert agree > 0.87, agree
     assert (tmp_path / "catalog_map.html").exists() and (tmp_path / "catalog_map.png").exists()
 
 

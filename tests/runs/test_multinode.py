@@ -11,9 +11,10 @@ as an autoscaled pool would. The job must finish with every good track exactly o
 ``tracks.lance`` and all of its windows (:func:`tests.support.stores.check_consistent`), the
 broken file as the one error.
 
-Node death is detected in ~1.5 s here (``health_check_*`` system config): with Ray's default
-health checks the lost decoder's in-flight tasks spend their retries before the node is declared
-dead and the run stops (to be rerun); see docs/scale.md.
+The head runs with the health checks of :data:`pipeline.flow.health.NODE_HEALTH_CHECKS`, the
+ones every head under infra/ and the local cluster of a job are given (node death detected in
+~1.5 s): with Ray's default health checks the lost decoder's in-flight tasks spend their retries
+before the node is declared dead and the run stops (to be rerun); see docs/scale.md.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ DRIVER = textwrap.dedent(
     from ray.cluster_utils import Cluster
 
     catalog, store, after_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    # node death detected in ~1.5 s instead of Ray's default health checks (see docs/scale.md)
-    fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-            "health_check_initial_delay_ms": 0}
+    from pipeline.flow.health import NODE_HEALTH_CHECKS
+
+    # the head's health checks as infra/ sets them (pipeline/flow/health.py): ~1.5 s to a dead node
+    fast = dict(NODE_HEALTH_CHECKS)
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 0, "num_gpus": 0, "_system_config": fast})
     cpu_nodes = [cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]
