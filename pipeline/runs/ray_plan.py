@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from pipeline import schemas
 from pipeline.flow.catalog_rows import catalog_dataset
 from pipeline.flow.runtime import ensure_ray
+from pipeline.flow.streaming import chunk_of
 from pipeline.io.catalog import open_catalog
 from pipeline.io.objects import parent_prefix
 from pipeline.io.uris import UriPolicy
@@ -46,7 +47,14 @@ from pipeline.runs.decide import (
     stored_projection,
 )
 from pipeline.runs.settings import RefreshJob
-from pipeline.store.maintenance import MISSING_SAMPLE, Orphans, find_orphans, hash_buckets
+from pipeline.store.maintenance import (
+    MISSING_SAMPLE,
+    SWEEP_KEYS,
+    Orphans,
+    find_orphans,
+    hash_buckets,
+    orphans_of,
+)
 from pipeline.store.tables import StoreWriter
 
 #: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
@@ -261,7 +269,7 @@ def todo_rows(batch: pa.Table, offsets: dict[int, int], chunk_size: int) -> pa.T
                          "metadata_json": pa.array([], pa.string()), "content_version": pa.array([], pa.string()),
                          "chunk": pa.array([], pa.int64())})  # fmt: skip
     off = np.array([offsets[g] for g in t["group"].to_pylist()], np.int64)
-    chunk = (off + t["seq"].to_numpy()) // chunk_size
+    chunk = chunk_of(off + t["seq"].to_numpy(), chunk_size)
     return t.select(["track_id", "uri", "metadata_json", "content_version"]).append_column(
         "chunk", pa.array(chunk, pa.int64())
     )
@@ -450,8 +458,6 @@ def _summarized(plan_ds: Any, sample: int, n_stored: int, n_cat: int, catalog_me
 
 # --------------------------------------------------------------------------- the orphan sweep, in Ray
 
-SWEEP_KEYS = ["track_id", "run_id"]
-
 
 def _sweep_side(fragment: Any, side: int, parts: int) -> Iterator[pa.Table]:
     """``(track_id, run_id)`` keys of a fragment (windows: distinct per batch), with part and side."""
@@ -468,13 +474,11 @@ def _sweep_side(fragment: Any, side: int, parts: int) -> Iterator[pa.Table]:
 
 
 def sweep_part(t: pa.Table) -> pa.Table:
-    """``map_groups`` function: one hash partition's windows keys no track row points at
-    (``orphan``) and track rows without windows (``missing``)."""
+    """``map_groups`` function: :func:`pipeline.store.maintenance.orphans_of` one hash partition:
+    its windows keys no track row points at (``orphan``), a sample of the track rows without
+    windows (``missing``) and their count (``missing_count``)."""
     side = t["side"].to_numpy()
-    tracks = t.filter(pa.array(side == 0)).select(SWEEP_KEYS)
-    wins = t.filter(pa.array(side == 1)).select(SWEEP_KEYS).group_by(SWEEP_KEYS).aggregate([])
-    orphans = wins.join(tracks, keys=SWEEP_KEYS, join_type="left anti")
-    missing = tracks.join(wins, keys=SWEEP_KEYS, join_type="left anti")
+    orphans, missing = orphans_of(t.filter(pa.array(side == 0)), t.filter(pa.array(side == 1)))
     sample = missing.slice(0, MISSING_SAMPLE)  # the driver gets a sample and the count, not every id
 
     def tagged(t: pa.Table, kind: str, n: int) -> pa.Table:
@@ -511,6 +515,5 @@ def find_orphans_ray(store: StoreWriter) -> Orphans:
             continue
         out.add_missing(b.filter(pc.equal(b["kind"], "missing"))["track_id"].to_pylist(), 0)
         out.n_missing += int(pc.sum(b.filter(pc.equal(b["kind"], "missing_count"))["n"]).as_py() or 0)
-        for r in b.filter(pc.equal(b["kind"], "orphan")).to_pylist():
-            out.by_run.setdefault(r["run_id"], set()).add(r["track_id"])
+        out.add_orphans(b.filter(pc.equal(b["kind"], "orphan")))
     return out
