@@ -217,9 +217,13 @@ class FirstRowWins:
         self._first: dict[str, int] = {}
 
     def check(self, track_id: str, row: int) -> DuplicateTrackId | None:
-        """``None`` for the first row of ``track_id`` (remembered), else the rejection."""
-        first = self._first.setdefault(track_id, row)
-        return None if first == row else DuplicateTrackId(duplicate_message(track_id, first))
+        """``None`` for the first row of ``track_id`` (its ``row`` is remembered for the message
+        of later ones), else the rejection."""
+        first = self._first.get(track_id)
+        if first is None:
+            self._first[track_id] = row
+            return None
+        return DuplicateTrackId(duplicate_message(track_id, first))
 
 
 def _reject(ix: int, exc: PipelineError, track_id: str | None = None, uri: str | None = None) -> RejectedRow:

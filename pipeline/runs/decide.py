@@ -209,7 +209,7 @@ def pending_inputs(pending: pa.Table) -> tuple[pa.Table, pa.Table]:
     cat = {f.name: pending[f.name] if f.name in pending.column_names else pa.nulls(n, f.type)
            for f in schemas.CATALOG_ROWS_SCHEMA}  # fmt: skip
     cat["row"] = pending["row_key"]
-    for c in ("stage", "error_type", "message"):
+    for c in ("error_type", "message"):
         cat[c] = pa.nulls(n, pa.string())
     catalog = pa.table(cat, schema=schemas.CATALOG_ROWS_SCHEMA)
     return catalog, pending.select(STORED_SCHEMA.names)

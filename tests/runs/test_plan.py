@@ -272,3 +272,58 @@ def test_heads_through_a_ray_map_are_counted(ray_cluster, s3_server, library: di
     assert plan.requests == len(uris)
     assert [r["track_id"] for r in plan.changed] == ["t1"] and len(plan.unchanged) == len(uris) - 1
     assert plan.changed[0]["content_version"] == library["etags"][uris[1]].strip('"')
+
+
+def _catalog_part(rows: list[tuple]) -> pa.Table:
+    """CATALOG_ROWS_SCHEMA rows from (row_key, row, track_id, uri, title, version, error_type)."""
+    from pipeline import schemas
+
+    return pa.Table.from_pylist(
+        [{"row_key": k, "row": r, "track_id": t, "uri": u, "metadata_json": None if e else json.dumps({"title": m}),
+          "content_version": v, "error_type": e, "message": "refused" if e else None}
+         for k, r, t, u, m, v, e in rows],
+        schema=schemas.CATALOG_ROWS_SCHEMA,
+    )  # fmt: skip
+
+
+def test_decide_is_the_same_whole_or_per_hash_partition() -> None:
+    """``decide`` on a catalog with every kind of row gives the same rows whole (the driver) and
+    split by hash partition of track_id (the Ray planner); a duplicate id in another catalog
+    part with the same row number is still the later row (catalog order is ``row_key``)."""
+    from pipeline.runs.decide import decide
+    from pipeline.runs.ray_plan import partition_of
+
+    part1 = 1 << 40  # row_key of the second catalog part's row 0
+    cat = _catalog_part([
+        (0, 0, "same", "/m/same", "T", "v1", None), (1, 1, "content", "/m/content", "T", "v2", None),
+        (2, 2, "moved", "/n/moved", "T", "v1", None), (3, 3, "settings", "/m/settings", "T", "v1", None),
+        (4, 4, "meta", "/m/meta", "U", "v1", None), (5, 5, "pending", "/m/pending", "T", None, None),
+        (6, 6, "new", "/m/new", "T", None, None), (7, 7, "kept-id", "/etc/passwd", None, None, "UriRefused"),
+        (8, 8, None, None, None, None, "CatalogError"), (part1, 0, "same", "/m/other", "T", "v1", None),
+        (part1 + 2, 2, "dup2", "/m/dup2", "T", "v1", None), (part1 + 3, 3, "dup2", "/m/dup2b", "T", "v1", None),
+    ])  # fmt: skip
+    stored = stored_projection(pa.Table.from_pylist(
+        [{"track_id": t, "uri": f"/m/{t}", "content_version": "v1", "settings_id": "OLD" if t == "settings" else "S",
+          "title": "T"} for t in ("same", "content", "moved", "settings", "meta", "pending", "kept-id", "gone", "dup2")]
+    ), ["title"])  # fmt: skip
+    whole = decide(cat, stored, None, "S", ["title"], delete_missing=True)
+    kinds = {(r["track_id"], r["row_key"]): r["kind"] for r in whole.to_pylist()}
+    assert kinds == {
+        ("same", 0): "unchanged", ("content", 1): "changed", ("moved", 2): "changed", ("settings", 3): "settings",
+        ("meta", 4): "metadata", ("pending", 5): "pending", ("new", 6): "new", ("kept-id", 7): "rejected",
+        (None, 8): "rejected", ("same", part1): "rejected", ("dup2", part1 + 2): "unchanged",
+        ("dup2", part1 + 3): "rejected", ("gone", None): "removed",
+    }  # fmt: skip
+    dup = whole.filter(pa.compute.equal(whole["row_key"], part1)).to_pylist()[0]
+    assert (dup["error_type"], dup["stage"]) == ("DuplicateTrackId", "catalog")
+    assert dup["message"] == "duplicate track_id 'same': first used at row 0, which wins"
+    pending = whole.filter(pa.compute.equal(whole["kind"], "pending"))
+    assert pending["s_content_version"].to_pylist() == ["v1"]  # kept for the lookup stage
+
+    parts = 3
+    cat_part = partition_of(cat["track_id"], cat["row_key"], parts)
+    stored_part = partition_of(stored["track_id"], pa.array([0] * stored.num_rows), parts)
+    split = [decide(cat.filter(pa.array(cat_part == p)), stored.filter(pa.array(stored_part == p)), None, "S",
+                    ["title"], delete_missing=True) for p in range(parts)]  # fmt: skip
+    key = [("row_key", "ascending"), ("track_id", "ascending")]
+    assert pa.concat_tables(split).sort_by(key).equals(whole.sort_by(key))
