@@ -251,6 +251,9 @@ class LookupGroup:
         versions, requests = lookup_versions(t, self.storage_options, self.threads, self.min_per_prefix)
         catalog, stored = pending_inputs(t)
         out = decide(catalog, stored, versions, self.settings_id, self.meta_cols, delete_missing=False)
+        # in the order the rows came (one row per id): the order of the rows to embed, hence of
+        # the chunks, the Ray planner has always had
+        out = out.take(pc.sort_indices(pc.index_in(out["track_id"], value_set=t["track_id"])))
         req = np.zeros(out.num_rows, np.int64)
         req[0] = requests
         return _with(out, requests=pa.array(req))
