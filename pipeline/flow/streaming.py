@@ -129,6 +129,13 @@ class TodoRows:
         return self.ds.map_batches(pick, batch_size=None, batch_format="pyarrow").take_all()
 
 
+def chunk_of(positions: np.ndarray, chunk_size: int) -> np.ndarray:
+    """The one chunker: the chunk of each row to embed from its position among them (chunk ``k``
+    holds positions ``k * chunk_size ...``), for the driver's rows (:func:`stream_chunks`) and
+    the Ray plan's (:func:`pipeline.runs.ray_plan.todo_rows`)."""
+    return np.asarray(positions, np.int64) // chunk_size
+
+
 #: Rows per block of a :class:`TodoRows` dataset handed to the decode pool (a block goes to one
 #: actor: small blocks spread the tracks over the pool).
 TODO_ROWS_PER_BLOCK = 16
@@ -376,7 +383,8 @@ def stream_chunks(
     if isinstance(rows, TodoRows):
         n, source, rows_of_chunk = rows.count, rows.ds, rows.rows_of_chunk
     else:
-        source = [{**r, "chunk": i // chunk_size} for i, r in enumerate(rows)]
+        cut = chunk_of(np.arange(len(rows)), chunk_size).tolist()
+        source = [{**r, "chunk": c} for r, c in zip(rows, cut, strict=True)]
         n = len(source)
 
         def rows_of_chunk(ix: int) -> list[dict[str, Any]]:

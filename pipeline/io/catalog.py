@@ -51,6 +51,7 @@ __all__ = [
     "CatalogEntry",
     "CatalogPart",
     "CatalogSource",
+    "FirstRowWins",
     "RejectedRow",
     "catalog_entry",
     "catalog_parts",
@@ -202,8 +203,27 @@ _Row = tuple[int, "dict[str, str | None] | RejectedRow"]
 
 
 def duplicate_message(track_id: str, first_row: int | str) -> str:
-    """The reason of a :class:`DuplicateTrackId` rejection (one wording for both planners)."""
+    """The reason of a :class:`DuplicateTrackId` rejection."""
     return f"duplicate track_id {track_id!r}: first used at row {first_row}, which wins"
+
+
+class FirstRowWins:
+    """The duplicate ``track_id`` policy, the only one: rows are shown in catalog order; the first
+    row of an id wins, a later row of it is rejected (:class:`DuplicateTrackId`). The streaming
+    reader (:func:`iter_catalog`) and the refresh plan (:func:`pipeline.runs.decide.decide`, per
+    hash partition, every row of an id together) both ask it."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, int] = {}
+
+    def check(self, track_id: str, row: int) -> DuplicateTrackId | None:
+        """``None`` for the first row of ``track_id`` (its ``row`` is remembered for the message
+        of later ones), else the rejection."""
+        first = self._first.get(track_id)
+        if first is None:
+            self._first[track_id] = row
+            return None
+        return DuplicateTrackId(duplicate_message(track_id, first))
 
 
 def _reject(ix: int, exc: PipelineError, track_id: str | None = None, uri: str | None = None) -> RejectedRow:
@@ -470,12 +490,12 @@ def catalog_entry(
     base: str,
     policy: UriPolicy,
     max_row_chars: int,
-    seen: dict[str, int] | None = None,
+    duplicates: FirstRowWins | None = None,
 ) -> CatalogEntry | RejectedRow:
     """One catalog record (column name -> string value) checked and turned into an entry: the
     row-size limit, the URI policy (relative refs resolved against ``base``), the track id (the
-    catalog's, else the uri's stable id). ``seen`` (track_id -> first row) applies the duplicate
-    policy here; without it the caller applies it (the Ray plan does, per hash partition)."""
+    catalog's, else the uri's stable id). ``duplicates`` applies the duplicate policy here;
+    without it the caller applies it (the refresh plan does, per hash partition)."""
     ref = rec.get("uri")
     tid_raw = rec.get("track_id")
     tid = tid_raw.strip() if isinstance(tid_raw, str) and tid_raw.strip() else None
@@ -506,11 +526,8 @@ def catalog_entry(
             None,
             uri,
         )
-    if seen is not None:
-        first = seen.get(tid)
-        if first is not None:
-            return _reject(ix, DuplicateTrackId(duplicate_message(tid, first)), tid, uri)
-        seen[tid] = ix
+    if duplicates is not None and (dup := duplicates.check(tid, ix)) is not None:
+        return _reject(ix, dup, tid, uri)
     meta = {k: v for k, v in rec.items() if k not in _KEPT_COLUMNS}
     return CatalogEntry(track_id=tid, uri=uri, metadata=meta, content_version=catalog_version(rec))
 
@@ -705,13 +722,13 @@ def iter_catalog(
     src = open_catalog(catalog_uri, storage_options)
     if policy is None:
         policy = UriPolicy(allowed_prefixes=(src.base,))
-    seen: dict[str, int] = {}
+    duplicates = FirstRowWins()
     n_ok = 0
     for ix, rec in iter_part(src, CatalogPart(), max_row_chars):
         if isinstance(rec, RejectedRow):
             yield rec
             continue
-        out = catalog_entry(ix, rec, src.base, policy, max_row_chars, seen)
+        out = catalog_entry(ix, rec, src.base, policy, max_row_chars, duplicates)
         yield out
         if isinstance(out, CatalogEntry):
             n_ok += 1

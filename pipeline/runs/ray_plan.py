@@ -1,15 +1,16 @@
 """The refresh plan as Ray Data stages: a distributed join of the catalog with the stored tracks.
 
-For catalogs too large for the driver (see :func:`use_ray_plan`). Same decisions as
-:func:`pipeline.runs.plan.make_plan`, made where the rows are:
+For catalogs too large for the driver (see :func:`use_ray_plan`). The decision is the driver's
+(:func:`pipeline.runs.decide.decide`), run per hash partition where the rows are:
 
     catalog (pipeline.flow.catalog_rows)  ─┐
-                                           ├─ hash(track_id) % P ─ groupby(part) ─▶ PlanPart
-    tracks.lance projection (per fragment) ┘      duplicate policy, new / changed / settings /
-          (track_id, uri, content_version,        metadata / unchanged / removed / rejected, and
-           settings_id, metadata columns)         "pending" (stored, no version in the catalog)
-    pending ─ groupby(parent prefix) ─▶ LookupGroup: one LIST per 1,000 objects (HEADs for lone
-          objects), then the same comparison
+                                           ├─ hash(track_id) % P ─ groupby(part) ─▶ PlanPart:
+    tracks.lance projection (per fragment) ┘      decide(): duplicate policy, new / changed /
+          (track_id, uri, content_version,        settings / metadata / unchanged / removed /
+           settings_id, metadata columns)         rejected, and "pending" (stored, no version in
+                                                  the catalog)
+    pending ─ groupby(parent prefix) ─▶ LookupGroup (pipeline.runs.decide): one LIST per 1,000
+          objects (HEADs for lone objects), then decide() again
 
 The plan stays a materialized dataset in the object store (spilled to disk when large); the
 driver keeps counts, a few sample ids per kind, one offset per map call (to cut the rows to
@@ -29,14 +30,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schemas
-from pipeline.errors import DuplicateTrackId, error_type, redact
 from pipeline.flow.catalog_rows import catalog_dataset
 from pipeline.flow.runtime import ensure_ray
-from pipeline.io.catalog import duplicate_message, open_catalog
-from pipeline.io.objects import object_versions, parent_prefix
+from pipeline.flow.streaming import chunk_of
+from pipeline.io.catalog import open_catalog
+from pipeline.io.objects import parent_prefix
 from pipeline.io.uris import UriPolicy
+from pipeline.runs.decide import (
+    DECIDED_SCHEMA,
+    PLAN_COLUMNS,
+    STORED_FIELDS,
+    STORED_SCHEMA,
+    TODO_KINDS,
+    LookupGroup,
+    decide,
+    stored_projection,
+)
 from pipeline.runs.settings import RefreshJob
-from pipeline.store.maintenance import MISSING_SAMPLE, Orphans, find_orphans, hash_buckets
+from pipeline.store.maintenance import (
+    MISSING_SAMPLE,
+    SWEEP_KEYS,
+    Orphans,
+    find_orphans,
+    hash_buckets,
+    orphans_of,
+)
 from pipeline.store.tables import StoreWriter
 
 #: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
@@ -47,21 +65,11 @@ RAY_PLAN_MIN_SUBPREFIXES = 8
 ROWS_PER_PARTITION = 200_000
 #: Rows per block of the materialized plan (the driver keeps an offset per block).
 PLAN_ROWS_PER_BLOCK = 100_000
-#: Plan kinds whose rows are embedded.
-TODO_KINDS = ("new", "changed", "settings")
 
-#: The stored values compared with each catalog row (``s_`` for stored), carried by the first stage.
-STORED_COLUMNS = ("s_uri", "s_content_version", "s_settings_id", "s_meta_json")
-STORED_FIELDS = [(c, pa.string()) for c in STORED_COLUMNS]
 #: The stream the plan's first stage groups: catalog rows (side 0) and stored rows (side 1).
 UNION_SCHEMA = pa.schema(
     [("part", pa.int32()), ("side", pa.int8()), *schemas.CATALOG_ROWS_SCHEMA, *STORED_FIELDS]
 )
-#: First-stage output: plan rows, plus the stored values and the prefix of "pending" rows.
-STAGE_SCHEMA = pa.schema(
-    [*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64()), ("prefix", pa.string()), *STORED_FIELDS]
-)
-PLAN_COLUMNS = [*schemas.PLAN_ROWS_SCHEMA.names, "requests"]
 
 
 def use_ray_plan(job: RefreshJob) -> bool:
@@ -104,8 +112,8 @@ def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
     cols = {name: batch[name] for name in schemas.CATALOG_ROWS_SCHEMA.names}
     cols["part"] = pa.array(partition_of(batch["track_id"], batch["row_key"], parts), pa.int32())
     cols["side"] = pa.array(np.zeros(n, np.int8))
-    for name in STORED_COLUMNS:
-        cols[name] = pa.nulls(n, pa.string())
+    for name, typ in STORED_FIELDS:
+        cols[name] = pa.nulls(n, typ)
     return pa.table([cols[f.name] for f in UNION_SCHEMA], schema=UNION_SCHEMA)
 
 
@@ -136,88 +144,58 @@ def _read_fragments(batch: pa.Table, fn: Any, uri: str, version: int, storage_op
 
 
 def stored_side(fragment: Any, meta_cols: Sequence[str], parts: int) -> Iterator[pa.Table]:
-    """The projection of a ``tracks.lance`` fragment -> :data:`UNION_SCHEMA` (side 1), the
-    metadata columns as JSON text."""
+    """The projection of a ``tracks.lance`` fragment (:func:`pipeline.runs.decide.stored_projection`)
+    -> :data:`UNION_SCHEMA` (side 1)."""
     cols = ["track_id", "uri", "content_version", "settings_id", *meta_cols]
     for b in fragment.to_batches(columns=cols, batch_size=1 << 16):
-        n = b.num_rows
-        meta = [b.column(m).to_pylist() for m in meta_cols]
-        meta_json = [json.dumps({m: v[i] for m, v in zip(meta_cols, meta, strict=True)}) for i in range(n)]
-        ids = b.column("track_id")
-        out = {
-            "part": pa.array(partition_of(ids, pa.array(np.zeros(n, np.int64)), parts), pa.int32()),
-            "side": pa.array(np.ones(n, np.int8)),
-            "track_id": ids,
-            "s_uri": b.column("uri"),
-            "s_content_version": b.column("content_version"),
-            "s_settings_id": b.column("settings_id"),
-            "s_meta_json": pa.array(meta_json, pa.string()),
-        }
+        proj = stored_projection(b, meta_cols)
+        n = proj.num_rows
+        out = {c: proj[c] for c in proj.column_names}
+        out["part"] = pa.array(
+            partition_of(proj["track_id"], pa.array(np.zeros(n, np.int64)), parts), pa.int32()
+        )
+        out["side"] = pa.array(np.ones(n, np.int8))
         yield pa.table(
             [out[f.name] if f.name in out else pa.nulls(n, f.type) for f in UNION_SCHEMA],
             schema=UNION_SCHEMA,
         )
 
 
-def compare(row: dict[str, Any], version: str | None, settings_id: str, meta_cols: Sequence[str]) -> str:
-    """The kind of a stored catalog row with this ``version``, as :func:`make_plan` decides it."""
-    if version is None:
-        return "lookup_failed"
-    if version != row["s_content_version"] or row["uri"] != row["s_uri"]:
-        return "changed"
-    if row["s_settings_id"] != settings_id:
-        return "settings"
-    if meta_cols and _metadata_differs(row, meta_cols):
-        return "metadata"
-    return "unchanged"
+def with_prefix(t: pa.Table) -> pa.Table:
+    """``t`` with the parent prefix of each row's uri (:func:`pipeline.io.objects.parent_prefix`)."""
+    return t.append_column("prefix", pa.array([parent_prefix(u) for u in t["uri"].to_pylist()], pa.string()))
 
 
-def _out(kind: str, row: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"kind": kind, "track_id": row.get("track_id"), "uri": row.get("uri"),
-            "metadata_json": row.get("metadata_json"), "content_version": row.get("content_version"),
-            "requests": 0, **extra}  # fmt: skip
+def lookup_pending(pending: Any, lookup: LookupGroup, parts: int) -> Any:
+    """The pending rows (a Ray dataset with ``prefix``) grouped by parent prefix, each group
+    through ``lookup`` (:class:`pipeline.runs.decide.LookupGroup`): a lazy dataset of plan rows."""
+    return pending.groupby("prefix", num_partitions=parts).map_groups(
+        LookupGroup,
+        fn_constructor_kwargs={
+            "settings_id": lookup.settings_id,
+            "meta_cols": lookup.meta_cols,
+            "storage_options": lookup.storage_options,
+            "threads": lookup.threads,
+            "min_per_prefix": lookup.min_per_prefix,
+        },  # fmt: skip
+        batch_format="pyarrow",
+    )
 
 
-def _metadata_differs(row: dict[str, Any], meta_cols: Sequence[str]) -> bool:
-    meta = json.loads(row.get("metadata_json") or "{}")
-    stored = json.loads(row.get("s_meta_json") or "{}")
-    return any(meta.get(m) != stored.get(m) for m in meta_cols)
+def lookup_with_ray(pending: pa.Table, lookup: LookupGroup) -> pa.Table:
+    """:func:`lookup_pending` for pending rows the driver holds; their plan rows come back."""
+    import ray
 
-
-def _stage_table(t: pa.Table, kind: np.ndarray, stage: Any = None, error_type: Any = None, message: Any = None,
-                 prefix: Any = None, keep_stored: np.ndarray | None = None) -> pa.Table:  # fmt: skip
-    """Rows of ``t`` (union columns) as :data:`STAGE_SCHEMA` rows of these kinds; ``stage`` /
-    ``error_type`` / ``message`` replace the row's where given (not None); the stored values
-    stay only where ``keep_stored``."""
-    n = t.num_rows
-
-    def col(name: str, given: Any) -> pa.Array:
-        if given is None:
-            return t[name] if name in t.column_names else pa.nulls(n, pa.string())
-        given = pa.array(list(given), pa.string())
-        return pc.coalesce(given, t[name]) if name in t.column_names else given
-
-    cols: dict[str, Any] = {
-        "kind": pa.array(kind.tolist(), pa.string()),
-        "track_id": t["track_id"],
-        "uri": t["uri"],
-        "metadata_json": t["metadata_json"]
-        if "metadata_json" in t.column_names
-        else pa.nulls(n, pa.string()),
-        "content_version": t["content_version"],
-        "stage": col("stage", stage),
-        "error_type": col("error_type", error_type),
-        "message": col("message", message),
-        "group": pa.nulls(n, pa.int64()),
-        "seq": pa.nulls(n, pa.int64()),
-        "requests": pa.array(np.zeros(n, np.int64)),
-        "prefix": pa.array(prefix, pa.string()) if prefix is not None else pa.nulls(n, pa.string()),
-    }
-    keep = pa.array(keep_stored if keep_stored is not None else np.zeros(n, bool))
-    for c in STORED_COLUMNS:
-        cols[c] = pc.if_else(keep, t[c], pa.scalar(None, pa.string()))
-    return pa.table([pa.array(cols[f.name]) if not isinstance(cols[f.name], pa.ChunkedArray) else cols[f.name]
-                     for f in STAGE_SCHEMA], schema=STAGE_SCHEMA)  # fmt: skip
+    ensure_ray()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    blocks = max(1, min(pending.num_rows // 500 + 1, 1000))
+    ds = ray.data.from_arrow(with_prefix(pending)).repartition(blocks)
+    got = [t for t in ray.get(lookup_pending(ds, lookup, cpus).to_arrow_refs()) if t.num_rows]
+    return (
+        pa.concat_tables([t.select(DECIDED_SCHEMA.names).cast(DECIDED_SCHEMA) for t in got])
+        if got
+        else DECIDED_SCHEMA.empty_table()
+    )
 
 
 def number_block(t: pa.Table) -> pa.Table:
@@ -238,137 +216,21 @@ def number_block(t: pa.Table) -> pa.Table:
 
 class PlanPart:
     """``map_groups`` function of the plan's first stage: every catalog and stored row of one
-    hash partition -> :data:`STAGE_SCHEMA` rows (catalog order within the partition)."""
+    hash partition -> its plan rows (:func:`pipeline.runs.decide.decide`; stored rows whose
+    version the catalog does not state are ``pending``, with their parent ``prefix``)."""
 
-    def __init__(
-        self, settings_id: str, meta_cols: Sequence[str], delete_missing: bool, lookup: bool
-    ) -> None:
-        self.settings_id, self.meta_cols = settings_id, list(meta_cols)
-        self.delete_missing, self.lookup = delete_missing, lookup
+    def __init__(self, settings_id: str, meta_cols: Sequence[str], delete_missing: bool) -> None:
+        self.settings_id, self.meta_cols, self.delete_missing = settings_id, list(meta_cols), delete_missing
 
     def __call__(self, t: pa.Table) -> pa.Table:
-        """Vectorised over the partition; Python only for duplicates and differing metadata."""
-        import pandas as pd
-
         side = t["side"].to_numpy()
-        cat = t.filter(pa.array(side == 0)).sort_by("row_key")
-        stored = t.filter(pa.array(side == 1))
-        rejected = cat["error_type"].is_valid().to_numpy(zero_copy_only=False)
-        valid_ix = np.flatnonzero(~rejected)
-        dup = (
-            pd.Series(cat["track_id"].take(pa.array(valid_ix, pa.int64())).to_numpy(zero_copy_only=False))
-            .duplicated(keep="first")
-            .to_numpy()
-        )
-        win = cat.take(pa.array(valid_ix[~dup], pa.int64()))
-        pos = pc.index_in(win["track_id"], value_set=stored["track_id"])
-        is_stored = pos.is_valid().to_numpy(zero_copy_only=False)
-        s_cols = STORED_COLUMNS
-        for c in s_cols:  # the stored values beside each catalog row (null where not stored)
-            win = win.set_column(win.schema.get_field_index(c), c, stored[c].take(pos))
-        cv_null = win["content_version"].is_null().to_numpy(zero_copy_only=False)
-
-        def differs(a: str, b: str) -> np.ndarray:
-            return ~pc.fill_null(pc.equal(win[a], win[b]), False).to_numpy(zero_copy_only=False)
-
-        kind = np.full(win.num_rows, "unchanged", dtype=object)
-        changed = differs("content_version", "s_content_version") | differs("uri", "s_uri")
-        settings = ~pc.fill_null(pc.equal(win["s_settings_id"], self.settings_id), False).to_numpy(
-            zero_copy_only=False
-        )
-        kind[settings] = "settings"
-        kind[changed] = "changed"
-        same = (kind == "unchanged") & is_stored & ~cv_null
-        if self.meta_cols:  # metadata: equal JSON text is equal; other rows compared as objects
-            for i in np.flatnonzero(same & differs("metadata_json", "s_meta_json")):
-                row = {
-                    "metadata_json": win["metadata_json"][i].as_py(),
-                    "s_meta_json": win["s_meta_json"][i].as_py(),
-                }
-                if _metadata_differs(row, self.meta_cols):
-                    kind[i] = "metadata"
-        kind[cv_null & is_stored] = "pending" if self.lookup else "lookup_failed"
-        kind[~is_stored] = "new"
-        n = win.num_rows
-        pending = kind == "pending"
-        prefixes = [parent_prefix(u) if p else None for u, p in zip(win["uri"].to_pylist(), pending, strict=True)] if pending.any() else None  # fmt: skip
-        failed = kind == "lookup_failed"
-        parts = [
-            _stage_table(
-                win,
-                kind,
-                stage=np.where(failed, "lookup", None),
-                error_type=np.where(failed, "FetchError", None),
-                message=np.where(failed, "no content version", None),
-                prefix=prefixes,
-                keep_stored=pending,
-            )
-        ]
-        bad = cat.filter(pa.array(rejected))  # refused / unparsable rows, in catalog order
-        dups = cat.take(pa.array(valid_ix[dup], pa.int64()))
-        if dups.num_rows:
-            first = dict(zip(win["track_id"].to_pylist(), win["row"].to_pylist(), strict=True))
-            msgs = [
-                str(DuplicateTrackId(duplicate_message(tid, first[tid])))
-                for tid in dups["track_id"].to_pylist()
-            ]
-            dups = dups.set_column(dups.schema.get_field_index("uri"), "uri",
-                                   pa.array([redact(u) for u in dups["uri"].to_pylist()], pa.string()))  # fmt: skip
-            dups = dups.set_column(dups.schema.get_field_index("error_type"), "error_type",
-                                   pa.array([error_type(DuplicateTrackId(""))] * dups.num_rows, pa.string()))  # fmt: skip
-            dups = dups.set_column(
-                dups.schema.get_field_index("message"), "message", pa.array(msgs, pa.string())
-            )
-        for r in (bad, dups):
-            if r.num_rows:
-                parts.append(_stage_table(r, np.full(r.num_rows, "rejected", dtype=object),
-                                          stage=np.full(r.num_rows, "catalog", dtype=object)))  # fmt: skip
-        present = pa.concat_arrays([win["track_id"].combine_chunks(), bad["track_id"].combine_chunks()]) if n or bad.num_rows else pa.array([], pa.string())  # fmt: skip
-        gone = stored.filter(pc.invert(pc.is_in(stored["track_id"], value_set=present)))
-        if gone.num_rows:
-            gone = gone.set_column(gone.schema.get_field_index("uri"), "uri", gone["s_uri"])
-            parts.append(
-                _stage_table(
-                    gone, np.full(gone.num_rows, "removed" if self.delete_missing else "kept", dtype=object)
-                )
-            )
-        return pa.concat_tables(parts)
-
-
-def _lookup_failed(r: dict[str, Any], et: str | None = None, msg: str | None = None) -> dict[str, Any]:
-    return _out(
-        "lookup_failed", r, stage="lookup", error_type=et or "FetchError", message=msg or "no content version"
-    )
-
-
-class LookupGroup:
-    """``map_groups`` function of the plan's second stage: the "pending" rows of one parent prefix
-    get their object versions (:func:`pipeline.io.objects.object_versions`: one LIST per 1,000
-    objects, a HEAD each for a prefix with fewer than ``min_per_prefix`` of them) and their kind."""
-
-    def __init__(self, settings_id: str, meta_cols: Sequence[str], storage_options: dict | None,
-                 threads: int, min_per_prefix: int = 2) -> None:  # fmt: skip
-        self.settings_id, self.meta_cols = settings_id, list(meta_cols)
-        self.storage_options, self.threads, self.min_per_prefix = storage_options, threads, min_per_prefix
-
-    def __call__(self, t: pa.Table) -> pa.Table:
-        rows = t.to_pylist()
-        found = object_versions((r["uri"] for r in rows), self.storage_options, min_per_prefix=self.min_per_prefix,
-                                threads=self.threads, head=True)  # fmt: skip
-        out: list[dict[str, Any]] = []
-        for r in rows:
-            v = found.versions.get(r["uri"])
-            if v is None:
-                et, msg = found.errors.get(r["uri"], (None, None))
-                out.append(_lookup_failed(r, et, msg))
-                continue
-            kind = compare(r, v, self.settings_id, self.meta_cols)
-            out.append(_out(kind, {**r, "content_version": v}))
-        if out:
-            out[0]["requests"] = found.lists + found.heads
-        return pa.Table.from_pylist(
-            out, schema=pa.schema([*schemas.PLAN_ROWS_SCHEMA, ("requests", pa.int64())])
-        )
+        cat = t.filter(pa.array(side == 0)).select(schemas.CATALOG_ROWS_SCHEMA.names)
+        stored = t.filter(pa.array(side == 1)).select(STORED_SCHEMA.names)
+        out = decide(cat, stored, None, self.settings_id, self.meta_cols, self.delete_missing)
+        pending = pc.equal(out["kind"], "pending").to_numpy(zero_copy_only=False)
+        uris = out["uri"].to_pylist()
+        prefix = [parent_prefix(u) if p else None for u, p in zip(uris, pending, strict=True)]
+        return out.append_column("prefix", pa.array(prefix, pa.string()))
 
 
 def summarize(batch: pa.Table, sample: int) -> pa.Table:
@@ -407,7 +269,7 @@ def todo_rows(batch: pa.Table, offsets: dict[int, int], chunk_size: int) -> pa.T
                          "metadata_json": pa.array([], pa.string()), "content_version": pa.array([], pa.string()),
                          "chunk": pa.array([], pa.int64())})  # fmt: skip
     off = np.array([offsets[g] for g in t["group"].to_pylist()], np.int64)
-    chunk = (off + t["seq"].to_numpy()) // chunk_size
+    chunk = chunk_of(off + t["seq"].to_numpy(), chunk_size)
     return t.select(["track_id", "uri", "metadata_json", "content_version"]).append_column(
         "chunk", pa.array(chunk, pa.int64())
     )
@@ -517,7 +379,6 @@ def ray_plan(
                 "settings_id": settings_id,
                 "meta_cols": compared,
                 "delete_missing": delete_missing,
-                "lookup": n_stored > 0,
             },  # fmt: skip
             batch_format="pyarrow",
         )
@@ -530,17 +391,11 @@ def ray_plan(
         first.map_batches(of_kinds, fn_kwargs={"kinds": ["pending"]}, batch_size=None, batch_format="pyarrow")
     )
     if pending is not None:
-        looked = pending.groupby("prefix", num_partitions=parts).map_groups(
-            LookupGroup,
-            fn_constructor_kwargs={
-                "settings_id": settings_id,
-                "meta_cols": compared,
-                "storage_options": ej.storage_options or None,
-                "threads": job.lookup_threads,
-            },
-            batch_format="pyarrow",
+        lookup = LookupGroup(settings_id, compared, ej.storage_options or None, job.lookup_threads)
+        looked = lookup_pending(pending, lookup, parts)
+        plan = plan.union(
+            looked.map_batches(lambda b: b.select(PLAN_COLUMNS), batch_size=None, batch_format="pyarrow")
         )
-        plan = plan.union(looked)
     plan_ds = (
         plan.repartition(target_num_rows_per_block=PLAN_ROWS_PER_BLOCK)
         .map_batches(number_block, batch_size=None, batch_format="pyarrow")
@@ -603,8 +458,6 @@ def _summarized(plan_ds: Any, sample: int, n_stored: int, n_cat: int, catalog_me
 
 # --------------------------------------------------------------------------- the orphan sweep, in Ray
 
-SWEEP_KEYS = ["track_id", "run_id"]
-
 
 def _sweep_side(fragment: Any, side: int, parts: int) -> Iterator[pa.Table]:
     """``(track_id, run_id)`` keys of a fragment (windows: distinct per batch), with part and side."""
@@ -621,13 +474,11 @@ def _sweep_side(fragment: Any, side: int, parts: int) -> Iterator[pa.Table]:
 
 
 def sweep_part(t: pa.Table) -> pa.Table:
-    """``map_groups`` function: one hash partition's windows keys no track row points at
-    (``orphan``) and track rows without windows (``missing``)."""
+    """``map_groups`` function: :func:`pipeline.store.maintenance.orphans_of` one hash partition:
+    its windows keys no track row points at (``orphan``), a sample of the track rows without
+    windows (``missing``) and their count (``missing_count``)."""
     side = t["side"].to_numpy()
-    tracks = t.filter(pa.array(side == 0)).select(SWEEP_KEYS)
-    wins = t.filter(pa.array(side == 1)).select(SWEEP_KEYS).group_by(SWEEP_KEYS).aggregate([])
-    orphans = wins.join(tracks, keys=SWEEP_KEYS, join_type="left anti")
-    missing = tracks.join(wins, keys=SWEEP_KEYS, join_type="left anti")
+    orphans, missing = orphans_of(t.filter(pa.array(side == 0)), t.filter(pa.array(side == 1)))
     sample = missing.slice(0, MISSING_SAMPLE)  # the driver gets a sample and the count, not every id
 
     def tagged(t: pa.Table, kind: str, n: int) -> pa.Table:
@@ -664,6 +515,5 @@ def find_orphans_ray(store: StoreWriter) -> Orphans:
             continue
         out.add_missing(b.filter(pc.equal(b["kind"], "missing"))["track_id"].to_pylist(), 0)
         out.n_missing += int(pc.sum(b.filter(pc.equal(b["kind"], "missing_count"))["n"]).as_py() or 0)
-        for r in b.filter(pc.equal(b["kind"], "orphan")).to_pylist():
-            out.by_run.setdefault(r["run_id"], set()).add(r["track_id"])
+        out.add_orphans(b.filter(pc.equal(b["kind"], "orphan")))
     return out

@@ -4,8 +4,8 @@
 already there. It shares the embed job's steps (catalog reading, model probe, the one streaming
 pass of :mod:`pipeline.flow.streaming`) and adds:
 
-Plan (:func:`pipeline.runs.plan.make_plan` on the driver, or :mod:`pipeline.runs.ray_plan`, the same
-decisions as a distributed join for large catalogs: ``--planner``)
+Plan (:func:`pipeline.runs.decide.decide`: on the driver, :func:`pipeline.runs.plan.driver_plan`, or
+per hash partition of a distributed join for large catalogs, :mod:`pipeline.runs.ray_plan`: ``--planner``)
     Every catalog row is compared with ``tracks.lance`` by ``track_id`` on three things: the
     object's ``content_version`` (ETag, or size+mtime, read from object metadata in parallel:
     a thread pool on the driver, a Ray map for large catalogs; no audio is downloaded), its
@@ -71,10 +71,10 @@ from pipeline.runs.model_info import ModelInfo, model_info_for_plan
 from pipeline.runs.plan import (
     PLAN_KINDS,
     catalog_policy,
-    catalog_rows,
+    catalog_table,
     check_schemas,
-    lookup_versions,
-    make_plan,
+    driver_plan,
+    has_new_tracks,
     read_stored,
 )
 from pipeline.runs.ray_plan import find_orphans_ray, ray_plan, use_ray_plan
@@ -354,18 +354,6 @@ class _Probe:
         return self._out["info"]
 
 
-def _has_new_tracks(rows: Sequence[Mapping[str, Any]], stored: pa.Table | None) -> bool:
-    """Whether some catalog row's track is not in the store (so it will be embedded)."""
-    if not rows:
-        return False
-    if stored is None or not stored.num_rows:
-        return True
-    import pyarrow.compute as pc
-
-    ids = pa.array([r["track_id"] for r in rows], pa.string())
-    return not pc.all(pc.is_in(ids, value_set=stored["track_id"].combine_chunks().cast(pa.string()))).as_py()
-
-
 @dataclass
 class Planned:
     """A plan as :func:`_run_locked` applies it, made on the driver or with Ray."""
@@ -399,11 +387,11 @@ def _store_meta(store: StoreWriter | None, catalog_meta: Sequence[str], run_id: 
 
 def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
                     stage_s: dict[str, float]) -> Planned:  # fmt: skip
-    """The plan made on the driver (:func:`pipeline.runs.plan.make_plan`): catalog rows and the
+    """The plan made on the driver (:func:`pipeline.runs.plan.driver_plan`): catalog rows and the
     stored projection as Arrow in this process."""
     ej = job.embed
     t0 = time.perf_counter()
-    rows, rejected, catalog_meta = catalog_rows(ej)
+    catalog, catalog_meta = catalog_table(ej)
     stage_s["catalog"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # The model probe (torch import and one model load on this driver) runs in a thread while
@@ -414,7 +402,7 @@ def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
     t1 = time.perf_counter()
     _, stored = read_stored(store) if store is not None else (None, None)
     read_s, ray_s = time.perf_counter() - t1, 0.0
-    if probe is not None and not job.dry_run and _has_new_tracks(rows, stored):
+    if probe is not None and not job.dry_run and has_new_tracks(catalog, stored):
         t1 = time.perf_counter()
         ensure_ray()  # a new track is embedded whatever the plan says: start Ray meanwhile
         ray_s = time.perf_counter() - t1
@@ -427,18 +415,14 @@ def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
     meta_cols = _store_meta(store, catalog_meta, run_id)
     if store is not None:
         check_schemas(store, info, meta_cols)
-    looked = lookup_versions(rows, ej.storage_options or None, job.lookup_threads, job.lookup_ray_min_rows,
-                             stored_ids=stored["track_id"] if stored is not None else ())  # fmt: skip
+    plan = driver_plan(catalog, stored, info.settings_id, meta_cols, delete_missing, ej.storage_options or None,
+                       job.lookup_threads, job.lookup_ray_min_rows)  # fmt: skip
     stage_s["lookup"] = time.perf_counter() - t0
-    plan = make_plan(rows, stored, looked.by_id, info.settings_id, meta_cols, delete_missing,
-                     present_ids=[r.track_id for r in rejected if r.track_id])  # fmt: skip
-    plan.rejected = [{"track_id": r.track_id, "uri": r.uri, "stage": "catalog", "error_type": r.error_type,
-                      "message": r.message} for r in rejected]  # fmt: skip
-    removed, metadata = sorted(plan.removed), [it["row"] for it in plan.metadata]
+    removed, metadata = sorted(plan.removed), plan.metadata
     size = job.chunk_size
     return Planned(
         "driver", info, meta_cols, plan.counts(), plan.samples(job.sample), plan.stored_tracks,
-        len(rows) + len(rejected), looked.requests, plan.rejected + plan.lookup_failed,
+        catalog.num_rows, plan.requests, plan.rejected + plan.lookup_failed,
         removed=lambda: _batches(removed, 10_000),
         metadata=lambda: _batches(metadata, size),
         todo=plan.todo,

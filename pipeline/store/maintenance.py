@@ -42,6 +42,20 @@ def _keys_in_bucket(ds: Any, keys: list[str], bucket: int, buckets: int) -> Any:
             yield batch
 
 
+#: The key of a track's windows: a windows/frames row is kept while a tracks row has its key.
+SWEEP_KEYS = ["track_id", "run_id"]
+
+
+def orphans_of(tracks: pa.Table, windows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The one orphan rule, over the ``(track_id, run_id)`` keys of some track ids' ``tracks``
+    and ``windows`` rows: the windows keys no track row has (orphans, distinct) and the track
+    keys without windows (missing). :func:`find_orphans` applies it per hash bucket, the Ray
+    sweep (:func:`pipeline.runs.ray_plan.find_orphans_ray`) per hash partition."""
+    tracks, windows = tracks.select(SWEEP_KEYS), windows.select(SWEEP_KEYS).group_by(SWEEP_KEYS).aggregate([])
+    orphans = windows.join(tracks, keys=SWEEP_KEYS, join_type="left anti")
+    return orphans, tracks.join(windows, keys=SWEEP_KEYS, join_type="left anti")
+
+
 @dataclass
 class Orphans:
     """What :func:`find_orphans` found: ``by_run`` (run_id -> track ids) of the windows/frames
@@ -57,35 +71,35 @@ class Orphans:
         if len(self.missing) < MISSING_SAMPLE:
             self.missing += ids[: MISSING_SAMPLE - len(self.missing)]
 
+    def add_orphans(self, keys: pa.Table) -> None:
+        for tid, rid in zip(keys["track_id"].to_pylist(), keys["run_id"].to_pylist(), strict=True):
+            self.by_run.setdefault(rid, set()).add(tid)
+
 
 def find_orphans(store: StoreWriter) -> Orphans:
-    """Compare the ``(track_id, run_id)`` keys of ``windows`` with those of ``tracks``.
+    """:func:`orphans_of` the ``(track_id, run_id)`` keys of ``windows`` and ``tracks``.
 
-    Only the key columns are scanned (streamed), one hash bucket of track ids at a time
-    (:data:`SWEEP_BUCKET_ROWS` tracks a bucket), so the driver's memory does not grow with the
-    store beyond one bucket (a Ray version for large stores: :func:`pipeline.runs.ray_plan.find_orphans_ray`).
-    Frames need no scan: a frames row is written after, and deleted before, the windows row of
-    the same ``(track_id, run_id)``, so orphan frames always have orphan windows.
+    Only the key columns are scanned (streamed, the windows keys made distinct per batch), one
+    hash bucket of track ids at a time (:data:`SWEEP_BUCKET_ROWS` tracks a bucket), so the
+    driver's memory does not grow with the store beyond one bucket (distributed for large
+    stores: :func:`pipeline.runs.ray_plan.find_orphans_ray`). Frames need no scan: a frames row
+    is written after, and deleted before, the windows row of the same ``(track_id, run_id)``, so
+    orphan frames always have orphan windows.
     """
     windows = store.open("windows")
     tracks = store.open("tracks")
-    keys = ["track_id", "run_id"]
     empty = pa.schema([("track_id", pa.string()), ("run_id", pa.string())]).empty_table()
     buckets = max(1, -(-(tracks.count_rows() if tracks is not None else 0) // SWEEP_BUCKET_ROWS))
     out = Orphans()
     for k in range(buckets):
-        got = list(_keys_in_bucket(tracks, keys, k, buckets)) if tracks is not None else []
+        got = list(_keys_in_bucket(tracks, SWEEP_KEYS, k, buckets)) if tracks is not None else []
         valid = pa.Table.from_batches(got, schema=got[0].schema) if got else empty
-        found = []
-        for batch in _keys_in_bucket(windows, keys, k, buckets) if windows is not None else ():
-            pairs = pa.Table.from_batches([batch]).group_by(keys).aggregate([])
-            for r in pairs.join(valid, keys=keys, join_type="left anti").to_pylist():
-                out.by_run.setdefault(r["run_id"], set()).add(r["track_id"])
-            found.append(pairs.join(valid, keys=keys, join_type="left semi"))
-        have = pa.concat_tables(found).group_by(keys).aggregate([]) if found else empty
-        lacking = valid.join(have, keys=keys, join_type="left anti")["track_id"]
-        out.add_missing(lacking.to_pylist()[:MISSING_SAMPLE], len(lacking))
-        del valid, found, have
+        keys = [pa.Table.from_batches([b]).group_by(SWEEP_KEYS).aggregate([]).select(SWEEP_KEYS)
+                for b in (_keys_in_bucket(windows, SWEEP_KEYS, k, buckets) if windows is not None else ())]  # fmt: skip
+        orphans, lacking = orphans_of(valid, pa.concat_tables(keys) if keys else empty)
+        out.add_orphans(orphans)
+        out.add_missing(lacking["track_id"].to_pylist()[:MISSING_SAMPLE], lacking.num_rows)
+        del valid, keys
     return out
 
 
