@@ -12,7 +12,6 @@ Exit codes: 0 ok; 1 error (one line on stderr); 2 bad flags or a dataset that ca
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -136,19 +135,29 @@ def build_spec(args: argparse.Namespace, output: str, checkpoint: str | None, st
 
 
 def finetuned_checkpoint(args: argparse.Namespace) -> str:
-    """Fine-tune with ``pipeline.evaluate.finetune`` (Ray Train) and return the checkpoint path."""
-    try:
-        from pipeline.evaluate import finetune
-    except ImportError as e:
-        raise RuntimeError(
-            f"--mode finetune needs pipeline.evaluate.finetune, which is not installed here ({e})"
-        ) from None
-    wanted = {"task": args.task, "dataset": args.dataset, "data_home": args.data_home, "checkpoint": args.checkpoint,
-              "stats": args.stats, "model_config": args.model_config, "output": os.path.join(args.output, "finetune"),
-              "backbone_lr": args.backbone_lr, "head_lr": args.head_lr, "workers": args.workers, "steps": args.steps,
-              "checkpoint_every": args.checkpoint_every, "seed": args.seed, "split_seed": args.split_seed}  # fmt: skip
-    names = {f.name for f in dataclasses.fields(finetune.FinetuneSpec)}
-    spec = finetune.FinetuneSpec(**{k: v for k, v in wanted.items() if k in names})
+    """Fine-tune ``--checkpoint`` with :mod:`pipeline.evaluate.finetune` (Ray Train) on the train
+    split of a track-level single-label task (genre, key: one class per track) and return the
+    fine-tuned checkpoint, which is then probed like any other."""
+    from pipeline.evaluate import finetune
+    from pipeline.evaluate.datasets import load_dataset, stratum
+    from pipeline.evaluate.tasks import get_task
+
+    task = get_task(args.task)
+    if args.task not in ("genre", "key"):
+        raise ValueError(f"--mode finetune trains on track labels: --task genre or key, not {args.task}")
+    ds = load_dataset(args.dataset, task, data_home=args.data_home, version=args.mirdata_version,
+                      label_column=args.label_column, seed=args.split_seed)  # fmt: skip
+    train = [t for t in ds.tracks if (t.split or "train") == "train"]
+    classes = sorted({stratum(task, t.ref) for t in train})
+    if len(classes) < 2:
+        raise ValueError(f"--mode finetune needs 2 or more classes in the train split, got {len(classes)}")
+    spec = finetune.FinetuneSpec(
+        checkpoint=args.checkpoint, stats=args.stats, model_config=args.model_config,
+        train=tuple(finetune.LabelledTrack(t.audio, classes.index(stratum(task, t.ref))) for t in train),
+        num_classes=len(classes), output=os.path.join(args.output, "finetune"),
+        lr_backbone=args.backbone_lr, lr_head=args.head_lr, num_workers=args.workers, max_steps=args.steps,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )  # fmt: skip
     return str(finetune.run_finetune(spec).checkpoint)
 
 
