@@ -30,11 +30,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a script from any directory
+    sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from tests.conftest import AUDIO, GOLDEN  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
+
+SHARED = find_shared() or REPO / "shared"
+AUDIO, GOLDEN = SHARED / "audio", SHARED / "golden"
 
 JOB = str(REPO / "jobs" / "embed_catalog.py")
 
@@ -124,14 +128,19 @@ def vectors(store: Path) -> dict[str, np.ndarray]:
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracks", type=int, default=20000)
     p.add_argument("--seconds", type=float, default=1.0, help="length of each track")
     p.add_argument("--chunk-size", type=int, default=1000)
     p.add_argument("--decode-cpus", default="2")
     p.add_argument("--workdir", default=None)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="musicfm-resume-"))
     catalog = make_tracks(root, args.tracks, args.seconds)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

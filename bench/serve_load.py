@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,12 +76,6 @@ class Load:
     statuses: dict[str, int] = field(default_factory=dict)
     retry_after: str | None = None
     p50_503_ms: float | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -250,8 +243,9 @@ def build_store(out: str) -> str:
     """Embed the 12 clips of shared/audio with the small golden model (10 s windows)."""
     from pipeline.runs.embed import run_embed
     from pipeline.runs.settings import EmbedJob
-    from tests.conftest import AUDIO, GOLDEN
+    from tools.testkit.paths import require_shared
 
+    AUDIO, GOLDEN = require_shared() / "audio", require_shared() / "golden"
     os.makedirs(out, exist_ok=True)
     catalog = os.path.join(out, "catalog.csv")
     with open(AUDIO / "catalog.csv", newline="") as f:
@@ -303,7 +297,7 @@ def deploy(port: int, store: str, name: str, options: dict) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import OneLineParser
 
     p = OneLineParser(prog="serve_load", description=__doc__.split("\n", 1)[0])
@@ -320,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         help="smoke size: 2 s per point, concurrency 1,8,64 (too short to judge the goal at 64)",
     )
     p.add_argument("--json", default=None, help="write all figures to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.concurrency = 2.0, "1,8,64"
@@ -356,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         h.track_id
         for h in store.search(store.vector(_first_id(store), layer), layer=layer, k=min(50, store.num_tracks))
     ]
-    port = _free_port()
+    from tools.testkit.net import free_port
+
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     configs = {
         "serve-defaults": {},
@@ -481,9 +482,9 @@ def _page_paths(port: int, ids: list[str], args: argparse.Namespace) -> list[Loa
 
 def _clip_bytes(base: str, audio_ids: list[str]) -> bytes:
     """A transformed clip from shared/audio/variants (or the first served track's bytes)."""
-    from tests.conftest import AUDIO
+    from tools.testkit.paths import require_shared
 
-    variant = AUDIO / "variants" / "hw_city_crop3s.ogg"
+    variant = require_shared() / "audio" / "variants" / "hw_city_crop3s.ogg"
     if variant.is_file():
         return variant.read_bytes()
     import requests

@@ -1,4 +1,4 @@
-"""Smoke test of ``bench/pipeline.py --quick``: it runs end to end and reports every figure.
+"""Smoke test of ``bench/pipeline_bench.py --quick``: it runs end to end and reports every figure.
 
 No timing thresholds (the goals are for the benchmark's own report): only that the JSON has the
 fields and that every throughput is positive. The benchmark starts its own local Ray cluster in the

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
-from tests.reliability.helpers import PeakRss, job_kwargs, write_catalog, write_tracks
+from tools.testkit.reliability import PeakRss, job_kwargs, write_catalog, write_tracks
 
 DRIVER_GROWTH_MAX = 96 * 1024**2
 

@@ -7,7 +7,6 @@ import contextlib
 import csv
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import AUDIO, GOLDEN
+from tools.testkit.net import free_port
 
 CHROMIUM = os.environ.get("MUSICFM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -71,12 +71,6 @@ def copy_store(store: Path, dest: Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve_web(store: Path, web: dict, name: str, headers: dict | None = None) -> Iterator[str]:
     """The search app with the page on a free loopback port; yields its base URL."""
@@ -85,7 +79,7 @@ def serve_web(store: Path, web: dict, name: str, headers: dict | None = None) ->
     from pipeline.search.service import serve_app
     from pipeline.search.web import deployment_options
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         cfg = {"store": str(store), "refresh_s": 0.3, "max_upload_bytes": 4 * 2**20}

@@ -1,5 +1,6 @@
-"""Shared helpers of the reliability tests: synthetic audio, catalogs, store checks, process
-watchers. Importable by Ray workers (the session cluster puts the repo on PYTHONPATH)."""
+"""Helpers of the reliability tests and the soak benchmark: synthetic audio, catalogs, store checks,
+fault injection, process watchers. Importable by Ray workers (the session cluster and the soak
+benchmark put the repository root on PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.flow.stages import DecodeStage
-from tests.conftest import GOLDEN, REPO
+from tools.testkit.paths import REPO, require_shared
 
+GOLDEN = require_shared() / "golden"
 CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")
 JOB = str(REPO / "jobs" / "embed_catalog.py")
 LAYERS = (1, 3)
