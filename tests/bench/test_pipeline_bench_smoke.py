@@ -14,7 +14,7 @@ import sys
 
 from tests.conftest import GOLDEN, REPO
 
-BENCH = str(REPO / "bench" / "pipeline.py")
+BENCH = str(REPO / "bench" / "pipeline_bench.py")
 
 
 def test_bench_pipeline_quick_json(tmp_path):

@@ -1,0 +1,77 @@
+"""Every benchmark runs in CI at a toy size, so none rots: each is started as a script from a
+directory outside the repository (no ``PYTHONPATH``, no repository cwd), with the arguments below,
+and must exit 0 and print something. No figure is checked here: the goals are the benchmarks' own
+report. ``bench/model_forward.py`` and ``bench/pipeline_bench.py`` have their own smoke tests
+beside this one, which also check the figures of their JSON."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GOLDEN, REPO, SHARED
+
+BENCH = REPO / "bench"
+CONFIG = str(GOLDEN / "config.json")
+
+#: Benchmark -> arguments of its smoke run (a few seconds of work each, on 2 cores).
+SMOKE: dict[str, list[str]] = {
+    "decode_formats.py": ["--quick", "--rates", "44100", "--formats", "wav16,flac"],
+    "flops.py": ["--seconds", "2", "--config", CONFIG],
+    # no GPU in CI: the same code paths on the CPU at toy sizes (small model, batch 2, 2 s)
+    "gpu.py": ["--cpu-smoke", "--no-pipeline", "--precisions", "fp32"],
+    "intelligence.py": ["--quick", "--parts", "duplicates,probe", "--dup-tracks", "500", "--probe-rows", "500"],
+    "job_vs_loop.py": ["--quick", "--hours", "0.01", "--max-tracks", "2"],
+    "refresh.py": ["--n", "6", "--seconds", "1", "2", "--window-s", "1", "--no-warmup"],
+    "resume.py": ["--tracks", "12", "--seconds", "1", "--chunk-size", "4", "--decode-cpus", "1"],
+    "scale.py": ["--sizes", "200", "--files-max", "200", "--planners", "driver"],
+    "search.py": ["--n", "2000", "--dim", "32", "--queries", "20", "--flat-queries", "5", "--index-types", "IVF_PQ", "--no-faiss"],
+    "serve_load.py": ["--quick", "--duration", "0.5", "--concurrency", "1,4", "--configs", "flags"],
+    "soak.py": ["--duration-s", "1", "--tracks", "4", "--drift", "1"],
+}  # fmt: skip
+#: Benchmarks smoke-tested by their own test file (it checks their JSON too).
+OWN_TEST = {
+    "model_forward.py": "tests/bench/test_model_forward_smoke.py",
+    "pipeline_bench.py": "tests/bench/test_pipeline_bench_smoke.py",
+}
+#: Modules of bench/ that are not benchmarks.
+HELPERS = {"procstat.py"}
+
+
+def test_every_benchmark_has_a_smoke_run() -> None:
+    scripts = {p.name for p in BENCH.glob("*.py")} - HELPERS
+    assert scripts == set(SMOKE) | set(OWN_TEST), "a benchmark without a smoke run (add it to SMOKE)"
+    assert len(scripts) == 14
+    assert all((REPO / t).is_file() for t in OWN_TEST.values())
+
+
+def run_bench(script: str, args: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """``python bench/<script> args`` from ``cwd``, with a clean environment for Ray."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", MUSICFM_SHARED=str(SHARED))
+    cmd = [sys.executable, str(BENCH / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_smoke_run_from_another_directory(script: str, tmp_path: Path) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in SMOKE[script]]
+    t0 = time.perf_counter()
+    proc = run_bench(script, args, tmp_path, timeout_s=300)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, (
+        f"rc={proc.returncode} after {wall:.0f} s\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    )
+    assert proc.stdout.strip(), "the benchmark printed nothing"
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE) + sorted(OWN_TEST))
+def test_help_from_another_directory(script: str, tmp_path: Path) -> None:
+    proc = run_bench(script, ["--help"], tmp_path, timeout_s=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout
