@@ -26,9 +26,9 @@ SMOKE: dict[str, list[str]] = {
     # no GPU in CI: the same code paths on the CPU at toy sizes (small model, batch 2, 2 s)
     "gpu.py": ["--cpu-smoke", "--no-pipeline", "--precisions", "fp32"],
     "intelligence.py": ["--quick", "--parts", "duplicates,probe", "--dup-tracks", "500", "--probe-rows", "500"],
-    "job_vs_loop.py": ["--quick", "--hours", "0.01", "--max-tracks", "2"],
+    "job_vs_loop.py": ["--hours", "0.01", "--max-tracks", "1"],
     "refresh.py": ["--n", "6", "--seconds", "1", "2", "--window-s", "1", "--no-warmup"],
-    "resume.py": ["--tracks", "12", "--seconds", "1", "--chunk-size", "4", "--decode-cpus", "1"],
+    "resume.py": ["--tracks", "8", "--seconds", "1", "--chunk-size", "4", "--decode-cpus", "1"],
     "scale.py": ["--sizes", "200", "--files-max", "200", "--planners", "driver"],
     "search.py": ["--n", "2000", "--dim", "32", "--queries", "20", "--flat-queries", "5", "--index-types", "IVF_PQ", "--no-faiss"],
     "serve_load.py": ["--quick", "--duration", "0.5", "--concurrency", "1,4", "--configs", "flags"],
@@ -41,20 +41,24 @@ OWN_TEST = {
 }
 #: Modules of bench/ that are not benchmarks.
 HELPERS = {"procstat.py"}
+#: The GPU benchmark's one command (it checks for CUDA, counts FLOPs, then runs bench/gpu.py).
+GPU_SH = "gpu.sh"
 
 
 def test_every_benchmark_has_a_smoke_run() -> None:
     scripts = {p.name for p in BENCH.glob("*.py")} - HELPERS
     assert scripts == set(SMOKE) | set(OWN_TEST), "a benchmark without a smoke run (add it to SMOKE)"
-    assert len(scripts) == 14
+    assert len(scripts | {GPU_SH}) == 14 and (BENCH / GPU_SH).is_file()
     assert all((REPO / t).is_file() for t in OWN_TEST.values())
 
 
 def run_bench(script: str, args: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
-    """``python bench/<script> args`` from ``cwd``, with a clean environment for Ray."""
+    """``python bench/<script> args`` (``bash bench/gpu.sh args``) from ``cwd``, with a clean
+    environment for Ray."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", MUSICFM_SHARED=str(SHARED))
-    cmd = [sys.executable, str(BENCH / script), *args]
+    env["PYTHON"] = sys.executable  # the interpreter gpu.sh runs
+    cmd = ["bash" if script.endswith(".sh") else sys.executable, str(BENCH / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -75,3 +79,18 @@ def test_help_from_another_directory(script: str, tmp_path: Path) -> None:
     proc = run_bench(script, ["--help"], tmp_path, timeout_s=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout
+
+
+def test_gpu_sh_from_another_directory(tmp_path: Path) -> None:
+    """Without CUDA, gpu.sh stops at once with one line that says so (exit 2); with CUDA, it runs
+    the model-only rows at toy sizes (the CPU path of bench/gpu.py is smoke-tested above)."""
+    import torch
+
+    args = ["--no-pipeline", "--no-compile", "--precisions", "bf16", "--batches", "8", "--seconds", "2", "--repeats", "1"]  # fmt: skip
+    proc = run_bench(GPU_SH, args, tmp_path, timeout_s=300)
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        assert "GFLOP per audio second" in proc.stdout
+    else:
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("gpu.sh: error: no CUDA device") and proc.stderr.count("\n") == 1
