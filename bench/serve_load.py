@@ -4,7 +4,8 @@ Usage (from the repo root)::
 
     python bench/serve_load.py                       # store built from shared/audio (12 clips)
     python bench/serve_load.py --store demo_store --duration 5 --json out.json
-    python bench/serve_load.py --quick               # smoke size
+    python bench/serve_load.py --quick               # small size
+    python bench/serve_load.py --smoke               # CI: every code path, no figure
 
 Everything is on loopback (127.0.0.1, a free port); each measurement is bounded in time
 (``--duration``) and in count (``--max-requests``), each request by ``--timeout``.
@@ -313,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="smoke size: 2 s per point, concurrency 1,8,64 (too short to judge the goal at 64)",
     )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke: 0.5 s per point, concurrency 1,4, the flags config, uploads for 1 s (no figure)",
+    )
     p.add_argument("--json", default=None, help="write all figures to this file")
     return p
 
@@ -322,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.concurrency = 2.0, "1,8,64"
+    if args.smoke:
+        args.duration, args.concurrency, args.configs = 0.5, "1,4", "flags"
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -472,7 +480,7 @@ def _page_paths(port: int, ids: list[str], args: argparse.Namespace) -> list[Loa
             continue
         # one request first (the upload loads the model), then the measurement
         asyncio.run(_load(port, make, 1, 0.001, 1, 120.0))
-        seconds = max(args.duration, 10.0) if label == "/api/upload" else args.duration
+        seconds = max(args.duration, 1.0 if args.smoke else 10.0) if label == "/api/upload" else args.duration
         r = asyncio.run(_load(port, make, conns, seconds, args.max_requests, max(args.timeout, 60.0), check))
         load = Load("flags", label, conns, **r)
         out.append(load)

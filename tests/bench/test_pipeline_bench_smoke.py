@@ -37,7 +37,7 @@ def test_bench_pipeline_quick_json(tmp_path):
         text=True,
         timeout=480,
         env=env,
-        cwd=REPO,
+        cwd=tmp_path,  # from outside the repository
         check=False,
     )
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

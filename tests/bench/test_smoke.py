@@ -31,7 +31,7 @@ SMOKE: dict[str, list[str]] = {
     "resume.py": ["--tracks", "8", "--seconds", "1", "--chunk-size", "4", "--decode-cpus", "1"],
     "scale.py": ["--sizes", "200", "--files-max", "200", "--planners", "driver"],
     "search.py": ["--n", "2000", "--dim", "32", "--queries", "20", "--flat-queries", "5", "--index-types", "IVF_PQ", "--no-faiss"],
-    "serve_load.py": ["--quick", "--duration", "0.5", "--concurrency", "1,4", "--configs", "flags"],
+    "serve_load.py": ["--smoke"],
     "soak.py": ["--duration-s", "1", "--tracks", "4", "--drift", "1"],
 }  # fmt: skip
 #: Benchmarks smoke-tested by their own test file (it checks their JSON too).
