@@ -52,6 +52,20 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     assert all((REPO / t).is_file() for t in OWN_TEST.values())
 
 
+def test_no_benchmark_shadows_a_module() -> None:
+    """A script's folder goes first on ``sys.path`` (and Ray workers may add the driver's cwd):
+    no file of bench/ may be named like a package or module it or the pipeline imports."""
+    import importlib.util
+
+    repo_packages = {p.name for p in REPO.iterdir() if p.is_dir()} | {p.stem for p in REPO.glob("*.py")}
+    clash = []
+    for p in BENCH.glob("*.py"):
+        other = importlib.util.find_spec(p.stem) if p.stem not in repo_packages else None
+        if p.stem in repo_packages or p.stem in sys.stdlib_module_names or other is not None:
+            clash.append(p.name)
+    assert clash == []
+
+
 def run_bench(script: str, args: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
     """``python bench/<script> args`` (``bash bench/gpu.sh args``) from ``cwd``, with a clean
     environment for Ray."""
