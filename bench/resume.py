@@ -82,9 +82,11 @@ def run(cmd: list[str], env: dict, kill_after_chunks: int | None = None) -> dict
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     committed = 0
     tracks_committed = 0
+    other: list[str] = []  # the job's other lines (its one-line error when it fails)
     assert p.stderr is not None
     for line in p.stderr:
         if not line.startswith("{"):
+            other = [*other[-19:], line.rstrip()]
             continue
         ev = json.loads(line)
         if ev.get("step") == "chunk committed":
@@ -93,7 +95,15 @@ def run(cmd: list[str], env: dict, kill_after_chunks: int | None = None) -> dict
             if kill_after_chunks is not None and committed >= kill_after_chunks:
                 p.send_signal(signal.SIGKILL)
                 break
-    out, _ = p.communicate()
+    out, err = p.communicate()
+    if p.returncode not in (0, -signal.SIGKILL):
+        print(
+            f"resume: {' '.join(cmd[:2])} exited {p.returncode}:",
+            *other,
+            err[-3000:],
+            sep="\n",
+            file=sys.stderr,
+        )
     return {"rc": p.returncode, "wall_s": time.perf_counter() - t0, "chunks": committed,
             "tracks_committed": tracks_committed, "stdout": out}  # fmt: skip
 

@@ -94,13 +94,6 @@ def test_smoke_run_from_another_directory(script: str, tmp_path: Path) -> None:
     assert proc.stdout.strip(), "the benchmark printed nothing"
 
 
-@pytest.mark.parametrize("script", sorted(SMOKE) + sorted(OWN_TEST))
-def test_help_from_another_directory(script: str, tmp_path: Path) -> None:
-    proc = run_bench(script, ["--help"], tmp_path, timeout_s=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "usage:" in proc.stdout
-
-
 def test_gpu_sh_from_another_directory(tmp_path: Path) -> None:
     """Without CUDA, gpu.sh stops at once with one line that says so (exit 2); with CUDA, it runs
     the model-only rows at toy sizes (the CPU path of bench/gpu.py is smoke-tested above)."""
