@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import AUDIO, GOLDEN
+from tests.conftest import AUDIO
 from tools.testkit.net import free_port
+from tools.testkit.reliability import job_kwargs
 
 CHROMIUM = os.environ.get("MUSICFM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,7 +28,6 @@ CHROMIUM_ARGS = [
 ]
 HOSTILE_TITLE = "<img src=x onerror=alert(1)>"
 HOSTILE_TRACK = "lc_lincity"
-LAYERS = (1, 3)
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +48,8 @@ def web_store(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
             title = HOSTILE_TITLE if r["track_id"] == HOSTILE_TRACK else r["title"]
             w.writerow([r["track_id"], str(AUDIO / r["uri"]), title, r["artist"], r["license"]])
         w.writerow(["broken", str(root / "bad.wav"), "Broken", "Nobody", "none"])
-    job = EmbedJob(
-        catalog=str(root / "catalog.csv"),
-        output=str(root / "store"),
-        checkpoint=str(GOLDEN / "checkpoint.pt"),
-        stats=str(GOLDEN / "stats.json"),
-        layers=LAYERS,
-        precision="fp32",
-        window_s=10.0,
-        hop_s=10.0,
-        batch_size=4,
-        decode_cpus=2,
-        allowed_prefixes=(str(AUDIO), str(root)),
-    )
+    settings = job_kwargs(window_s=10.0, hop_s=10.0, batch_size=4, allowed_prefixes=(str(AUDIO), str(root)))
+    job = EmbedJob(catalog=str(root / "catalog.csv"), output=str(root / "store"), **settings)
     report = run_embed(job, progress=False)
     assert report.status == "ok" and report.tracks_ok == 12 and report.tracks_failed == 1
     return root / "store", report
