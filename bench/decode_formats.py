@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 
-from bench.procstat import find_shared  # noqa: E402
 from pipeline.io.audio import TARGET_SR, decode_audio  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
 
 # name -> (soundfile format, subtype, extension)
 FORMATS: dict[str, tuple[str, str, str]] = {
@@ -272,7 +272,7 @@ def format_variants(vs: list[dict]) -> str:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="decode_formats", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each test file (default 60)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per file, best kept (default 3)")
@@ -282,6 +282,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dir", type=Path, default=None, help="where test files go (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 10 s files, 1 repeat, no variants")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write all figures here")
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.repeats, args.no_variants = 10.0, 1, True

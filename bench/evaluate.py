@@ -7,7 +7,7 @@ driver's peak memory; every layer swept in one pass.
     python bench/evaluate.py --n 40 --tasks beat,genre --json out.json
     python bench/evaluate.py --quick                  # CI smoke: 8 tracks each for beat and genre
 
-The tracks are MIDI rendered by fluidsynth with FluidR3_GM (tests/evaluate/render.py): drums for
+The tracks are MIDI rendered by fluidsynth with FluidR3_GM (tools/testkit/render.py): drums for
 beat, triad progressions for chord and key, sections for structure, instrument phrases for genre
 (tagging uses the genre store). The model is the small golden config with its random weights
 (``--model-config`` / ``--checkpoint`` for others). Ray is started once before the timings.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.evaluate.render import drum_set, section_set, timbre_set, triad_set  # noqa: E402
+from tools.testkit.render import drum_set, section_set, timbre_set, triad_set  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 #: task -> (rendered set, its share of the tracks)
@@ -84,7 +84,7 @@ def run_task(task: str, data: dict[str, Path], work: Path, args: argparse.Namesp
             "best": res["layers"][res["best_layer"]]["metrics"][res["primary_metric"]] if res["best_layer"] else None}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000, help="rendered tracks in all (split over the sets)")
     p.add_argument("--tasks", default="beat,chord,key,structure,genre,tagging")
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep the rendered set and outputs here (default: a temp dir)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--table", help="write the Table-1 style Markdown of all tasks (every layer) here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     tasks = ["beat", "genre"] if args.quick else [t.strip() for t in args.tasks.split(",") if t.strip()]
     if "tagging" in tasks and "genre" not in tasks:
         tasks.insert(tasks.index("tagging"), "genre")  # tagging reads the genre store

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -79,13 +79,18 @@ def flops_per_audio_second(config: MusicFMConfig, seconds: float = 30.0, device:
     return count_flops(model, seconds)["flops_per_window"] / seconds
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="window length (default 30)")
     ap.add_argument("--config", type=Path, default=None, help="model config JSON (default: full size)")
     ap.add_argument("--layer", type=int, default=None, help="deepest hidden state (default: the last)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", type=Path, default=None, metavar="OUT")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.seconds <= 0:
         ap.error("--seconds must be > 0")

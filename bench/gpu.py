@@ -65,17 +65,6 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
-def _load_flops() -> Any:
-    """bench/flops.py as a module (bench/ is not a package, and bench/pipeline.py would shadow
-    the pipeline package if bench/ went on sys.path)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_flops", REPO / "bench" / "flops.py")
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
 def fail(msg: str) -> None:
     print(f"gpu: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -209,8 +198,9 @@ def make_catalog(root: Path, tracks: int, track_s: float) -> Path:
     import soundfile as sf
     import soxr
 
-    from tests.conftest import AUDIO
+    from tools.testkit.paths import require_shared
 
+    AUDIO = require_shared() / "audio"
     root.mkdir(parents=True, exist_ok=True)
     clips = sorted((AUDIO / "clips").glob("*.*"))
     files = []
@@ -280,7 +270,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["  ".join(c.rjust(w[i]) for i, c in enumerate(r)) for r in rows])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--precisions", default="fp32,bf16,fp16")
     ap.add_argument("--batches", default="8,32,64")
@@ -295,6 +285,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work-dir", type=Path, default=None, help="audio and stores (default: a temp dir)")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every path on the CPU at toy sizes")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT")
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -316,15 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
             "run this on a GPU machine, or --cpu-smoke to check the script on a CPU"
         )
-    count_flops = _load_flops().count_flops
+    from bench.flops import count_flops
     from musicfm import MusicFM25Hz, MusicFMConfig
     from pipeline.flow.device import compile_model, describe, sdpa_backends
 
     cfg_path = None
     if args.cpu_smoke:
-        from tests.conftest import GOLDEN
+        from tools.testkit.paths import require_shared
 
-        cfg_path = GOLDEN / "config.json"
+        cfg_path = require_shared() / "golden" / "config.json"
         args.precisions = [p for p in args.precisions if p != "fp16"]
         args.batches, args.seconds, args.repeats = [2], 2.0, 1
         args.decode_cpus, args.tracks, args.track_s = [1], 4, 4.0

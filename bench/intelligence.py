@@ -43,7 +43,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # run as a script from any directory
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
@@ -348,7 +348,7 @@ def _crop_store(a: argparse.Namespace, work: str) -> tuple[str, list, list[str]]
 
     from pipeline.runs.embed import run_embed
     from pipeline.runs.settings import EmbedJob
-    from tests.insights.crop_audio import crop_plan, write_copies
+    from tools.testkit.crop_audio import crop_plan, write_copies
 
     shared = Path(_shared_dir())
     audio = shared / "audio"
@@ -435,7 +435,7 @@ def part_crops(a: argparse.Namespace, work: str) -> dict:
 PARTS = {"duplicates": part_duplicates, "probe": part_probe, "map": part_map, "crops": part_crops}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dup-tracks", type=int, default=200_000)
     p.add_argument("--probe-rows", type=int, default=100_000)
@@ -469,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write all figures to this file")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
         a.dup_tracks, a.probe_rows, a.map_rows, a.dim, a.probe_dim, a.fit_sample = (

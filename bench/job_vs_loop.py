@@ -47,14 +47,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from bench.procstat import find_shared, machine_busy_s, tree_cpu  # noqa: E402
+from bench.procstat import machine_busy_s, tree_cpu  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
 
 GOAL_RATIO = 1.3
 #: Track lengths (seconds) cycled through when building the catalog (real tracks are 1.5-4 min).

@@ -48,8 +48,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.procstat import find_shared  # noqa: E402
 from musicfm import MusicFM25Hz, MusicFMConfig  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
 
 SAMPLE_RATE = 24000
 
@@ -405,7 +405,7 @@ def format_report(res: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes (default 1,2,4,8)")
     ap.add_argument("--seconds", type=float, default=30.0, help="window length in seconds (default 30)")
@@ -441,6 +441,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--json", type=Path, default=None, metavar="OUT", help="write all figures to this JSON file"
     )
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.seconds, args.repeats = "1", 10.0, 1

@@ -1,25 +1,13 @@
 """CPU accounting from ``/proc`` shared by the benchmarks (Linux; ``None`` / empty elsewhere).
 
-Import it as ``bench.procstat`` with the repository root on ``sys.path`` (``bench/`` itself stays
-off it: ``bench/pipeline.py`` would shadow the ``pipeline`` package).
+Import it as ``bench.procstat`` with the repository root on ``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def find_shared() -> Path | None:
-    """The project's ``shared/`` folder (golden model, audio clips): ``$MUSICFM_SHARED``, or
-    ``shared/`` in or beside the repository."""
-    for cand in (os.environ.get("MUSICFM_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if cand and (Path(cand) / "golden").is_dir():
-            return Path(cand)
-    return None
 
 
 def machine_busy_s() -> float | None:

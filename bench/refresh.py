@@ -31,14 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from any directory
+    sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from tests.support.stores import write_catalog  # noqa: E402
+from tools.testkit.stores import CKPT, STATS, write_catalog  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 FORMATS = ("wav", "flac", "ogg")
 
 
@@ -65,7 +66,7 @@ def write_tracks(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200, help="catalog size (default 200)")
     p.add_argument(
@@ -74,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--change", type=float, default=0.01, help="fraction changed (default 0.01, at least 3 tracks)"
     )
-    p.add_argument(
-        "--checkpoint", default=str(SHARED / "checkpoint.pt"), help="model (default: golden small)"
-    )
-    p.add_argument("--stats", default=str(SHARED / "stats.json"))
+    p.add_argument("--checkpoint", default=CKPT, help="model (default: golden small)")
+    p.add_argument("--stats", default=STATS)
     p.add_argument("--layers", default="1,3")
     p.add_argument("--window-s", type=float, default=5.0)
     p.add_argument("--decode-cpus", type=int, default=1)
@@ -85,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep files here (default: a temporary directory, removed)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--no-warmup", action="store_true", help="skip the throwaway embed + refresh")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_ACCEPT_CLUSTER_SPAWN", "1")

@@ -30,11 +30,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a script from any directory
+    sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from tests.conftest import AUDIO, GOLDEN  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
+
+SHARED = find_shared() or REPO / "shared"
+AUDIO, GOLDEN = SHARED / "audio", SHARED / "golden"
 
 JOB = str(REPO / "jobs" / "embed_catalog.py")
 
@@ -78,9 +82,11 @@ def run(cmd: list[str], env: dict, kill_after_chunks: int | None = None) -> dict
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     committed = 0
     tracks_committed = 0
+    other: list[str] = []  # the job's other lines (its one-line error when it fails)
     assert p.stderr is not None
     for line in p.stderr:
         if not line.startswith("{"):
+            other = [*other[-19:], line.rstrip()]
             continue
         ev = json.loads(line)
         if ev.get("step") == "chunk committed":
@@ -89,7 +95,15 @@ def run(cmd: list[str], env: dict, kill_after_chunks: int | None = None) -> dict
             if kill_after_chunks is not None and committed >= kill_after_chunks:
                 p.send_signal(signal.SIGKILL)
                 break
-    out, _ = p.communicate()
+    out, err = p.communicate()
+    if p.returncode not in (0, -signal.SIGKILL):
+        print(
+            f"resume: {' '.join(cmd[:2])} exited {p.returncode}:",
+            *other,
+            err[-3000:],
+            sep="\n",
+            file=sys.stderr,
+        )
     return {"rc": p.returncode, "wall_s": time.perf_counter() - t0, "chunks": committed,
             "tracks_committed": tracks_committed, "stdout": out}  # fmt: skip
 
@@ -124,14 +138,19 @@ def vectors(store: Path) -> dict[str, np.ndarray]:
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracks", type=int, default=20000)
     p.add_argument("--seconds", type=float, default=1.0, help="length of each track")
     p.add_argument("--chunk-size", type=int, default=1000)
     p.add_argument("--decode-cpus", default="2")
     p.add_argument("--workdir", default=None)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="musicfm-resume-"))
     catalog = make_tracks(root, args.tracks, args.seconds)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

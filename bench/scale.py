@@ -37,9 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from any directory
+    sys.path.insert(0, str(REPO))
+
 PREFIXES = ("label-a", "label-b", "label-c", "label-d")
 BATCH = 1_000_000  # rows per data file written (Lance's default max rows per file)
 
@@ -61,7 +62,7 @@ finally:
 
 
 def refresh_args(catalog: Path, store: Path) -> list[str]:
-    from tests.support.stores import CKPT, LAYERS, STATS
+    from tools.testkit.stores import CKPT, LAYERS, STATS
 
     return [
         "--catalog", str(catalog), "--store", str(store), "--checkpoint", CKPT, "--stats", STATS,
@@ -72,8 +73,8 @@ def refresh_args(catalog: Path, store: Path) -> list[str]:
 
 def model_settings(catalog: Path, store: Path) -> tuple[str, str, tuple[int, ...], int]:
     """model_id, settings_id, layers and vector size of the golden model with these settings."""
-    from tests.support.stores import embed_job
-    from tests.support.stores import model_settings as settings_of
+    from tools.testkit.stores import embed_job
+    from tools.testkit.stores import model_settings as settings_of
 
     return settings_of(embed_job(str(catalog), str(store)))
 
@@ -83,7 +84,7 @@ def build(root: Path, n: int, files: bool) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.support.stores import synthetic_tracks
+    from tools.testkit.stores import synthetic_tracks
 
     t: dict[str, float] = {}
     root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ def measure(catalog: Path, store: Path, dry: bool, planner: str = "auto") -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument(
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="--planner values measured side by side (default: driver ray)")  # fmt: skip
     p.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="scale-bench-"))
     results = []

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # run as a script from any directory
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
@@ -94,16 +94,9 @@ def clip_window_vectors(model_kind: str, cache_dir: str) -> np.ndarray:
     from musicfm import MusicFM25Hz, MusicFMConfig
     from pipeline.flow.inference import EmbedSettings, WindowEmbedder, load_model
     from pipeline.io.audio import decode_audio
+    from tools.testkit.paths import require_shared
 
-    shared = next(
-        p
-        for p in (
-            os.environ.get("MUSICFM_SHARED"),
-            os.path.join(ROOT, "shared"),
-            os.path.join(ROOT, "..", "shared"),
-        )
-        if p and os.path.isdir(os.path.join(p, "audio"))
-    )
+    shared = str(require_shared())
     if model_kind == "golden":
         g = os.path.join(shared, "golden")
         model = load_model(os.path.join(g, "checkpoint.pt"), os.path.join(g, "stats.json"), device="cpu")

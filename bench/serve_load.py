@@ -4,7 +4,8 @@ Usage (from the repo root)::
 
     python bench/serve_load.py                       # store built from shared/audio (12 clips)
     python bench/serve_load.py --store demo_store --duration 5 --json out.json
-    python bench/serve_load.py --quick               # smoke size
+    python bench/serve_load.py --quick               # small size
+    python bench/serve_load.py --smoke               # CI: every code path, no figure
 
 Everything is on loopback (127.0.0.1, a free port); each measurement is bounded in time
 (``--duration``) and in count (``--max-requests``), each request by ``--timeout``.
@@ -46,7 +47,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,12 +77,6 @@ class Load:
     statuses: dict[str, int] = field(default_factory=dict)
     retry_after: str | None = None
     p50_503_ms: float | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -250,8 +244,9 @@ def build_store(out: str) -> str:
     """Embed the 12 clips of shared/audio with the small golden model (10 s windows)."""
     from pipeline.runs.embed import run_embed
     from pipeline.runs.settings import EmbedJob
-    from tests.conftest import AUDIO, GOLDEN
+    from tools.testkit.paths import require_shared
 
+    AUDIO, GOLDEN = require_shared() / "audio", require_shared() / "golden"
     os.makedirs(out, exist_ok=True)
     catalog = os.path.join(out, "catalog.csv")
     with open(AUDIO / "catalog.csv", newline="") as f:
@@ -303,7 +298,7 @@ def deploy(port: int, store: str, name: str, options: dict) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import OneLineParser
 
     p = OneLineParser(prog="serve_load", description=__doc__.split("\n", 1)[0])
@@ -319,10 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smoke size: 2 s per point, concurrency 1,8,64 (too short to judge the goal at 64)",
     )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI smoke: 0.5 s per point, concurrency 1,4, the flags config, uploads for 1 s (no figure)",
+    )
     p.add_argument("--json", default=None, help="write all figures to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.concurrency = 2.0, "1,8,64"
+    if args.smoke:
+        args.duration, args.concurrency, args.configs = 0.5, "1,4", "flags"
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -356,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         h.track_id
         for h in store.search(store.vector(_first_id(store), layer), layer=layer, k=min(50, store.num_tracks))
     ]
-    port = _free_port()
+    from tools.testkit.net import free_port
+
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     configs = {
         "serve-defaults": {},
@@ -471,7 +480,7 @@ def _page_paths(port: int, ids: list[str], args: argparse.Namespace) -> list[Loa
             continue
         # one request first (the upload loads the model), then the measurement
         asyncio.run(_load(port, make, 1, 0.001, 1, 120.0))
-        seconds = max(args.duration, 10.0) if label == "/api/upload" else args.duration
+        seconds = max(args.duration, 1.0 if args.smoke else 10.0) if label == "/api/upload" else args.duration
         r = asyncio.run(_load(port, make, conns, seconds, args.max_requests, max(args.timeout, 60.0), check))
         load = Load("flags", label, conns, **r)
         out.append(load)
@@ -481,9 +490,9 @@ def _page_paths(port: int, ids: list[str], args: argparse.Namespace) -> list[Loa
 
 def _clip_bytes(base: str, audio_ids: list[str]) -> bytes:
     """A transformed clip from shared/audio/variants (or the first served track's bytes)."""
-    from tests.conftest import AUDIO
+    from tools.testkit.paths import require_shared
 
-    variant = AUDIO / "variants" / "hw_city_crop3s.ogg"
+    variant = require_shared() / "audio" / "variants" / "hw_city_crop3s.ogg"
     if variant.is_file():
         return variant.read_bytes()
     import requests

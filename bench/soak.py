@@ -37,11 +37,12 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a script from any directory
+    sys.path.insert(0, str(REPO))
 
 import soundfile as sf  # noqa: E402
 
-from tests.reliability.helpers import (  # noqa: E402
+from tools.testkit.reliability import (  # noqa: E402
     CKPT,
     STATS,
     ActorKiller,
@@ -181,7 +182,7 @@ def _check(store: str, so: dict | None, expected: set[str], run_id: str) -> list
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--duration-s", type=float, default=600.0)
     p.add_argument("--tracks", type=int, default=40)
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-rate", type=float, default=0.1, help="transient S3 fault rate with --s3")
     p.add_argument("--no-refresh", action="store_true", help="embed runs only")
     p.add_argument("--json", help="write the summary here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     import ray
@@ -215,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     so: dict | None = None
     store = str(work / "store")
     if args.s3:
-        from tests.support.s3 import moto_server
         from tools.fault_proxy import FaultConfig, FaultProxy
+        from tools.testkit.s3 import moto_server
 
         moto = moto_server()
         endpoint = moto.__enter__()  # an S3Server: the endpoint URL, plus a client

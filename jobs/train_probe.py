@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.insights.cli import probe_parser as build_parser  # noqa: E402,F401
 from pipeline.insights.cli import run_probe  # noqa: E402
 
 

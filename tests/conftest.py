@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tools.testkit.paths import REPO, require_shared
 
-
-def _find_shared() -> Path:
-    for cand in (os.environ.get("MUSICFM_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if cand and (Path(cand) / "golden").is_dir():
-            return Path(cand)
-    raise RuntimeError("cannot find the shared/ folder (golden data, audio clips); set MUSICFM_SHARED")
-
-
-SHARED = _find_shared()
+SHARED = require_shared()
 GOLDEN = SHARED / "golden"
 AUDIO = SHARED / "audio"
 
@@ -68,7 +59,7 @@ def ray_cluster():
 def s3_server():
     """A real S3 API (moto server) on 127.0.0.1 for the session: an :class:`S3Server` (the
     endpoint URL as a ``str``, plus ``client()``, ``bucket(name)`` and ``options(style)``)."""
-    from tests.support.s3 import moto_server
+    from tools.testkit.s3 import moto_server
 
     with moto_server() as server:
         yield server

@@ -115,24 +115,85 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.parametrize(
-    "package", ["pipeline.io", "pipeline.flow", "pipeline.store", "pipeline.runs", "pipeline.search"]
+#: The layers, bottom first, declared once (the README's Layout states the same order and
+#: test_readme_states_the_layers checks it). A module belongs to the longest entry that names it or
+#: its package, and may import only from its own entry and the entries before it. The web page is
+#: part of ``pipeline.search`` (above the query logic, below the service that serves it).
+LAYERS = (
+    "musicfm",
+    "pipeline.errors",
+    "pipeline.schemas",
+    "pipeline.io",
+    "pipeline.store",
+    "pipeline.cli",
+    "pipeline.flow",
+    "pipeline.search",  # the query logic: index, reader, synthetic stores, cli
+    "pipeline.search.http",
+    "pipeline.search.catalog_views",  # the web page: catalog views, the page, its static files
+    "pipeline.search.web",
+    "pipeline.search.service",
+    "pipeline.search.serve_cli",
+    "pipeline.insights",
+    "pipeline.runs",
+    "pipeline.evaluate",
 )
-def test_layers_only_import_downwards(package: str) -> None:
-    """io <- store <- flow <- runs, and search beside runs: nothing below runs imports runs or search."""
-    order = ["pipeline.io", "pipeline.flow", "pipeline.store", "pipeline.runs"]
+
+
+def layer_of(module: str) -> int | None:
+    """Index in :data:`LAYERS` of the longest entry naming ``module`` or one of its packages."""
+    best = None
+    for i, entry in enumerate(LAYERS):
+        if (module == entry or module.startswith(entry + ".")) and (
+            best is None or len(entry) > len(LAYERS[best])
+        ):
+            best = i
+    return best
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up the layers, and every module that no layer names."""
+    bad = []
+    for mod, deps in graph.items():
+        if mod == "pipeline":  # the namespace's empty __init__
+            continue
+        here = layer_of(mod)
+        if here is None:
+            bad.append(f"{mod}: in no layer (add its package to LAYERS)")
+            continue
+        for dep in sorted(deps):
+            there = layer_of(dep)
+            if there is not None and there > here:
+                bad.append(f"{mod} -> {dep} ({LAYERS[here]} imports {LAYERS[there]}, which is above it)")
+    return sorted(bad)
+
+
+def test_every_import_points_down_the_layers() -> None:
     graph, _ = import_graph()
-    forbidden = {"pipeline.runs", "pipeline.search"} if package in order[:3] else set()
-    if package == "pipeline.search":
-        forbidden = {"pipeline.runs"}
-    bad = sorted(
-        f"{m} -> {t}"
-        for m, deps in graph.items()
-        if m.startswith(package + ".")
-        for t in deps
-        if any(t == f or t.startswith(f + ".") for f in forbidden)
-    )
-    assert bad == []
+    assert layering_violations(graph) == []
+
+
+def test_layering_check_finds_an_upward_import_and_an_unplaced_module() -> None:
+    graph = {
+        "pipeline.io.audio": {"pipeline.errors"},
+        "pipeline.store.tables": {"pipeline.runs.plan"},
+        "pipeline.search.web": {"pipeline.search.service"},
+        "pipeline.gadgets.x": set(),
+    }
+    assert layering_violations(graph) == [
+        "pipeline.gadgets.x: in no layer (add its package to LAYERS)",
+        "pipeline.search.web -> pipeline.search.service (pipeline.search.web imports "
+        "pipeline.search.service, which is above it)",
+        "pipeline.store.tables -> pipeline.runs.plan (pipeline.store imports pipeline.runs, which is above it)",
+    ]
+
+
+def test_readme_states_the_layers() -> None:
+    """The README's Layout says the same order, in one line ``Layers, bottom first: a < b < ...``."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if ln.startswith("Layers, bottom first")]
+    assert len(lines) == 1, "README.md: no (or several) 'Layers, bottom first: ...' line"
+    stated = [p.strip(" `.") for p in lines[0].split(":", 1)[1].split("<")]
+    assert stated == [e.removeprefix("pipeline.") for e in LAYERS]
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py")))

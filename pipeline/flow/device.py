@@ -99,15 +99,15 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> tuple[str, ...]:
 
 
 def cpu_prefers_bf16(cpuinfo: str | None = None) -> bool:
-    """True where bf16 was measured >= 1.6x faster than fp32 per CPU-second: CPUs with AMX-BF16.
+    """True on CPUs with AMX-BF16 (the rule of ``--precision auto``; what backs it: docs/sizing_decode.md).
 
     A rule rather than a timed probe, so that ``--precision auto`` (which enters ``settings_id``)
     resolves the same way on every run of a machine type, however loaded the machine is (a probe
     on a shared machine flips with the load and would change ``settings_id`` between runs).
-    Measured (``bench/model_forward.py``, full size, 30 s windows, Xeon with AMX-BF16): bf16 /
-    fp32 per CPU-second 1.69x at batch 4, 1.67x at batch 8 (the job's default), 1.27x at batch 1.
-    AVX512-BF16 without AMX has not been measured >= 1.6x, so it stays fp32
-    (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` measures it on an AMX machine).
+    Measured (``bench/model_forward.py``, full size, 30 s windows, bench/README.md at 19859f0..,
+    2026-11-25, on the 2-vCPU AMD EPYC development VM, a CPU without AMX): bf16 / fp32 per
+    CPU-second 1.69x at batch 4, 1.67x at batch 8 (the job's default), 1.27x at batch 1. No run on
+    an AMX machine is recorded (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` compares both on one).
     """
     return "amx_bf16" in cpu_bf16_units(cpuinfo)
 

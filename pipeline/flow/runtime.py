@@ -98,7 +98,8 @@ def configure_data_context(progress: bool = True) -> Any:
     for name, value in settings.items():
         if hasattr(ctx, name):  # older Ray releases lack some of them
             setattr(ctx, name, value)
-    # the tracks groupby: Ray 2.60's default hash shuffle starts a pool of aggregator actors
+    # groupbys (the Ray planner's partitions; measured when the embed job grouped its tracks):
+    # Ray 2.60's default hash shuffle starts a pool of aggregator actors
     # (seconds per run, and CPUs reserved beside the decode pool); the sort-based shuffle runs as
     # plain tasks. Measured on the 200-track refresh benchmark: write stage 10.8 s -> 2.6 s.
     from ray.data.context import ShuffleStrategy

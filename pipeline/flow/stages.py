@@ -2,9 +2,9 @@
 
     catalog rows ──DecodeStage (CPU actors)──▶ window rows (audio) | error rows
                  ──EmbedStage (GPU actors)───▶ window rows (pooled vectors) | error rows
-                 ──ChunkWriter (CPU actors)──▶ windows / frames data files per chunk (Lance store;
-                                               pipeline.flow.streaming) — or, for --format parquet,
-                 ──ToWindows / ToFrames / ToTrack (groupby track_id)──▶ tables
+                 ──ChunkWriter (CPU actors)──▶ windows / frames data files per chunk (ToWindows,
+                                               ToFrames; the pass is pipeline.flow.streaming)
+    on the driver, per complete chunk: ToTrack ──▶ its ``tracks`` rows (token-weighted means)
 
 Every stage turns a failure of one record into an error row (stage, error_type, message) and
 keeps going; nothing is dropped silently. Rows between stages follow ``schemas.task_schema``.

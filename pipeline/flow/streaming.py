@@ -1,7 +1,7 @@
 """One streaming Ray pass from catalog rows to uncommitted data files, handed over chunk by chunk.
 
-Both jobs use it: the embed job collects every chunk and commits each table once at the end
-(Overwrite); the refresh job commits each chunk as it arrives (its commit protocol).
+Both jobs use it (an embed is a refresh of its output store): each chunk is committed as it
+arrives, by the commit protocol of :mod:`pipeline.runs.refresh`.
 
     catalog rows (+ chunk index) ──DecodeStage (CPU actors)──▶ windows with audio | errors
         ──EmbedStage (GPU actors)──▶ windows with pooled vectors (and frames) | errors

@@ -1,5 +1,5 @@
 """The jobs' settings: :class:`EmbedJob` and :class:`RefreshJob` (frozen dataclasses built from
-the command line by :func:`embed_job_from_args` / the refresh job's entry script)."""
+the command line by :func:`embed_job_from_args` and :func:`pipeline.runs.commands.refresh_main`)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The embedding store's tables: Lance datasets under one root, written as data files in the
 workers and published by commits on the driver (:class:`StoreWriter`), plus the filter helpers.
 
-A run writes data files first (in the workers) and publishes them with a single Lance commit per
-table at the end, so a failed or killed run leaves the previous table versions untouched and
-readable. Tables are committed in dependency order — windows, frames, then tracks — so a reader
-that opens ``tracks`` at any moment finds the windows of every track it sees. Errors and runs are
-append-only histories keyed by ``run_id``.
+A run writes data files first (in the workers) and publishes them chunk by chunk (embed and refresh
+alike: the commit protocol of :mod:`pipeline.runs.refresh`), each chunk in dependency order —
+windows, frames, then its ``tracks`` rows — so a reader that opens ``tracks`` at any moment finds
+the windows of every track it sees, and a failed or killed run leaves every committed chunk intact
+and readable. Errors and runs are append-only histories keyed by ``run_id``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import GOLDEN
-from tests.evaluate.render import can_render, drum_set, section_set, timbre_set, triad_set
+from tools.testkit.render import can_render, drum_set, section_set, timbre_set, triad_set
 
 #: The small random-weight golden model (3 blocks, 48 wide: hidden states 0-3), fp32.
 MODEL_ARGS = ["--checkpoint", str(GOLDEN / "checkpoint.pt"), "--stats", str(GOLDEN / "stats.json"),

@@ -1,4 +1,4 @@
-"""CI smoke of ``bench/pipeline.py --quick --model mid`` (4 layers x 512 wide): the benchmark runs
+"""CI smoke of ``bench/pipeline_bench.py --quick --model mid`` (4 layers x 512 wide): the benchmark runs
 the job at a size between the golden model and the released one, and the pool shape the job chose
 there is the rule's (pipeline.flow.runtime: threads per model actor from the model's FLOPs per
 audio second, memory declared per actor), with the cores it kept busy in the report. No timing
@@ -23,7 +23,7 @@ def test_bench_pipeline_mid_size_pool_shape(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "pipeline.py"), "--quick", "--model", "mid",
+        [sys.executable, str(REPO / "bench" / "pipeline_bench.py"), "--quick", "--model", "mid",
          "--audio-dir", str(tmp_path / "audio"), "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False,
     )  # fmt: skip

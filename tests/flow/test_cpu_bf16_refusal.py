@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.flow.device import CPU_BF16_REFUSAL, CPU_FLAGS_ENV
 from tests.conftest import REPO
-from tests.support.stores import write_catalog, write_tone
+from tools.testkit.stores import write_catalog, write_tone
 
 NO_BF16 = "fpu sse sse2 avx avx2 fma"  # e.g. an AMD EPYC (Zen 2/3) or a pre-2020 Intel laptop
 
@@ -66,7 +66,7 @@ def test_a_cpu_model_actor_without_bf16_units_fails_the_run_with_the_reason(tmp_
         import sys
         from pipeline.errors import RunFailed
         from pipeline.runs.embed import run_embed
-        from tests.support.stores import embed_job
+        from tools.testkit.stores import embed_job
 
         try:
             run_embed(embed_job(sys.argv[1], sys.argv[2], precision="bf16"), progress=False)

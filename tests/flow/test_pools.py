@@ -13,7 +13,7 @@ from pipeline.flow.runtime import pool_bounds
 from pipeline.runs.commands import embed_parser
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import embed_job_from_args
-from tests.support.stores import CKPT, STATS, write_catalog, write_tone
+from tools.testkit.stores import CKPT, STATS, write_catalog, write_tone
 
 
 @pytest.mark.parametrize(("text", "want"), [("3", (3, 3)), ("1:4", (1, 4)), ("2:2", (2, 2))])

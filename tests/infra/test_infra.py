@@ -1001,7 +1001,7 @@ def test_readme_sizing_guide_and_code_blocks():
         "PER_GPU_XRT",
         "PER_CORE_DECODE_XRT",
         "bench/model_forward.py",
-        "bench/pipeline.py",
+        "bench/pipeline_bench.py",
         "ceil(H × 3600 / (W × PER_GPU_XRT))",
         "ceil(H × 3600 / (W × PER_CORE_DECODE_XRT))",
     ):

@@ -19,7 +19,7 @@ from pipeline.insights.duplicates import Criterion, find_duplicates
 from pipeline.insights.vectors import store_ref
 from tests.conftest import AUDIO
 from tests.insights.conftest import embed, read_catalog, write_catalog
-from tests.insights.crop_audio import Cut, Planted, crop_plan, write_copies
+from tools.testkit.crop_audio import Cut, Planted, crop_plan, write_copies
 
 WINDOW_S = 2.5  # hop = window
 SOURCES = ["hw_city", "hw_fruit", "lc_city_blues", "fb_mainzik_1p"]

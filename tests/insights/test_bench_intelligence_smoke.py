@@ -17,7 +17,7 @@ BENCH = str(REPO / "bench" / "intelligence.py")
 def test_crops_part_quick_reports_recall_by_length(tmp_path) -> None:
     out = tmp_path / "bench.json"
     # no PYTHONPATH: the script puts the repository first on sys.path itself (with the script's
-    # folder first, bench/pipeline.py would shadow the pipeline package)
+    # folder first, bench/pipeline_bench.py would shadow the pipeline package)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(RAY_USAGE_STATS_ENABLED="0", MUSICFM_SHARED=str(SHARED))
     cmd = [sys.executable, BENCH, "--quick", "--parts", "crops", "--json", str(out)]

@@ -14,7 +14,7 @@ from pipeline.insights.predict import predict_store
 from pipeline.insights.probes import ProbeSettings, train_probe
 from tests.conftest import GOLDEN
 from tests.insights.test_probes import write_labels
-from tests.support.stores import write_catalog, write_tone
+from tools.testkit.stores import write_catalog, write_tone
 
 MODEL = ["--checkpoint", str(GOLDEN / "checkpoint.pt"), "--stats", str(GOLDEN / "stats.json"), "--layers", "1,3",
          "--precision", "fp32", "--window-s", "1", "--no-progress", "--decode-cpus", "1"]  # fmt: skip

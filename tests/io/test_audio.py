@@ -16,7 +16,7 @@ import soxr
 
 from pipeline.errors import DecodeError, PipelineError, TooShortError, error_type
 from pipeline.io.audio import TARGET_SR, AudioLimits, DecodedAudio, decode_audio, probe_audio
-from tests.support.memory import traced_peak
+from tools.testkit.memory import traced_peak
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,7 @@ from pipeline.errors import (
 from pipeline.io.catalog import CatalogEntry, RejectedRow, iter_catalog, read_catalog
 from pipeline.io.objects import content_version, fetch_bytes, open_uri
 from pipeline.io.uris import UriPolicy, normalize_uri, resolve_uri, stable_track_id
-from tests.support.memory import traced_peak
+from tools.testkit.memory import traced_peak
 
 ID_RE = re.compile(r"^t_[0-9a-f]{16}$")
 
@@ -702,11 +702,9 @@ def test_s3_fetch_errors(s3_bucket: dict) -> None:
 
 @pytest.mark.timeout(60)
 def test_s3_unreachable_endpoint_retries_then_fails() -> None:
-    import socket
+    from tools.testkit.net import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     so = {
         "endpoint_url": f"http://127.0.0.1:{port}",
         "key": "AKIAUNREACHABLE",

@@ -21,7 +21,7 @@ import pytest
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
 from tests.conftest import AUDIO, GOLDEN, REPO
-from tests.support.net import free_port
+from tools.testkit.net import free_port
 
 JOB = str(REPO / "jobs" / "embed_catalog.py")
 CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")

@@ -17,7 +17,7 @@ from jobs.refresh_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, build_parser, mai
 from pipeline.store.lease import StoreLock
 from pipeline.store.tables import StoreWriter
 from tests.conftest import GOLDEN
-from tests.support.stores import write_catalog, write_tone
+from tools.testkit.stores import write_catalog, write_tone
 
 MODEL = ["--checkpoint", str(GOLDEN / "checkpoint.pt"), "--stats", str(GOLDEN / "stats.json"), "--layers", "1,3",
          "--precision", "fp32", "--window-s", "1", "--no-progress"]  # fmt: skip

@@ -13,7 +13,7 @@ import requests
 from pipeline.search.reader import open_store
 from pipeline.search.synthetic import tracks_table, write_synthetic_store
 from tests.conftest import AUDIO, GOLDEN
-from tests.support.net import free_port
+from tools.testkit.net import free_port
 
 DIM = 48  # the golden model's width, so audio queries can be embedded
 CLIP = AUDIO / "clips" / "hw_fruit.ogg"

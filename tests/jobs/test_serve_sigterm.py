@@ -18,7 +18,7 @@ import requests
 
 from pipeline.search.synthetic import write_synthetic_store
 from tests.conftest import REPO
-from tests.support.net import free_port
+from tools.testkit.net import free_port
 
 GRACE_S = 30.0
 

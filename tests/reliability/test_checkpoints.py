@@ -18,7 +18,7 @@ import torch
 from pipeline.runs.model_info import probe_model
 from pipeline.runs.settings import EmbedJob
 from tests.conftest import REPO
-from tests.reliability.helpers import CKPT, JOB, STATS, job_kwargs, tone
+from tools.testkit.reliability import CKPT, JOB, STATS, job_kwargs, tone
 
 
 class _Payload:

@@ -21,7 +21,7 @@ from pipeline.flow.runtime import ACTOR_MAX_TASK_RETRIES, DECODE_MAX_CRASHES
 from pipeline.io.audio import AudioLimits
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
-from tests.reliability.helpers import (
+from tools.testkit.reliability import (
     ActorKiller,
     CrashingDecodeStage,
     check_store,

@@ -18,7 +18,7 @@ from pipeline.errors import CatalogError, UriRefused
 from pipeline.io.catalog import read_catalog
 from pipeline.io.uris import UriPolicy, resolve_uri
 from tests.conftest import REPO
-from tests.reliability.helpers import write_catalog
+from tools.testkit.reliability import write_catalog
 
 RLO, ALEF, COMBINING, EMOJI = "\u202e", "\u05d0", "e\u0301", "\U0001f3b5"
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.faults import KILL_ENV
 from tests.conftest import REPO
-from tests.reliability.helpers import CKPT, JOB, STATS, check_store, store_tables, write_catalog, write_tracks
+from tools.testkit.reliability import CKPT, JOB, STATS, check_store, store_tables, write_catalog, write_tracks
 
 CHUNK = 2
 N_TRACKS = 8

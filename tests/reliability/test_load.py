@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
-from tests.reliability.helpers import PeakRss, job_kwargs, write_catalog, write_tracks
+from tools.testkit.reliability import PeakRss, job_kwargs, write_catalog, write_tracks
 
 DRIVER_GROWTH_MAX = 96 * 1024**2
 
@@ -52,6 +52,12 @@ def _load(ray, tmp_path, n: int) -> None:
     )
     assert report.status == "ok" and report.tracks_ok == n and report.tracks_failed == 0
     assert report.windows == n
+    # it sampled all along (a tenth of the periods at least, on a loaded machine), workers included
+    assert mon.samples >= max(2, wall / mon.period_s / 10) and mon.worker_samples >= 1, (
+        mon.samples,
+        mon.worker_samples,
+        wall,
+    )
     assert mon.peak - base < DRIVER_GROWTH_MAX, (base, mon.peak)
     assert spilled == 0
 

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from tests.conftest import REPO
-from tests.reliability.helpers import tone
+from tools.testkit.reliability import tone
 
 SR, CH, MINUTES = 48000, 6, 10
 

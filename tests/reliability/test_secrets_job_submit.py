@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,8 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import REPO
-from tests.reliability.helpers import CKPT, STATS, grep_tree, store_tables, tone
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tools.testkit.net import free_port
+from tools.testkit.reliability import CKPT, STATS, grep_tree, store_tables, tone
 
 
 @pytest.mark.slow
@@ -55,11 +49,11 @@ def test_runtime_env_secret_never_reaches_output_logs_or_store(s3_server, tmp_pa
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
     }
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # every port explicit: other clusters on the machine hold the defaults (e.g. the agent's 52365)
     ports = [f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"]
-    ports += [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
-    ports += [f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    ports += [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
+    ports += [f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", *ports]
         + ["--include-dashboard=true", "--num-cpus=2", "--num-gpus=1", f"--temp-dir={temp}"]
@@ -128,7 +122,7 @@ def test_runtime_env_secret_never_reaches_output_logs_or_store(s3_server, tmp_pa
             f"runtime_env secret recorded by Ray itself in: {ray_own or 'nothing'}; `ray job list` shows it: {shown}"
         )
     finally:
-        from tests.reliability.helpers import load_psutil
+        from tools.testkit.reliability import load_psutil
 
         psutil = load_psutil()
         with contextlib.suppress(ProcessLookupError):

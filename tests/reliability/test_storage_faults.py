@@ -31,8 +31,8 @@ import soundfile as sf
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
 from tests.conftest import REPO
-from tests.reliability.helpers import CKPT, JOB, STATS, check_store, grep_tree, job_kwargs, store_tables, tone
 from tools.fault_proxy import FaultConfig, FaultProxy, classify
+from tools.testkit.reliability import CKPT, JOB, STATS, check_store, grep_tree, job_kwargs, store_tables, tone
 
 BUCKET = "reliability-music"
 N_GOOD = 8

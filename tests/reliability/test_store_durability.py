@@ -31,7 +31,7 @@ from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
 from pipeline.store.tables import StoreWriter
 from tests.conftest import REPO
-from tests.reliability.helpers import (
+from tools.testkit.reliability import (
     CKPT,
     JOB,
     STATS,

@@ -23,27 +23,16 @@ from pipeline.io.windows import WindowSpec, plan_windows
 from pipeline.runs.embed import run_embed
 from pipeline.runs.report import RunReport, finish_report
 from pipeline.runs.settings import EmbedJob
-from tests.conftest import AUDIO, GOLDEN
-
-CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")
-LAYERS = (1, 3)
+from tests.conftest import AUDIO
+from tools.testkit.reliability import CKPT, LAYERS, STATS, job_kwargs
 
 
 def _job(catalog: str, output: str, **kw) -> EmbedJob:
-    base = dict(
+    return EmbedJob(
         catalog=catalog,
         output=output,
-        checkpoint=CKPT,
-        stats=STATS,
-        layers=LAYERS,
-        precision="fp32",
-        window_s=10.0,
-        hop_s=10.0,
-        batch_size=4,
-        decode_cpus=2,
+        **job_kwargs(**{"window_s": 10.0, "hop_s": 10.0, "batch_size": 4, **kw}),
     )
-    base.update(kw)
-    return EmbedJob(**base)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
 from pipeline.search.reader import TrackQuery, open_store
 from tests.conftest import GOLDEN, REPO
-from tests.reliability.helpers import CKPT, STATS, write_catalog, write_tracks
+from tools.testkit.reliability import CKPT, STATS, write_catalog, write_tracks
 
 N = 6
 B_ARGS = ["--checkpoint", "random:1", "--model-config", str(GOLDEN / "config.json")]

@@ -8,7 +8,7 @@ worker (1 CPU, 1 declared GPU) for the model actor. The embed job joins it throu
 that node is removed without warning (its raylet and every worker process on it killed, its
 objects lost), as a spot node is reclaimed; the other CPU worker has room for the lost decoder,
 as an autoscaled pool would. The job must finish with every good track exactly once in
-``tracks.lance`` and all of its windows (:func:`tests.support.stores.check_consistent`), the
+``tracks.lance`` and all of its windows (:func:`tools.testkit.stores.check_consistent`), the
 broken file as the one error.
 
 The head runs with the health checks of :data:`pipeline.flow.health.NODE_HEALTH_CHECKS`, the
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.support.stores import check_consistent, write_catalog, write_tone
+from tools.testkit.stores import check_consistent, write_catalog, write_tone
 
 DRIVER = textwrap.dedent(
     """
@@ -52,7 +52,7 @@ DRIVER = textwrap.dedent(
     os.environ["RAY_ADDRESS"] = cluster.address
 
     from pipeline.runs.embed import run_embed
-    from tests.support.stores import embed_job
+    from tools.testkit.stores import embed_job
 
     removed = {}
 

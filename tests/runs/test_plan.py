@@ -18,8 +18,8 @@ import pytest
 from pipeline.io.objects import content_version, object_versions
 from pipeline.runs.decide import stored_projection
 from pipeline.runs.plan import Plan, catalog_rows, catalog_table, driver_plan, make_plan
-from tests.support.stores import embed_job
 from tools.fault_proxy import FaultProxy
+from tools.testkit.stores import embed_job
 
 BUCKET = "plan-versions"
 PREFIXES = ("label-a/2019", "label-b/2021", "label-c/live")

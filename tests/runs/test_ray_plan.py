@@ -19,7 +19,7 @@ from pipeline.faults import FAIL_ENV
 from pipeline.runs.ray_plan import RAY_PLAN_MIN_SUBPREFIXES, use_ray_plan
 from pipeline.runs.refresh import plan_on_driver, plan_with_ray, run_refresh
 from pipeline.store.tables import StoreWriter
-from tests.support.stores import (
+from tools.testkit.stores import (
     assert_same_store,
     check_consistent,
     embed_job,
@@ -232,7 +232,7 @@ def test_orphans_found_by_ray_as_on_the_driver(ray_cluster, tmp_path: Path) -> N
     """The sweep's distributed anti-join finds the same orphan rows and missing tracks."""
     from pipeline.runs.ray_plan import find_orphans_ray
     from pipeline.store.maintenance import find_orphans, sweep
-    from tests.support.stores import orphan_store
+    from tools.testkit.stores import orphan_store
 
     store = StoreWriter(str(orphan_store(tmp_path / "s")))
     by_ray, by_driver = find_orphans_ray(store), find_orphans(store)

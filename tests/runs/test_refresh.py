@@ -33,7 +33,7 @@ from pipeline.store.lease import StoreLock, holder_gone
 from pipeline.store.maintenance import sweep
 from pipeline.store.tables import StoreWriter
 from tests.conftest import REPO
-from tests.support.stores import (  # noqa: F401
+from tools.testkit.stores import (  # noqa: F401
     CKPT,
     DATA_TABLES,
     STATS,

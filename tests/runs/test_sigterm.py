@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.signals import EXIT_TERMINATED
 from tests.conftest import REPO
-from tests.support.stores import CKPT, STATS, check_consistent, table, write_catalog, write_tone
+from tools.testkit.stores import CKPT, STATS, check_consistent, table, write_catalog, write_tone
 
 N_TRACKS, CHUNK = 24, 2
 

@@ -14,7 +14,7 @@ import pytest
 from pipeline.store import maintenance
 from pipeline.store.maintenance import hash_buckets, sweep
 from pipeline.store.tables import StoreWriter
-from tests.support.stores import orphan_store
+from tools.testkit.stores import orphan_store
 
 
 @pytest.mark.parametrize("bucket_rows", [1_000_000, 8])

@@ -7,7 +7,6 @@ import contextlib
 import csv
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import AUDIO, GOLDEN
+from tests.conftest import AUDIO
+from tools.testkit.net import free_port
+from tools.testkit.reliability import job_kwargs
 
 CHROMIUM = os.environ.get("MUSICFM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,7 +28,6 @@ CHROMIUM_ARGS = [
 ]
 HOSTILE_TITLE = "<img src=x onerror=alert(1)>"
 HOSTILE_TRACK = "lc_lincity"
-LAYERS = (1, 3)
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +48,8 @@ def web_store(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
             title = HOSTILE_TITLE if r["track_id"] == HOSTILE_TRACK else r["title"]
             w.writerow([r["track_id"], str(AUDIO / r["uri"]), title, r["artist"], r["license"]])
         w.writerow(["broken", str(root / "bad.wav"), "Broken", "Nobody", "none"])
-    job = EmbedJob(
-        catalog=str(root / "catalog.csv"),
-        output=str(root / "store"),
-        checkpoint=str(GOLDEN / "checkpoint.pt"),
-        stats=str(GOLDEN / "stats.json"),
-        layers=LAYERS,
-        precision="fp32",
-        window_s=10.0,
-        hop_s=10.0,
-        batch_size=4,
-        decode_cpus=2,
-        allowed_prefixes=(str(AUDIO), str(root)),
-    )
+    settings = job_kwargs(window_s=10.0, hop_s=10.0, batch_size=4, allowed_prefixes=(str(AUDIO), str(root)))
+    job = EmbedJob(catalog=str(root / "catalog.csv"), output=str(root / "store"), **settings)
     report = run_embed(job, progress=False)
     assert report.status == "ok" and report.tracks_ok == 12 and report.tracks_failed == 1
     return root / "store", report
@@ -71,12 +60,6 @@ def copy_store(store: Path, dest: Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve_web(store: Path, web: dict, name: str, headers: dict | None = None) -> Iterator[str]:
     """The search app with the page on a free loopback port; yields its base URL."""
@@ -85,7 +68,7 @@ def serve_web(store: Path, web: dict, name: str, headers: dict | None = None) ->
     from pipeline.search.service import serve_app
     from pipeline.search.web import deployment_options
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         cfg = {"store": str(store), "refresh_s": 0.3, "max_upload_bytes": 4 * 2**20}

@@ -370,11 +370,11 @@ def test_create_api_serves_the_page_without_ray(web_store) -> None:
     import uvicorn
 
     from pipeline.search.service import SearchService, create_api
-    from tests.web.conftest import _free_port
+    from tools.testkit.net import free_port
 
     store, _ = web_store
     api = create_api(SearchService(str(store)), web={"cors_origins": ["http://ok.example"]})
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tests.support.net import free_port
+from tools.testkit.net import free_port
 
 #: Credentials moto accepts; exported to the environment while a server runs.
 CREDENTIALS = {

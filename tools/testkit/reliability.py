@@ -1,5 +1,6 @@
-"""Shared helpers of the reliability tests: synthetic audio, catalogs, store checks, process
-watchers. Importable by Ray workers (the session cluster puts the repo on PYTHONPATH)."""
+"""Helpers of the reliability tests and the soak benchmark: synthetic audio, catalogs, store checks,
+fault injection, process watchers. Importable by Ray workers (the session cluster and the soak
+benchmark put the repository root on PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.flow.stages import DecodeStage
-from tests.conftest import GOLDEN, REPO
+from tools.testkit.paths import REPO, require_shared
 
+GOLDEN = require_shared() / "golden"
 CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")
 JOB = str(REPO / "jobs" / "embed_catalog.py")
 LAYERS = (1, 3)
@@ -199,7 +201,10 @@ def load_psutil() -> Any:
 
 
 class PeakRss(threading.Thread):
-    """Samples the RSS of a process (and optionally its Ray worker processes) every ``period_s``."""
+    """Samples the RSS of a process (and optionally its Ray worker processes) every ``period_s``.
+
+    It never stops silently: an error while sampling ends the thread and :meth:`finish` raises it.
+    ``samples`` counts the samples taken, ``worker_samples`` those that found Ray workers."""
 
     def __init__(self, pid: int | None = None, period_s: float = 0.2, workers: bool = False) -> None:
         super().__init__(daemon=True)
@@ -210,6 +215,8 @@ class PeakRss(threading.Thread):
         self.worker_peak = 0  # largest single worker
         self.workers_total_peak = 0  # sum over workers at one instant
         self.samples = 0
+        self.worker_samples = 0
+        self.error: BaseException | None = None
         self._halt = threading.Event()
 
     def _worker_rss(self) -> list[int]:
@@ -217,36 +224,40 @@ class PeakRss(threading.Thread):
         started the cluster) titled ``ray::...`` or running ``default_worker.py``."""
         psutil = load_psutil()
         out = []
-        try:
-            kids = self.proc.children(recursive=True)
-        except psutil.Error:
-            return out
-        for p in kids:
+        for p in self.proc.children(recursive=True):
             try:
                 cmd = " ".join(p.cmdline())
                 if cmd.startswith("ray::") or "default_worker.py" in cmd:
                     out.append(p.memory_info().rss)
-            except psutil.Error:
-                continue
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue  # a worker that exited between the listing and the read
         return out
 
     def run(self) -> None:
-        while not self._halt.is_set():
-            try:
+        try:
+            while not self._halt.is_set():
                 self.peak = max(self.peak, self.proc.memory_info().rss)
-            except Exception:
-                break
-            if self.workers:
-                rss = self._worker_rss()
-                if rss:
-                    self.worker_peak = max(self.worker_peak, max(rss))
-                    self.workers_total_peak = max(self.workers_total_peak, sum(rss))
-            self.samples += 1
-            self._halt.wait(self.period_s)
+                if self.workers:
+                    rss = self._worker_rss()
+                    if rss:
+                        self.worker_peak = max(self.worker_peak, max(rss))
+                        self.workers_total_peak = max(self.workers_total_peak, sum(rss))
+                        self.worker_samples += 1
+                self.samples += 1
+                self._halt.wait(self.period_s)
+        except BaseException as e:  # kept for finish(), which raises it
+            self.error = e
 
     def finish(self) -> PeakRss:
+        """Stops sampling; raises RuntimeError when the sampler failed or did not stop."""
         self._halt.set()
         self.join(5)
+        if self.is_alive():
+            raise RuntimeError("the RSS sampler did not stop within 5 s")
+        if self.error is not None:
+            raise RuntimeError(
+                f"the RSS sampler failed after {self.samples} samples: {self.error!r}"
+            ) from self.error
         return self
 
 

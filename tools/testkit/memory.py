@@ -15,7 +15,7 @@ import sys
 import textwrap
 from typing import Any
 
-from tests.conftest import REPO
+from tools.testkit.paths import REPO
 
 _WRAPPER = """
 import json, os, tracemalloc

@@ -2,10 +2,10 @@
 
 Usage (from the repo root)::
 
-    python bench/pipeline.py                         # small model, 60 tracks x 30 s
-    python bench/pipeline.py --model full            # full-size model, 8 tracks x 30 s (minutes on CPU)
-    python bench/pipeline.py --quick --json out.json # smoke test: 4 x 10 s, small model, ~1 min
-    python bench/pipeline.py --quick --model mid     # smoke test at a mid size (4 layers x 512)
+    python bench/pipeline_bench.py                         # small model, 60 tracks x 30 s
+    python bench/pipeline_bench.py --model full            # full-size model, 8 tracks x 30 s (minutes on CPU)
+    python bench/pipeline_bench.py --quick --json out.json # smoke test: 4 x 10 s, small model, ~1 min
+    python bench/pipeline_bench.py --quick --model mid     # smoke test at a mid size (4 layers x 512)
 
 Everything is measured in ONE run, on the same synthetic audio, on the same machine:
 
@@ -69,24 +69,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-_HERE = str(Path(__file__).resolve().parent)
-# This file is called pipeline.py: keep bench/ off sys.path so ``import pipeline`` finds the package.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(REPO))
-if os.path.abspath(os.curdir) == _HERE:  # Ray workers put the driver's cwd on their sys.path
-    os.chdir(REPO)
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from bench.procstat import find_shared, machine_busy_s, tree_cpu  # noqa: E402
+from bench.procstat import machine_busy_s, tree_cpu  # noqa: E402
 from pipeline import schemas  # noqa: E402
 from pipeline.flow.inference import EmbedSettings, WindowResult  # noqa: E402
 from pipeline.flow.stages import EmbedStage  # noqa: E402
 from pipeline.io.audio import AudioLimits, decode_audio  # noqa: E402
 from pipeline.io.objects import fetch_bytes  # noqa: E402
 from pipeline.io.windows import plan_windows  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
 
 SR_IN = 44100
 FORMATS = (("flac", "FLAC", "PCM_16"), ("ogg", "OGG", "VORBIS"), ("wav", "WAV", "PCM_16"))
@@ -762,7 +758,9 @@ def render(r: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="bench/pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench/pipeline_bench.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--model",

@@ -1,4 +1,4 @@
-"""Smoke test of ``bench/pipeline.py --quick``: it runs end to end and reports every figure.
+"""Smoke test of ``bench/pipeline_bench.py --quick``: it runs end to end and reports every figure.
 
 No timing thresholds (the goals are for the benchmark's own report): only that the JSON has the
 fields and that every throughput is positive. The benchmark starts its own local Ray cluster in the
@@ -14,7 +14,7 @@ import sys
 
 from tests.conftest import GOLDEN, REPO
 
-BENCH = str(REPO / "bench" / "pipeline.py")
+BENCH = str(REPO / "bench" / "pipeline_bench.py")
 
 
 def test_bench_pipeline_quick_json(tmp_path):
@@ -37,7 +37,7 @@ def test_bench_pipeline_quick_json(tmp_path):
         text=True,
         timeout=480,
         env=env,
-        cwd=REPO,
+        cwd=tmp_path,  # from outside the repository
         check=False,
     )
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

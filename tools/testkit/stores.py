@@ -13,8 +13,9 @@ import soundfile as sf
 
 from pipeline.runs.settings import EmbedJob, RefreshJob
 from pipeline.store.tables import StoreWriter
-from tests.conftest import GOLDEN
+from tools.testkit.paths import require_shared
 
+GOLDEN = require_shared() / "golden"
 CKPT, STATS = str(GOLDEN / "checkpoint.pt"), str(GOLDEN / "stats.json")
 LAYERS = (1, 3)
 DATA_TABLES = ("tracks", "windows", "frames")
