@@ -37,7 +37,7 @@ def _shared() -> Path:
     raise SystemExit("cannot find shared/ (golden model, clips); set MUSICFM_SHARED")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("small", "full"), default="small",
                     help="small: shared/golden/config.json (D=48, 3 layers); full: the released size")  # fmt: skip
@@ -53,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="smoke size: 4 clips, 2 s windows, batch 2, 4 steps")
     ap.add_argument("--json", help="write every figure to this file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.model, args.clips, args.window_s, args.batch_size, args.steps = "small", 4, 2.0, 2, 4
     return args

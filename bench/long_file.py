@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from bench.procstat import find_shared, tree_cpu  # noqa: E402
+from bench.procstat import tree_cpu  # noqa: E402
+from tools.testkit.paths import find_shared  # noqa: E402
 
 SR = 24000
 KINDS = (("DecodeStage", "decode actor"), ("EmbedStage", "model actor"), ("ChunkWriter", "writer actor"),
@@ -110,7 +111,7 @@ def run_job(path: Path, model_argv: list[str], malloc: str, store: Path) -> dict
             "tail": text[-1500:] if proc.returncode else ""}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/long_file.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--hours", default="2,6", help="file lengths in hours, comma-separated (default 2,6)")
@@ -125,7 +126,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--layers", default="1,3")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     shared = find_shared()
     if args.checkpoint is None and shared is None:
         raise SystemExit("cannot find shared/golden; set MUSICFM_SHARED or give --checkpoint")

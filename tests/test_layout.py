@@ -121,7 +121,10 @@ def test_cycle_finder_finds_a_cycle() -> None:
 #: part of ``pipeline.search`` (above the query logic, below the service that serves it).
 LAYERS = (
     "musicfm",
+    "pipeline.exits",  # the exit-code table
     "pipeline.errors",
+    "pipeline.faults",  # fault hooks at named points of a run (tests)
+    "pipeline.signals",  # SIGTERM as a graceful stop
     "pipeline.schemas",
     "pipeline.io",
     "pipeline.store",
