@@ -104,7 +104,9 @@ def test_multiclass_known_answer_and_layer_weights(syn, tmp_path, estimator) -> 
     assert c["splits"] == {"train": N, "val": 0, "test": 0} and c["labelled_tracks"] == N
     assert c["model_id"] == "musicfm-synthetic" and c["settings_id"] == "s-synthetic"
     assert c["threads"] == 1 and 0 < c["fit_s"] <= c["train_s"]  # a small set trains on one thread
-    assert (c["strength"] is not None) == (estimator == "auto") and (c["epochs"] is None) == (estimator == "auto")
+    assert (c["strength"] is not None) == (estimator == "auto") and (c["epochs"] is None) == (
+        estimator == "auto"
+    )
 
 
 def test_train_threads() -> None:
