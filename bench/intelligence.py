@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             5000,
         )
         a.rows_per_file = 5000
-        a.probe_sizes, a.probe_test, a.probe_repeats, a.probe_sklearn_max = "20,50,200", 500, 1, 100
+        a.probe_sizes, a.probe_test, a.probe_repeats, a.probe_sklearn_max = "20,60", 300, 1, 60
         a.curve_dim = 16
     if a.part:
         out = PARTS[a.part](a, a.work)

@@ -32,6 +32,11 @@ API::
   count.
 * A class with one group is kept in the training rows of every fold and split (it cannot be
   scored); :func:`cross_validate` leaves its rows out of ``scored``.
+
+Frame-level use (millions of rows): ``auto`` counts groups (tracks), so pass ``groups`` and
+name the estimator: ``FitSettings(estimator="mlp", hidden=0)`` is MARBLE's linear probe trained
+by Adam with early stopping on ``validation``; the ``linear`` estimator's lbfgs fits and
+cross-validation are meant for up to tens of thousands of rows.
 """
 
 from __future__ import annotations
