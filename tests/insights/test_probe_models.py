@@ -131,3 +131,29 @@ def test_bad_input_one_line_errors() -> None:
         FitSettings(estimator="forest")
     with pytest.raises(ValueError, match=r"\(N, D\) or \(N, L, D\)"):
         fit_probe(np.zeros(5), np.zeros(5), "regression")
+
+
+def test_format_1_probe_directory_still_loads(tmp_path) -> None:
+    """A probe saved before the linear estimator existed (torch state of the MARBLE net, card
+    without ``estimator`` / ``hidden``) loads as an MLP and predicts what its net computes."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.insights.probe_mlp import build_net
+    from pipeline.insights.probes import Probe
+
+    torch.manual_seed(0)
+    net = build_net(2, 8, 3, 16, 0.2).eval()
+    with torch.no_grad():
+        net.layer_logits.copy_(torch.tensor([0.3, -0.2]))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "probe.safetensors"))
+    card = {"format": 1, "name": "g", "task": "multiclass", "layers": [6, 12], "labels": ["a", "b", "c"],
+            "dim": 8, "head": "mlp", "model_id": "m", "settings_id": "s", "settings": {"hidden": 16}}  # fmt: skip
+    (tmp_path / "probe.json").write_text(json.dumps(card))
+    p = Probe.load(str(tmp_path))
+    x = np.random.default_rng(0).standard_normal((5, 2, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.softmax(net(torch.from_numpy(x)), 1).numpy()
+    assert p.model.estimator == "mlp" and np.allclose(p.predict(x), want, atol=1e-6)
