@@ -6,6 +6,7 @@ timing or accuracy thresholds beyond "the figures are accuracies"."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,10 @@ BENCH = str(REPO / "bench" / "intelligence.py")
 def test_bench_probe_curve_quick_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, BENCH, "--quick", "--parts", "probe_curve", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, cwd=REPO)
+    # no PYTHONPATH: the script puts the repository first itself (bench/pipeline.py would shadow
+    # the pipeline package if the bench folder came first)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())["probe_curve"]
     assert "error" not in res, res

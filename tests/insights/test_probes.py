@@ -241,7 +241,7 @@ def test_real_clips_labelled_by_game(clip_store, tmp_path, level) -> None:
     c = probe.card
     assert c["splits"] == {"train": 12, "val": 0, "test": 0} and c["level"] == level
     assert c["estimator"] == "linear" and c["evaluation"]["scored_tracks"] == 12
-    assert c["metrics_train"]["accuracy"] == 1.0
+    assert c["metrics_train"]["accuracy"] > c["metrics_majority"]["accuracy"] == 0.5  # 6 of 12: hedgewars
     assert set(c["metrics"]) == {"accuracy", "macro_f1"}
     if level == "window":
         assert c["rows"]["train"] > c["splits"]["train"]  # every window of a labelled track
