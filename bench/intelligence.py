@@ -19,9 +19,18 @@ Each part runs in its own subprocess (so ``peak_rss`` is that part's own peak, f
    group) and wall time. Goal: both >= 0.95.
 2. **Probe**: ``train_probe`` on ``--probe-rows`` rows x 2 layers (MLP head, multiclass, 10
    classes whose labels follow the clusters of the second layer): wall time, epochs, accuracy.
+4. **Probe curve** (``--parts probe_curve``): probe accuracy against the number of labels
+   (``--probe-sizes``, default 20, 50, 100, 500, 5,000) for both estimators of
+   ``pipeline.insights.probe_models.fit_probe`` (``linear`` and ``mlp``, forced), scored on
+   ``--probe-test`` fresh rows of the same distribution, beside the majority class and
+   scikit-learn's ``LogisticRegressionCV`` on the same standardised vectors; and, for the
+   sizes below the linear threshold, the default protocol's cross-validated estimate with its
+   interval against that true accuracy. Data: 10 classes of Zipf-like frequency, each a mixture of
+   3 sub-clusters in ``--probe-dim`` dimensions (so the boundaries are not linear), 2 layers (the
+   second a noisier copy of the first); ``--probe-repeats`` draws of the labelled rows per size.
 3. **Map**: ``catalog_map`` of ``--map-rows`` rows (fit on 50k, placed fragment group by
    fragment group in this process): wall time per stage and peak memory.
-4. **Crops** (real audio): the 12 shared clips plus crops of ``--crop-sources`` of them at each
+5. **Crops** (real audio): the 12 shared clips plus crops of ``--crop-sources`` of them at each
    of ``--crop-fractions`` of their length (start / end / both sides, off the window grid) and
    a copy of each behind a lead-in, embedded with the golden model (hop = window =
    ``--crop-window``): recall by crop length, false merges between distinct clips and offset
@@ -267,6 +276,84 @@ def part_probe(a: argparse.Namespace, work: str) -> dict:
     }  # fmt: skip
 
 
+def curve_rows(n: int, dim: int, seed: int, centres_seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows (n, 2, dim) and labels of the probe-curve task (see the module doc)."""
+    classes, subs = 10, 3
+    c_rng = np.random.default_rng(centres_seed)  # the task: fixed for every draw
+    centres = 3.0 * c_rng.standard_normal((classes, subs, dim)).astype(np.float32) / np.sqrt(2.0)
+    freq = 1.0 / np.arange(1, classes + 1) ** 0.7
+    rng = np.random.default_rng(seed)
+    y = rng.choice(classes, n, p=freq / freq.sum())
+    l1 = centres[y, rng.integers(0, subs, n)] + rng.standard_normal((n, dim)).astype(np.float32)
+    l0 = l1 + 2.0 * rng.standard_normal((n, dim)).astype(np.float32)
+    return np.stack([l0, l1], 1), y
+
+
+def sklearn_reference(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> float:
+    """scikit-learn's LogisticRegressionCV (L2, balanced, C over the same grid by 5-fold CV) on the
+    standardised, concatenated layers: test accuracy."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.insights.probe_settings import C_GRID
+
+    folds = int(min(5, np.bincount(y).max()))
+    m = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(C_GRID), cv=max(2, folds), class_weight="balanced", max_iter=500))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.fit(x.reshape(len(x), -1), y)
+    return float(np.mean(m.predict(xt.reshape(len(xt), -1)) == yt))
+
+
+def curve_point(a: argparse.Namespace, n: int, rep: int, xt: np.ndarray, yt: np.ndarray) -> dict:
+    """Both estimators, the reference and the default protocol's estimate at ``n`` labels."""
+    from pipeline.insights.probe_metrics import bootstrap_ci, score
+    from pipeline.insights.probe_models import cross_validate, fit_probe
+    from pipeline.insights.probe_settings import FitSettings
+
+    x, y = curve_rows(n, a.curve_dim, seed=a.seed + 100 * rep + n)
+    row: dict = {"n": n, "repeat": rep, "classes_seen": int(len(np.unique(y)))}
+    row["majority"] = float(np.mean(yt == np.bincount(y).argmax()))
+    for est in ("linear", "mlp"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        p = fit_probe(x, y, "multiclass", n_outputs=10, settings=FitSettings(estimator=est, seed=rep))
+        row[est] = {"accuracy": float(np.mean(p.predict(xt) == yt)), "fit_s": round(time.perf_counter() - t0, 2),
+                    "cpu_s": round(time.process_time() - c0, 2),
+                    **({"C": p.info["strength"]} if est == "linear" else {"epochs": p.info["epochs"]})}  # fmt: skip
+    if n <= a.probe_sklearn_max:
+        t0 = time.perf_counter()
+        row["sklearn_logistic_cv"] = {"accuracy": sklearn_reference(x, y, xt, yt), "fit_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    if n < FitSettings().linear_max_labels:  # what the card would report, against the truth
+        cv = cross_validate(x, y, "multiclass", n_outputs=10, settings=FitSettings(seed=rep))
+        ok = cv.scored
+        row["cv_estimate"] = {"accuracy": score("multiclass", y[ok], cv.oof[ok])["accuracy"],
+                              "ci95": bootstrap_ci("multiclass", y[ok], cv.oof[ok], seed=rep)["accuracy"]}  # fmt: skip
+    return row
+
+
+def part_probe_curve(a: argparse.Namespace, work: str) -> dict:
+    xt, yt = curve_rows(a.probe_test, a.curve_dim, seed=a.seed + 7)
+    rows = []
+    for n in [int(v) for v in a.probe_sizes.split(",")]:
+        for rep in range(a.probe_repeats):
+            rows.append(curve_point(a, n, rep, xt, yt))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    summary = {}
+    for n in sorted({r["n"] for r in rows}):
+        pts = [r for r in rows if r["n"] == n]
+        summary[str(n)] = {
+            k: round(float(np.mean([p[k]["accuracy"] if isinstance(p[k], dict) else p[k] for p in pts])), 4)
+            for k in ("majority", "linear", "mlp", "sklearn_logistic_cv", "cv_estimate")
+            if k in pts[0]
+        }
+    return {"dim": a.curve_dim, "layers": 2, "classes": 10, "test_rows": a.probe_test,
+            "repeats": a.probe_repeats, "mean_accuracy": summary, "points": rows,
+            "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
+
+
 def part_map(a: argparse.Namespace, work: str) -> dict:
     import lance
 
@@ -432,7 +519,13 @@ def part_crops(a: argparse.Namespace, work: str) -> dict:
     return out  # fmt: skip
 
 
-PARTS = {"duplicates": part_duplicates, "probe": part_probe, "map": part_map, "crops": part_crops}
+PARTS = {
+    "duplicates": part_duplicates,
+    "probe": part_probe,
+    "map": part_map,
+    "crops": part_crops,
+    "probe_curve": part_probe_curve,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dup-tracks", type=int, default=200_000)
     p.add_argument("--probe-rows", type=int, default=100_000)
     p.add_argument("--probe-dim", type=int, default=1024)
+    p.add_argument("--probe-sizes", default="20,50,100,500,5000", help="probe curve: numbers of labels")
+    p.add_argument("--curve-dim", type=int, default=256, help="probe curve: vector size")
+    p.add_argument("--probe-test", type=int, default=5000, help="probe curve: fresh test rows")
+    p.add_argument("--probe-repeats", type=int, default=3, help="probe curve: draws per size")
+    p.add_argument(
+        "--probe-sklearn-max",
+        type=int,
+        default=5000,
+        help="probe curve: largest n with the sklearn reference",
+    )
     p.add_argument("--map-rows", type=int, default=1_000_000)
     p.add_argument("--fit-sample", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=1024, help="vector size of the duplicates and map stores")
@@ -486,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         a.rows_per_file = 5000
         a.crop_sources, a.crop_fractions = 2, "0.2,0.5"
+        a.probe_sizes, a.probe_test, a.probe_repeats, a.probe_sklearn_max = "20,60", 300, 1, 60
+        a.curve_dim = 16
     if a.part:
         out = PARTS[a.part](a, a.work)
         print("RESULT " + json.dumps(out))

@@ -181,7 +181,8 @@ def run_duplicates(
 
 
 def probe_parser() -> argparse.ArgumentParser:
-    from pipeline.insights.probes import HEADS, TASKS
+    from pipeline.insights.probe_settings import LINEAR_MAX_LABELS
+    from pipeline.insights.probes import ESTIMATORS, HEADS, TASKS
 
     p = OneLineArgumentParser(prog="train_probe", description="Train a probe on a store's layer vectors.")
     _common(p)
@@ -191,7 +192,16 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for probe.safetensors and probe.json")
     p.add_argument("--label-column", action="append", default=None, help="label column(s) (default: all)")
     p.add_argument("--name", default=None, help="probe name, used in the tag_<name> columns")
-    p.add_argument("--head", choices=HEADS, default="mlp", help="linear or mlp (512 units, dropout 0.2)")
+    p.add_argument(
+        "--estimator", choices=ESTIMATORS, default="auto",
+        help=f"auto: the L2-regularised linear model (strength by cross-validation) below "
+        f"{LINEAR_MAX_LABELS} labelled tracks, else the MLP; linear or mlp force one",
+    )  # fmt: skip
+    p.add_argument(
+        "--head", choices=HEADS, default="mlp",
+        help="the MLP's head: mlp (512 units, dropout 0.2) or linear (no hidden layer)",
+    )  # fmt: skip
+    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
     p.add_argument(
         "--level", choices=("track", "window"), default="track", help="train on track or window vectors"
     )
@@ -211,16 +221,27 @@ def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err:
     args = probe_parser().parse_args(argv)
 
     def go() -> Any:
-        s = ProbeSettings(task=args.task, layers=tuple(args.layers), head=args.head, level=args.level,
-                          seed=args.seed, max_epochs=args.max_epochs, threads=args.threads)  # fmt: skip
+        s = ProbeSettings(task=args.task, layers=tuple(args.layers), estimator=args.estimator, head=args.head,
+                          level=args.level, seed=args.seed, max_epochs=args.max_epochs, threads=args.threads,
+                          folds=max(2, args.folds))  # fmt: skip
         probe = train_probe(args.store, args.labels, s, args.out, name=args.name, label_columns=args.label_column,
                             storage_options=args.storage_options, device=args.device)  # fmt: skip
         c = probe.card
-        m = ", ".join(f"{k} {v:.3f}" for k, v in c["metrics"].items() if isinstance(v, float))
+        ci = c["metrics_ci95"]
+        m = ", ".join(
+            f"{k} {v:.3f}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else "")
+            for k, v in c["metrics"].items()
+            if isinstance(v, float)
+        )
+        base = ", ".join(f"{k} {v:.3f}" for k, v in c["metrics_majority"].items() if isinstance(v, float))
         w = ", ".join(f"{k}: {v:.2f}" for k, v in c["layer_weights"].items())
+        strength = "alpha" if c["task"] == "regression" else "C"
+        fitted = f"{strength} {c['strength']:g}" if c["estimator"] == "linear" else f"{c['epochs']} epochs"
         summary = (
-            f"probe {c['name']} ({c['task']}, {c['head']}, {c['level']} level) -> {args.out}: test {m}; "
-            f"splits {c['splits']}; layer weights {w}; {c['epochs']} epochs, {c['train_s']:.1f} s"
+            f"probe {c['name']} ({c['task']}, {c['estimator']}, {c['level']} level, {c['labelled_tracks']} "
+            f"labelled tracks) -> {args.out}: {m} ({c['evaluation']['protocol']}; majority class: {base}); "
+            f"layer weights {w}; {fitted}, {c['train_s']:.1f} s"
+            + (f"; {c['notes'][0]}" if c["notes"] else "")
         )
         return {"summary": summary, **c}
 
