@@ -83,14 +83,15 @@ class ProbeSettings:
     layers: tuple[int, ...] = (7, 12)
     estimator: str = "auto"
     head: str = "mlp"  # the MLP's head: one hidden layer (mlp) or none (linear)
-    hidden: int = 512
-    dropout: float = 0.2
-    lr: float = 1e-3
-    batch_size: int = 256
-    max_epochs: int = 200
-    patience: int = 10
-    plateau_patience: int = 5
-    val_fraction: float = 0.1
+    # the estimator's defaults are FitSettings' (one default per knob)
+    hidden: int = FitSettings.hidden
+    dropout: float = FitSettings.dropout
+    lr: float = FitSettings.lr
+    batch_size: int = FitSettings.batch_size
+    max_epochs: int = FitSettings.max_epochs
+    patience: int = FitSettings.patience
+    plateau_patience: int = FitSettings.plateau_patience
+    val_fraction: float = FitSettings.val_fraction
     test_fraction: float = 0.2  # held-out split of the large-label protocol
     folds: int = 5
     linear_max_labels: int = LINEAR_MAX_LABELS
