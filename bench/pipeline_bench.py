@@ -77,6 +77,7 @@ import pyarrow as pa  # noqa: E402
 
 from bench.procstat import machine_busy_s, tree_cpu  # noqa: E402
 from pipeline import schemas  # noqa: E402
+from pipeline.flow.guard import ModelGuard  # noqa: E402
 from pipeline.flow.inference import EmbedSettings, WindowResult  # noqa: E402
 from pipeline.flow.stages import EmbedStage  # noqa: E402
 from pipeline.io.audio import AudioLimits, decode_audio  # noqa: E402
@@ -299,6 +300,7 @@ class PoolOnlyStage(EmbedStage):
             raise ValueError("the pooling-only stage does not produce frames")
         self.settings = settings
         self.embedder = PoolEmbedder(settings, dim)
+        self.guard = ModelGuard(self.embedder)  # the same failure rules as the real stage
         self.dim = dim
         self.schema = schemas.embedded_schema(settings.layers, dim, frames=False)
 

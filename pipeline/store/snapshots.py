@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.store.commits import retry_write
 from pipeline.store.tables import StoreWriter
 
 log = logging.getLogger("musicfm.store")
@@ -42,6 +43,26 @@ def _tags(ds: Any) -> dict[str, int]:
     return {name: int(t["version"]) for name, t in ds.tags.list().items()}
 
 
+def _create_tag(store: StoreWriter, table: str, name: str, version: int) -> None:
+    """Tag ``table`` at ``version``, retried like a commit when the connection broke (a PUT that
+    landed, its answer lost, is found on the next try)."""
+
+    def landed() -> bool | None:
+        return True if _tags(store.open(table)).get(name) == version else None
+
+    retry_write(f"tag {name} of {table}", lambda: store.open(table).tags.create(name, version), landed)
+
+
+def _delete_tag(store: StoreWriter, table: str, name: str) -> None:
+    """Delete the tag ``name`` of ``table`` if it is there, retried when the connection broke."""
+
+    def landed() -> bool | None:
+        return True if name not in _tags(store.open(table)) else None
+
+    if name in _tags(store.open(table)):
+        retry_write(f"removal of tag {name} of {table}", lambda: store.open(table).tags.delete(name), landed)
+
+
 def pin_for_search(store: StoreWriter) -> bool:
     """Tag the current versions ``search`` (a migration starts), unless a tag is already there (a
     resumed migration keeps the complete old store). Returns whether a pin is in place."""
@@ -53,7 +74,7 @@ def pin_for_search(store: StoreWriter) -> bool:
     for name in ("frames", "windows", "tracks"):  # tracks last: readers decide from it
         ds = store.open(name)
         if ds is not None:
-            ds.tags.create(SEARCH_TAG, ds.version)
+            _create_tag(store, name, SEARCH_TAG, ds.version)
     log.info("migration: search pinned to tracks v%d until the new model covers the store", tracks.version)
     return True
 
@@ -67,12 +88,11 @@ def publish(store: StoreWriter, run_id: str, keep_previous: int) -> dict[str, in
         ds = store.open(name)
         if ds is None:
             continue
-        ds.tags.create(run_tag(run_id), ds.version)
+        _create_tag(store, name, run_tag(run_id), ds.version)
         versions[name] = ds.version
     for name in ("tracks", "windows", "frames"):  # tracks first: the switch
-        ds = store.open(name)
-        if ds is not None and SEARCH_TAG in _tags(ds):
-            ds.tags.delete(SEARCH_TAG)
+        if store.open(name) is not None:
+            _delete_tag(store, name, SEARCH_TAG)
     _prune(store, keep_previous)
     return versions
 
@@ -91,9 +111,8 @@ def _prune(store: StoreWriter, keep_previous: int) -> None:
     )
     for _, name in runs[keep_previous + 1 :]:
         for table in SNAPSHOT_TABLES:
-            ds = store.open(table)
-            if ds is not None and name in _tags(ds):
-                ds.tags.delete(name)
+            if store.open(table) is not None:
+                _delete_tag(store, table, name)
 
 
 @dataclass(frozen=True)
@@ -160,7 +179,6 @@ def rollback(store: StoreWriter, to_run: str | None = None) -> tuple[str, dict[s
         ds.checkout_version(run_tag(to_run)).restore()
         out[name] = store.open(name).version
     for name in SNAPSHOT_TABLES:  # tracks first: the switch (this also ends a migration in progress)
-        ds = store.open(name)
-        if ds is not None and SEARCH_TAG in _tags(ds):
-            ds.tags.delete(SEARCH_TAG)
+        if store.open(name) is not None:
+            _delete_tag(store, name, SEARCH_TAG)
     return to_run, out
