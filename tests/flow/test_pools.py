@@ -167,6 +167,10 @@ def status(key):
 cfg = MusicFMConfig(encoder_dim=512, encoder_depth=4, conv_dim=128, num_heads=8, ffn_dim=2048)
 m = MusicFM25Hz(cfg).eval()
 x = torch.zeros(int(sys.argv[2]), 24000 * 5)
+with torch.inference_mode():  # a first forward: lazy initialisation is not the batch's cost
+    m.hidden_states(x[:1], [4])
+with open("/proc/self/clear_refs", "w") as f:  # VmHWM restarts from the current RSS (Linux >= 4.0)
+    f.write("5")
 rss0 = status("VmRSS")
 with torch.inference_mode():
     m.hidden_states(x, [4])
@@ -175,8 +179,9 @@ print(status("VmHWM") - rss0)
 
 
 def test_activation_memory_bounds_a_measured_forward() -> None:
-    """One more window in a batch takes less memory than model_cost's window_bytes (measured: the
-    peak RSS of a 4 x 512 model's forward at batch 1 and 2, 5 s windows, the workers' allocator)."""
+    """A window in a batch takes less memory than model_cost's window_bytes (measured: the peak RSS
+    over the forward of a 4 x 512 model at batch 1 and 3, 5 s windows, the workers' allocator; the
+    peak is reset just before the forward, so the import's and the first call's peaks are not in it)."""
     import os
     import subprocess
     import sys
@@ -188,10 +193,10 @@ def test_activation_memory_bounds_a_measured_forward() -> None:
     peaks = [
         int(subprocess.run([sys.executable, "-c", _ACT, str(REPO), str(b)], env=env, capture_output=True,
                            text=True, timeout=300, check=True).stdout.split()[-1])
-        for b in (1, 2)
+        for b in (1, 3)
     ]  # fmt: skip
     cost = model_cost(_configs()[2], 5.0)
-    assert 0 < peaks[1] - peaks[0] <= cost.window_bytes, (peaks, cost)
+    assert 0 < (peaks[1] - peaks[0]) / 2 <= cost.window_bytes, (peaks, cost)
     assert peaks[0] <= cost.window_bytes + cost.weight_bytes + cost.process_bytes
 
 
