@@ -22,6 +22,7 @@ from pipeline.evaluate.datasets import EvalDataset
 from pipeline.evaluate.tasks import Task
 from pipeline.insights.vectors import check_layers, id_filter, to_matrix
 from pipeline.schemas import layer_column
+from pipeline.store.tables import StoreWriter, sql_str
 
 
 @dataclass(frozen=True)
@@ -110,16 +111,10 @@ def embed_features(
 def store_settings(store: str, settings_id: str, storage_options: dict | None = None) -> dict:
     """The embed arguments (window_s, frames_hz, layers, ...) of the run that wrote
     ``settings_id`` into ``store``, from its ``runs.lance``."""
-    import lance
-
-    from pipeline.io.objects import lance_options
-
-    opts = lance_options(store, storage_options or {})
-    try:
-        runs = lance.dataset(f"{store.rstrip('/')}/runs.lance", storage_options=opts)
-    except (ValueError, OSError):
-        raise ValueError(f"the store at {store} has no runs.lance: cannot tell its window settings") from None
-    where = f"settings_id = '{settings_id}' AND kind IN ('embed', 'refresh')"
+    runs = StoreWriter(store, storage_options, create=False).open("runs")
+    if runs is None:
+        raise ValueError(f"the store at {store} has no runs.lance: cannot tell its window settings")
+    where = f"settings_id = {sql_str(settings_id)} AND kind IN ('embed', 'refresh')"
     rows = runs.to_table(columns=["settings_id", "args_json"], filter=where).to_pylist()
     if not rows:
         raise ValueError(f"no run in {store}/runs.lance wrote settings {settings_id}")
@@ -140,16 +135,10 @@ def read_features(
     store: str, task: Task, layers: tuple[int, ...], track_ids: list[str], storage_options: dict | None = None
 ) -> Features:
     """All ``layers`` of ``track_ids`` from the store in one read (``tracks`` or ``frames``)."""
-    import lance
-
-    from pipeline.io.objects import lance_options
-
-    opts = lance_options(store, storage_options or {})
-    root = store.rstrip("/")
-    try:
-        tracks = lance.dataset(f"{root}/tracks.lance", storage_options=opts)
-    except (ValueError, OSError):
-        raise ValueError(f"no tracks.lance in the store at {store}") from None
+    st = StoreWriter(store, storage_options, create=False)
+    tracks = st.open("tracks")
+    if tracks is None:
+        raise ValueError(f"no tracks.lance in the store at {store}")
     check_layers(tracks, layers)
     cols = [layer_column(i) for i in layers]
     meta = tracks.to_table(columns=["track_id", "model_id", "settings_id", "duration_s", *(cols if task.level == "track" else [])],
@@ -168,24 +157,19 @@ def read_features(
         mats = np.stack([to_matrix(meta[c]) for c in cols], axis=1)  # (N, L, D)
         out.tracks = {t: mats[i] for i, t in enumerate(ids)}
     else:
-        out.frames = read_frames(f"{root}/frames.lance", opts, cols, ids)
+        out.frames = read_frames(st, cols, ids)
     found = set(ids)
-    out.errors = error_messages(root, opts, [t for t in track_ids if t not in found])
+    out.errors = error_messages(st, [t for t in track_ids if t not in found])
     return out
 
 
-def read_frames(
-    uri: str, opts: dict | None, cols: list[str], ids: list[str]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_frames(st: StoreWriter, cols: list[str], ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{track_id: (frame centre times (T,), vectors (T, L, D))}, frames in time order."""
-    import lance
-
-    try:
-        frames = lance.dataset(uri, storage_options=opts)
-    except (ValueError, OSError):
+    frames = st.open("frames")
+    if frames is None:
         raise ValueError(
-            f"no frames.lance beside the tracks ({uri}): embed with the task's frame rate"
-        ) from None
+            f"no frames.lance beside the tracks ({st.uri('frames')}): embed with the task's frame rate"
+        )
     tbl = frames.to_table(
         columns=["track_id", "frame_ix", "time_s", *cols], filter=id_filter("track_id", ids)
     )
@@ -201,16 +185,13 @@ def read_frames(
     return out
 
 
-def error_messages(root: str, opts: dict | None, missing: list[str]) -> dict[str, str]:
+def error_messages(st: StoreWriter, missing: list[str]) -> dict[str, str]:
     """The latest error row's reason for each track missing from the store."""
-    import lance
-
     if not missing:
         return {}
     out = {t: "not in the store" for t in missing}
-    try:
-        errs = lance.dataset(f"{root}/errors.lance", storage_options=opts)
-    except (ValueError, OSError):
+    errs = st.open("errors")
+    if errs is None:
         return out
     for r in errs.to_table(
         columns=["track_id", "stage", "message"], filter=id_filter("track_id", missing)
