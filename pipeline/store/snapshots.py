@@ -54,12 +54,14 @@ def _create_tag(store: StoreWriter, table: str, name: str, version: int) -> None
 
 
 def _delete_tag(store: StoreWriter, table: str, name: str) -> None:
-    """Delete the tag ``name`` of ``table`` if it is there, retried when the connection broke."""
+    """Delete the tag ``name`` of ``table`` if the table and the tag are there, retried when the
+    connection broke."""
 
     def landed() -> bool | None:
         return True if name not in _tags(store.open(table)) else None
 
-    if name in _tags(store.open(table)):
+    ds = store.open(table)
+    if ds is not None and name in _tags(ds):
         retry_write(f"removal of tag {name} of {table}", lambda: store.open(table).tags.delete(name), landed)
 
 
@@ -91,28 +93,15 @@ def publish(store: StoreWriter, run_id: str, keep_previous: int) -> dict[str, in
         _create_tag(store, name, run_tag(run_id), ds.version)
         versions[name] = ds.version
     for name in ("tracks", "windows", "frames"):  # tracks first: the switch
-        if store.open(name) is not None:
-            _delete_tag(store, name, SEARCH_TAG)
+        _delete_tag(store, name, SEARCH_TAG)
     _prune(store, keep_previous)
     return versions
 
 
 def _prune(store: StoreWriter, keep_previous: int) -> None:
-    tracks = store.open("tracks")
-    if tracks is None:
-        return
-    runs = sorted(
-        (
-            (t["created_at"], name)
-            for name, t in tracks.tags.list().items()
-            if name.startswith(RUN_TAG_PREFIX)
-        ),
-        reverse=True,
-    )
-    for _, name in runs[keep_previous + 1 :]:
+    for run_id in snapshot_runs(store)[keep_previous + 1 :]:
         for table in SNAPSHOT_TABLES:
-            if store.open(table) is not None:
-                _delete_tag(store, table, name)
+            _delete_tag(store, table, run_tag(run_id))
 
 
 @dataclass(frozen=True)
@@ -179,6 +168,5 @@ def rollback(store: StoreWriter, to_run: str | None = None) -> tuple[str, dict[s
         ds.checkout_version(run_tag(to_run)).restore()
         out[name] = store.open(name).version
     for name in SNAPSHOT_TABLES:  # tracks first: the switch (this also ends a migration in progress)
-        if store.open(name) is not None:
-            _delete_tag(store, name, SEARCH_TAG)
+        _delete_tag(store, name, SEARCH_TAG)
     return to_run, out
