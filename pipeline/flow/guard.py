@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ModelError, NonFiniteOutput, one_line, redact
+from pipeline.schemas import parse_layer_column
 
 if TYPE_CHECKING:
     from pipeline.flow.inference import WindowEmbedder, WindowResult
@@ -199,7 +200,7 @@ def check_finite_table(tbl: pa.Table, what: str) -> None:
     Inf: the last check before ``what`` is written (the model stage turns such windows into error
     rows, so reaching this is a bug)."""
     for name in tbl.column_names:
-        if not name.startswith("layer_"):
+        if parse_layer_column(name) is None:
             continue
         col = tbl.column(name)
         for chunk in col.chunks:
