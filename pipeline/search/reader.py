@@ -296,12 +296,15 @@ class StoreReader:
             raise
 
     def _load(self) -> None:
-        self._open("tracks", required=True)  # StoreNotFoundError first
         run_id = self._run_of_model(self.pinned_model) if self.pinned_model else None
         for attempt in range(2):
-            snap = reading_versions(lambda t: self._open(t, required=False), run_id)
+            latest = self._open("tracks", required=True)  # StoreNotFoundError first
+            snap = reading_versions(
+                lambda t, latest=latest: latest if t == "tracks" else self._open(t, required=False), run_id
+            )
             try:
-                tracks = self._open("tracks", required=True, version=snap.versions["tracks"])
+                pinned = snap.versions["tracks"]
+                tracks = latest if pinned is None else self._open("tracks", required=True, version=pinned)
                 windows = self._open("windows", required=False, version=snap.versions["windows"])
                 break
             except (ValueError, OSError):  # the migration's pin went away meanwhile: read again
