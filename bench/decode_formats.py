@@ -153,7 +153,7 @@ def measure(f: dict, repeats: int, block: int = BLOCK, quality: str = "HQ") -> d
 
 def pooled_vectors(shared: Path, **decode_kw: Any) -> dict[str, np.ndarray]:
     """Golden small model: every window mean and the track mean of every clip, all layers."""
-    from pipeline.flow.inference import EmbedSettings, WindowEmbedder, embed_samples, load_model
+    from pipeline.engine.inference import EmbedSettings, WindowEmbedder, embed_samples, load_model
 
     g = shared / "golden"
     model = load_model(str(g / "checkpoint.pt"), str(g / "stats.json"), device="cpu")

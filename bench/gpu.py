@@ -6,7 +6,7 @@ Prints, for one GPU:
    (layers 7 and 12 pooled, as the job stores them) for fp32 / bf16 / fp16 x batch 8 / 32 / 64, eager
    and ``torch.compile`` (``--no-compile`` skips it); MFU = counted FLOPs (``bench/flops.py``) x
    x realtime / the GPU's dense peak for that precision; peak memory (``max_memory_allocated``);
-   the SDPA kernel each precision runs (``pipeline.flow.device.sdpa_backends``);
+   the SDPA kernel each precision runs (``pipeline.engine.device.sdpa_backends``);
 2. **the model stage's own path**: ``WindowEmbedder`` on host (NumPy) windows, with the copy of batch
    n+1 overlapping the compute of batch n and one readback per batch, at the batch size it picks
    from the free memory, against model-only at that batch size;
@@ -85,7 +85,7 @@ def peak_tflops(name: str, precision: str, override: float | None) -> float | No
 def model_only(model: Any, precision: str, batch: int, seconds: float, repeats: int) -> dict:
     import torch
 
-    from pipeline.flow.staging import pool_batch
+    from pipeline.engine.staging import pool_batch
 
     dev = model.device
     n = int(round(seconds * SAMPLE_RATE))
@@ -124,7 +124,7 @@ def model_only(model: Any, precision: str, batch: int, seconds: float, repeats: 
 def embedder_path(model: Any, precision: str, seconds: float, windows: int, batch: int | None) -> dict:
     import numpy as np
 
-    from pipeline.flow.inference import EmbedSettings, WindowEmbedder
+    from pipeline.engine.inference import EmbedSettings, WindowEmbedder
 
     n = int(round(seconds * SAMPLE_RATE))
     rng = np.random.default_rng(0)
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     from bench.flops import count_flops
     from musicfm import MusicFM25Hz, MusicFMConfig
-    from pipeline.flow.device import compile_model, describe, sdpa_backends
+    from pipeline.engine.device import compile_model, describe, sdpa_backends
 
     cfg_path = None
     if args.cpu_smoke:

@@ -19,7 +19,7 @@ Model: the golden small model (``shared/golden``: ``checkpoint.pt`` + ``stats.js
 Measured in one run, back to back on the same files:
 
 * **loop**: this process, ``torch.set_num_threads(2)``, the model loaded once (untimed, as is
-  the import of torch), then for every catalog row ``pipeline.flow.inference.embed_uri`` (fetch,
+  the import of torch), then for every catalog row ``pipeline.engine.inference.embed_uri`` (fetch,
   decode, resample, window, model, pool): wall seconds of the loop. Its start-up (imports and
   model load) is printed beside it but NOT counted, so the comparison is the strict one.
 * **job**: ``python jobs/embed_catalog.py --catalog ... --output ...`` as a subprocess with the
@@ -130,7 +130,7 @@ def run_loop(
     t0 = time.perf_counter()
     import torch
 
-    from pipeline.flow.inference import embed_uri, load_model
+    from pipeline.engine.inference import embed_uri, load_model
 
     torch.set_num_threads(threads)
     model = load_model(**model_args, device="cpu")

@@ -11,7 +11,7 @@ Everything is measured in ONE run, on the same synthetic audio, on the same mach
 
 (a) **pipeline vs model-only** (goal: ratio >= 0.9)
 
-    * model-only: :class:`pipeline.flow.inference.WindowEmbedder` in this process on the pre-decoded
+    * model-only: :class:`pipeline.engine.inference.WindowEmbedder` in this process on the pre-decoded
       windows of the same audio, same batch size and precision (one untimed warm-up window);
       x realtime = audio seconds / wall seconds.
     * pipeline: :func:`pipeline.runs.embed.run_embed` on a catalog of the same files (it loads the
@@ -77,8 +77,8 @@ import pyarrow as pa  # noqa: E402
 
 from bench.procstat import machine_busy_s, tree_cpu  # noqa: E402
 from pipeline import schemas  # noqa: E402
+from pipeline.engine.inference import EmbedSettings, WindowResult  # noqa: E402
 from pipeline.flow.guard import ModelGuard  # noqa: E402
-from pipeline.flow.inference import EmbedSettings, WindowResult  # noqa: E402
 from pipeline.flow.stages import EmbedStage  # noqa: E402
 from pipeline.io.audio import AudioLimits, decode_audio  # noqa: E402
 from pipeline.io.objects import fetch_bytes  # noqa: E402
@@ -403,7 +403,7 @@ def model_only(
     """WindowEmbedder in this process, batch by batch as ``EmbedStage`` calls it."""
     import torch
 
-    from pipeline.flow.inference import WindowEmbedder, load_model
+    from pipeline.engine.inference import WindowEmbedder, load_model
 
     t0 = time.perf_counter()
     model = load_model("random", None, model_config, device="cpu")
@@ -530,8 +530,8 @@ def pool_shape(job: Any, rep: Any) -> dict[str, Any]:
 def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) -> dict[str, Any]:
     import ray
 
+    from pipeline.engine.model_info import ModelInfo
     from pipeline.flow.streaming import stream_chunks
-    from pipeline.runs.model_info import ModelInfo
     from pipeline.runs.plan import catalog_rows
     from pipeline.runs.report import audio_seconds
     from pipeline.runs.settings import EmbedJob

@@ -92,7 +92,7 @@ def clip_window_vectors(model_kind: str, cache_dir: str) -> np.ndarray:
     if os.path.exists(cache):
         return np.load(cache)
     from musicfm import MusicFM25Hz, MusicFMConfig
-    from pipeline.flow.inference import EmbedSettings, WindowEmbedder, load_model
+    from pipeline.engine.inference import EmbedSettings, WindowEmbedder, load_model
     from pipeline.io.audio import decode_audio
     from tools.testkit.paths import require_shared
 

@@ -127,6 +127,7 @@ LAYERS = (
     "pipeline.signals",  # SIGTERM as a graceful stop
     "pipeline.schemas",
     "pipeline.io",
+    "pipeline.engine",  # the model engine: flow (data path) and search (query path) both run it
     "pipeline.store",
     "pipeline.cli",
     "pipeline.flow",

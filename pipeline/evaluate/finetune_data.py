@@ -71,7 +71,7 @@ def training_dataset(spec: FinetuneSpec, decode_actors: int | None = None) -> tu
     import ray
 
     from musicfm import MusicFMConfig
-    from pipeline.flow.inference import EmbedSettings
+    from pipeline.engine.inference import EmbedSettings
     from pipeline.flow.runtime import ACTOR_MAX_RESTARTS, ACTOR_MAX_TASK_RETRIES, DECODE_MAX_CRASHES
     from pipeline.flow.stages import DecodeStage
     from pipeline.io.audio import AudioLimits

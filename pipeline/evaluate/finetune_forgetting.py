@@ -4,7 +4,7 @@ MusicFM's authors warn that fine-tuning on one task can cost the representation 
 scores hidden state ``layer`` (7 by default, the layer the pipeline stores for most tasks) of both
 checkpoints on the same labelled tracks with the same simple probe (standardised features,
 logistic regression, stratified k-fold accuracy, fixed seed). Track vectors come from
-:func:`pipeline.flow.inference.embed_uri` (the pipeline's decode, windowing and pooling), one
+:func:`pipeline.engine.inference.embed_uri` (the pipeline's decode, windowing and pooling), one
 track at a time in this process: meant for an evaluation set of hundreds of tracks, not a catalog.
 """
 
@@ -66,7 +66,7 @@ def track_features(
     storage_options: dict | None = None,
 ) -> tuple[np.ndarray, str]:
     """(n, D) track vectors of hidden state ``layer`` and the model_id of ``checkpoint``."""
-    from pipeline.flow.inference import embed_uri, load_model
+    from pipeline.engine.inference import embed_uri, load_model
 
     model = load_model(checkpoint, stats, model_config, device="cpu", storage_options=storage_options)
     if layer > model.config.encoder_depth:

@@ -78,7 +78,7 @@ def _mean_over_workers(values: list[float], device: torch.device) -> list[float]
 
 def build(spec: FinetuneSpec, device: torch.device) -> tuple[Classifier, str]:
     """The model before training (head seeded) and the backbone's model_id."""
-    from pipeline.flow.inference import load_model
+    from pipeline.engine.inference import load_model
 
     backbone = load_model(
         spec.checkpoint,

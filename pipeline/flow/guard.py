@@ -36,7 +36,7 @@ from pipeline.errors import ModelError, NonFiniteOutput, one_line, redact
 from pipeline.schemas import parse_layer_column
 
 if TYPE_CHECKING:
-    from pipeline.flow.inference import WindowEmbedder, WindowResult
+    from pipeline.engine.inference import WindowEmbedder, WindowResult
 
 log = logging.getLogger("musicfm.model")
 
@@ -98,7 +98,7 @@ def non_finite_layers(res: WindowResult) -> list[int]:
 
 
 class ModelGuard:
-    """Runs windows through a :class:`~pipeline.flow.inference.WindowEmbedder` and applies the
+    """Runs windows through a :class:`~pipeline.engine.inference.WindowEmbedder` and applies the
     rules of this module. One per model actor: its counters span the actor's batches."""
 
     def __init__(self, embedder: WindowEmbedder) -> None:

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
+from pipeline.engine.inference import EmbedSettings, WindowEmbedder, frame_ownership, load_model, track_mean
 from pipeline.errors import FetchError, PipelineError, WorkerCrashed, error_type, redact
 from pipeline.flow.guard import ModelGuard, check_finite_table
-from pipeline.flow.inference import EmbedSettings, WindowEmbedder, frame_ownership, load_model, track_mean
 from pipeline.io.audio import AudioLimits, decode_audio, probe_audio, scan_audio, stream_audio
 from pipeline.io.objects import fetch_bytes, object_info, open_uri, version_from_info
 from pipeline.io.windows import WindowCutter, plan_windows

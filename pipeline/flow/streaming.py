@@ -26,14 +26,16 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
+from pipeline.engine.model_info import ModelInfo
 from pipeline.errors import redact
 from pipeline.flow.guard import check_finite_table
+from pipeline.flow.job import FlowJob
 from pipeline.flow.runtime import (
     ACTOR_MAX_RESTARTS,
     ACTOR_MAX_TASK_RETRIES,
@@ -56,6 +58,9 @@ from pipeline.flow.runtime import (
     worker_runtime_env,
 )
 from pipeline.store.tables import StoreWriter
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 #: Columns of the per-window timings kept for the run report.
 TIME_COLUMNS = ["track_id", "window_ix", "num_windows", "duration_s", "decode_s", "model_s"]
@@ -117,7 +122,7 @@ class TodoRows:
     """Rows to embed held by Ray, not by the driver: a dataset with the catalog row columns and
     ``chunk`` (chunk ``k`` holds ``min(chunk_size, count - k * chunk_size)`` rows)."""
 
-    ds: Any  # ray.data.Dataset
+    ds: Dataset
     count: int
 
     def rows_of_chunk(self, ix: int) -> list[dict[str, Any]]:
@@ -145,7 +150,7 @@ TODO_ROWS_PER_BLOCK = 16
 class EmbedStream:
     """The lazy decode -> model pipeline of :func:`embed_stream` and what its caller cleans up."""
 
-    ds: Any  # ray.data.Dataset of embedded rows (kind window | error), not yet executed
+    ds: Dataset  # of embedded rows (kind window | error), not yet executed
     attempts_dir: str
     actors_before: set[str]
     actors: dict[str, int] = field(default_factory=dict)  # stage actors started (after finish)
@@ -163,17 +168,17 @@ class EmbedStream:
 
 
 def embed_stream(
-    rows: list[dict[str, Any]] | Any,
-    job: Any,
-    info: Any,
+    rows: list[dict[str, Any]] | Dataset,
+    job: FlowJob,
+    info: ModelInfo,
     decode_actors: tuple[int, int],
     model_actors: tuple[int, int],
     model_stage: type | None = None,
     pools: PoolPlan | None = None,
 ) -> EmbedStream:
     """Decode (a pool of ``decode_actors`` = (min, max) CPU actors) and embed (``model_actors``
-    model actors; min < max autoscales with the work) catalog rows: a lazy Ray dataset. ``job`` (a :class:`pipeline.runs.settings.EmbedJob`) gives the model
-    source, limits and batch size; ``info`` (:class:`pipeline.flow.inference.ModelInfo`) the
+    model actors; min < max autoscales with the work) catalog rows: a lazy Ray dataset. ``job`` (:class:`pipeline.flow.job.FlowJob`, e.g. a run's ``EmbedJob``) gives the model
+    source, limits and batch size; ``info`` (:class:`pipeline.engine.model_info.ModelInfo`) the
     settings. ``model_stage`` replaces :class:`pipeline.flow.stages.EmbedStage` (benchmarks).
     ``pools`` (:func:`size_pools`): the memory each actor requests from Ray and the CPU batch size.
     ``rows``: a list of catalog rows, or a Ray dataset of them (:class:`TodoRows`)."""
@@ -245,7 +250,9 @@ def embed_stream(
     return EmbedStream(embedded, attempts_dir, actors_before)
 
 
-def size_pools(job: Any, info: Any, work: int) -> tuple[tuple[int, int], tuple[int, int], PoolPlan | None]:
+def size_pools(
+    job: FlowJob, info: ModelInfo, work: int
+) -> tuple[tuple[int, int], tuple[int, int], PoolPlan | None]:
     """(model actors, decode actors, memory plan) of a run of ``work`` tracks: the pool shape from
     the model loaded (its FLOPs per audio second give the torch threads per CPU actor), fitted to
     the largest node's memory (:func:`pipeline.flow.runtime.plan_pools`; raises ``ValueError`` in
@@ -296,7 +303,7 @@ def rows_per_model_call(batch_size: int | None, gpus: int) -> int:
 
 
 def track_rows(
-    windows: pa.Table, info: Any, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
+    windows: pa.Table, info: ModelInfo, meta_cols: Sequence[str], run_id: str, embedded_at: dt.datetime
 ) -> pa.Table:
     """``tracks`` rows from embedded window rows (every window of each track, no frames), made on
     the driver by the ``ToTrack`` stage; a chunk is bounded, so its pooled vectors fit."""
@@ -319,7 +326,7 @@ def track_rows(
 
 def finish_chunk(
     ch: Chunk,
-    info: Any,
+    info: ModelInfo,
     meta_cols: Sequence[str],
     run_id: str,
     embedded_at: dt.datetime,
@@ -361,8 +368,8 @@ def finish_chunk(
 
 def stream_chunks(
     rows: Sequence[Mapping[str, Any]] | TodoRows,
-    job: Any,
-    info: Any,
+    job: FlowJob,
+    info: ModelInfo,
     store: StoreWriter,
     run_id: str,
     meta_cols: Sequence[str],
@@ -379,7 +386,7 @@ def stream_chunks(
     added to ``stage_s``). ``model_stage`` replaces ``EmbedStage`` (benchmarks)."""
     from pipeline.flow.stages import ChunkWriter
 
-    source: list[dict[str, Any]] | Any
+    source: list[dict[str, Any]] | Dataset
     if isinstance(rows, TodoRows):
         n, source, rows_of_chunk = rows.count, rows.ds, rows.rows_of_chunk
     else:
@@ -480,7 +487,7 @@ def stream_chunks(
     return StreamResult(restarts, all_times, stream.actors)
 
 
-def table_schema(info: Any, name: str) -> pa.Schema:
+def table_schema(info: ModelInfo, name: str) -> pa.Schema:
     """Schema of the ``windows`` or ``frames`` table for these settings."""
     if name == "windows":
         return schemas.windows_schema(info.settings.layers, info.dim)

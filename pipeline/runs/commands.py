@@ -70,10 +70,10 @@ def check_cpu_precision(parser: argparse.ArgumentParser, precision: str) -> None
     """``--precision bf16`` where the model runs on this machine's CPU (a local cluster, no CUDA)
     and that CPU has no bf16 units: refused with one line (exit 2) before anything starts. On a
     cluster (``RAY_ADDRESS``) each CPU model actor checks its own CPU when it starts
-    (:func:`pipeline.flow.device.require_cpu_bf16`); GPU actors run bf16 on the GPU."""
+    (:func:`pipeline.engine.device.require_cpu_bf16`); GPU actors run bf16 on the GPU."""
     if precision != "bf16" or os.environ.get("RAY_ADDRESS"):
         return
-    from pipeline.flow.device import CPU_BF16_REFUSAL, cpu_bf16_units
+    from pipeline.engine.device import CPU_BF16_REFUSAL, cpu_bf16_units
 
     if cpu_bf16_units():
         return

@@ -1,29 +1,15 @@
 """What the driver learns about the model before a run: one CPU load for its id, sizes and the
-settings fingerprint (:class:`ModelInfo`)."""
+settings fingerprint (:class:`pipeline.engine.model_info.ModelInfo`) from a run's :class:`EmbedJob`."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
+from pipeline.engine.inference import EmbedSettings, load_model, resolve_precision
+from pipeline.engine.model_info import ModelInfo, describe_model
 from pipeline.errors import one_line
-from pipeline.flow.inference import EmbedSettings, load_model, resolve_precision
 from pipeline.flow.runtime import ensure_ray
 from pipeline.runs.settings import EmbedJob
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver learns about the model before the run (from one CPU load)."""
-
-    model_id: str
-    dim: int
-    depth: int
-    settings: EmbedSettings
-    settings_id: str
-    gpus: int
-    config: Any = field(default=None, compare=False)  # musicfm.MusicFMConfig: sizes the pools
 
 
 def prepare_model(job: EmbedJob, stage_s: dict[str, float]) -> ModelInfo:
@@ -68,18 +54,7 @@ def probe_model(job: EmbedJob, gpus: int) -> ModelInfo:
         compile=job.compile,
         loudness_target_db=job.loudness_target_db,
     )
-    bad_layers = [i for i in job.layers if i > probe.config.encoder_depth]
-    if bad_layers:
-        raise ValueError(f"--layers {bad_layers} exceed the model depth {probe.config.encoder_depth}")
-    return ModelInfo(
-        model_id=probe.model_id,
-        dim=probe.config.encoder_dim,
-        depth=probe.config.encoder_depth,
-        settings=settings,
-        settings_id=settings.settings_id(probe.model_id),
-        gpus=gpus,
-        config=probe.config,
-    )
+    return describe_model(probe, settings, gpus)
 
 
 def model_info_for_plan(job: EmbedJob) -> ModelInfo:

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schemas
+from pipeline.engine.model_info import ModelInfo
 from pipeline.errors import RefreshError
 from pipeline.io.catalog import RejectedRow, iter_catalog
 from pipeline.io.uris import UriPolicy
 from pipeline.runs.decide import PLAN_KINDS, STORED_SCHEMA, LookupGroup, decide, stored_projection
-from pipeline.runs.model_info import ModelInfo
 from pipeline.runs.ray_plan import lookup_with_ray
 from pipeline.runs.settings import LOOKUP_RAY_MIN_ROWS, EmbedJob
 from pipeline.store.tables import StoreWriter

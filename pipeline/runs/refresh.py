@@ -57,6 +57,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schemas, signals
+from pipeline.engine.model_info import ModelInfo
 from pipeline.errors import CatalogError, InjectedFailure, PipelineError, RefreshError, RunFailed, root_cause
 from pipeline.faults import failpoint
 from pipeline.flow.runtime import (
@@ -67,7 +68,7 @@ from pipeline.flow.runtime import (
     ray_job_ended,
 )
 from pipeline.flow.streaming import ChunkOutput, TodoRows, stream_chunks, table_schema
-from pipeline.runs.model_info import ModelInfo, model_info_for_plan
+from pipeline.runs.model_info import model_info_for_plan
 from pipeline.runs.plan import (
     PLAN_KINDS,
     catalog_policy,

@@ -22,7 +22,7 @@ A query is one of:
 * a ``track_id`` present in the store: its stored vector of the same layer is the query and the
   track itself is left out of the results;
 * an audio file path or URI (``s3://...``): embedded through the pipeline's own path
-  (:func:`pipeline.flow.inference.embed_uri`) with a model whose ``model_id`` must equal the store's.
+  (:func:`pipeline.engine.inference.embed_uri`) with a model whose ``model_id`` must equal the store's.
 
 ``where`` is a Lance SQL predicate over the table's columns (e.g. ``genre = 'jazz' AND
 duration_s > 60``) applied as a *prefilter*: the ``k`` nearest among matching rows are returned,
@@ -494,14 +494,14 @@ class StoreReader:
         model_config: str | None = None,
         device: str | None = None,
     ) -> Any:
-        """Load (via :func:`pipeline.flow.inference.load_model`) and check the query-by-audio model.
+        """Load (via :func:`pipeline.engine.inference.load_model`) and check the query-by-audio model.
 
         Missing ``checkpoint`` / ``stats`` / ``model_config`` are taken from the store's run
         records (``runs.lance`` ``args_json``) of its model. Raises :class:`ModelUnavailableError`
         when no checkpoint is known and :class:`ModelMismatchError` when the loaded model is not
         the store's.
         """
-        from pipeline.flow import inference
+        from pipeline.engine import inference
 
         args = self.run_args() if checkpoint is None else {}
         checkpoint = checkpoint or args.get("checkpoint")
@@ -530,8 +530,8 @@ class StoreReader:
     ) -> np.ndarray:
         """The track-level vector of ``layer`` for an audio file/URI, through the pipeline's embed
         path, with the window/hop of the store's runs. Checks the model first."""
+        from pipeline.engine import inference
         from pipeline.errors import PipelineError
-        from pipeline.flow import inference
 
         if model is None:
             with self._model_lock:

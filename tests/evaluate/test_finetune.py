@@ -136,7 +136,7 @@ def test_training_loss_decreases(trained) -> None:
 
 def test_backbone_weights_change_where_they_train(trained) -> None:
     from musicfm import MusicFM25Hz
-    from pipeline.flow.inference import load_model
+    from pipeline.engine.inference import load_model
 
     res = trained[1]
     base = load_model("random:0", STATS, CONFIG).state_dict()
@@ -275,8 +275,8 @@ def test_checkpoint_store_is_atomic_keeps_the_newest_and_reads_back(where, tmp_p
 def test_export_to_object_storage_loads_with_the_same_model_id(
     trained, s3_server, tmp_path, monkeypatch
 ) -> None:
+    from pipeline.engine.inference import load_model
     from pipeline.evaluate.finetune import export_result
-    from pipeline.flow.inference import load_model
 
     args, res = trained[0], trained[1]
     opts = s3_server.options("s3fs")

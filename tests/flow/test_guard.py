@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.engine.inference import EmbedSettings, WindowEmbedder, load_model
 from pipeline.errors import ModelError, NonFiniteOutput
 from pipeline.flow.guard import ModelGuard, check_finite_table
-from pipeline.flow.inference import EmbedSettings, WindowEmbedder, load_model
 from tests.conftest import GOLDEN
 
 POISON = 0.123456  # a window whose first sample is this value triggers the injected fault

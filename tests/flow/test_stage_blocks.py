@@ -34,7 +34,7 @@ def test_decode_stage_blocks_hold_the_windows_samples(tmp_path) -> None:
     sr = 22050
     x = (0.3 * np.sin(2 * np.pi * 330 * np.arange(int(sr * 7.3)) / sr)).astype(np.float32)
     sf.write(tmp_path / "a.flac", np.stack([x, -x], axis=1), sr)
-    from pipeline.flow.inference import EmbedSettings
+    from pipeline.engine.inference import EmbedSettings
 
     stage = DecodeStage(EmbedSettings(layers=(1,), window_s=2.0, hop_s=2.0), AudioLimits(), None)
     stage.WINDOWS_PER_BLOCK = 3

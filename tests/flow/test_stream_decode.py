@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from pipeline.flow.inference import EmbedSettings
+from pipeline.engine.inference import EmbedSettings
 from pipeline.flow.stages import DecodeStage, audio_views
 from pipeline.io.audio import AudioLimits
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jobs.embed_catalog import build_parser
-from pipeline.flow.inference import EmbedSettings, normalize_loudness
+from pipeline.engine.inference import EmbedSettings, normalize_loudness
 from pipeline.insights.duplicates import find_duplicates
 from tests.insights.conftest import GAIN_COPIES, embed, write_catalog
 

@@ -190,7 +190,7 @@ def test_input_limits_give_clear_error_rows(fault_run) -> None:
 def test_crash_markers_count_deaths_per_track(tmp_path) -> None:
     """The marker logic alone (no Ray): a death leaves the marker, the next attempt counts it, after
     DECODE_MAX_CRASHES the track is an error row; a normal attempt removes its marker."""
-    from pipeline.flow.inference import EmbedSettings
+    from pipeline.engine.inference import EmbedSettings
 
     sf.write(tmp_path / "a.wav", tone(2.0), 24000)
     row = {"track_id": "a", "uri": str(tmp_path / "a.wav"), "metadata_json": "{}"}

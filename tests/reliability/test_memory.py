@@ -27,7 +27,7 @@ import gc, json, resource, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, soundfile as sf
 from pipeline.io.audio import AudioLimits
-from pipeline.flow.inference import EmbedSettings
+from pipeline.engine.inference import EmbedSettings
 from pipeline.flow.stages import DecodeStage
 
 def status(key):
@@ -102,7 +102,7 @@ def test_out_of_memory_while_copying_windows_is_an_error_row(tmp_path, monkeypat
     """MemoryError after decoding (copying the windows out) stays this track's error row; before
     the fix it escaped the stage and failed the whole run."""
     import pipeline.flow.stages as stages
-    from pipeline.flow.inference import EmbedSettings
+    from pipeline.engine.inference import EmbedSettings
     from pipeline.io.audio import AudioLimits
 
     def no_memory(samples, wins):
@@ -122,7 +122,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import pyarrow as pa
 from pipeline.io.audio import AudioLimits
-from pipeline.flow.inference import EmbedSettings
+from pipeline.engine.inference import EmbedSettings
 from pipeline.flow.stages import DecodeStage
 
 def status(key):  # VmHWM: this process's own peak (ru_maxrss would keep the parent's across exec)

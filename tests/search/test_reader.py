@@ -335,8 +335,8 @@ def test_audio_query_goes_through_the_pipeline_embed_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, golden_model
 ) -> None:
     """The store's model comes from its run records; the query is embedded by
-    pipeline.flow.inference.embed_uri with the store's window/hop and the query layer."""
-    from pipeline.flow import inference
+    pipeline.engine.inference.embed_uri with the store's window/hop and the query layer."""
+    from pipeline.engine import inference
 
     model = golden_model
     args = {
@@ -372,7 +372,7 @@ def test_audio_query_goes_through_the_pipeline_embed_path(
 def test_audio_query_end_to_end_with_the_golden_model(tmp_path: Path, golden_model) -> None:
     """Real decode + window + model (tiny golden checkpoint): a store holding the clip's own
     embedding finds it first with similarity ~1."""
-    from pipeline.flow import inference
+    from pipeline.engine import inference
 
     model = golden_model
     clip = str(AUDIO / "clips" / "hw_fruit.ogg")

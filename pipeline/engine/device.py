@@ -1,8 +1,8 @@
 """Facts about the device the model runs on, and the choices made from them.
 
-* :func:`cpu_bf16_units` / :func:`cpu_prefers_bf16`: whether this CPU has bf16 matrix units
-  (AMX-BF16, AVX512-BF16), read from ``/proc/cpuinfo`` flags; ``--precision auto`` uses bf16 on a
-  CPU only with AMX-BF16 (the rule and the figures behind it are in ``docs/sizing_decode.md``).
+* :func:`cpu_bf16_units`: whether this CPU has bf16 matrix units (AMX-BF16, AVX512-BF16), read
+  from ``/proc/cpuinfo`` flags. ``--precision auto`` is fp32 on every CPU (bf16 on AMX is
+  unmeasured; the figures are in ``docs/sizing_decode.md``); bf16 on CPU is opt-in.
   :func:`require_cpu_bf16`: an explicit ``--precision bf16`` is refused on a CPU without bf16 units
   (``MUSICFM_CPU_FLAGS`` replaces the flags read, to simulate another CPU).
 * :func:`batch_from_memory` / :func:`auto_batch_size`: windows per model call from the free GPU
@@ -35,7 +35,6 @@ __all__ = [
     "batch_from_memory",
     "compile_model",
     "cpu_bf16_units",
-    "cpu_prefers_bf16",
     "require_cpu_bf16",
     "sdpa_backends",
     "window_bytes",
@@ -96,20 +95,6 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> tuple[str, ...]:
     """
     flags = _host_flags() if cpuinfo is None else _cpuinfo_flags(cpuinfo)
     return tuple(u for u in ("amx_bf16", "avx512_bf16") if u in flags)
-
-
-def cpu_prefers_bf16(cpuinfo: str | None = None) -> bool:
-    """True on CPUs with AMX-BF16 (the rule of ``--precision auto``; what backs it: docs/sizing_decode.md).
-
-    A rule rather than a timed probe, so that ``--precision auto`` (which enters ``settings_id``)
-    resolves the same way on every run of a machine type, however loaded the machine is (a probe
-    on a shared machine flips with the load and would change ``settings_id`` between runs).
-    Measured (``bench/model_forward.py``, full size, 30 s windows, bench/README.md at 19859f0..,
-    2026-11-25, on the 2-vCPU AMD EPYC development VM, a CPU without AMX): bf16 / fp32 per
-    CPU-second 1.69x at batch 4, 1.67x at batch 8 (the job's default), 1.27x at batch 1. No run on
-    an AMX machine is recorded (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` compares both on one).
-    """
-    return "amx_bf16" in cpu_bf16_units(cpuinfo)
 
 
 #: Why ``--precision bf16`` is refused on a CPU without bf16 units (one line).

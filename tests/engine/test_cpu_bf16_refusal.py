@@ -1,6 +1,6 @@
 """``--precision bf16`` on a CPU without bf16 units (no AVX512-BF16 / AMX-BF16) is refused with one
 line, never run on reference kernels for minutes per track. The CPU is simulated with
-``MUSICFM_CPU_FLAGS`` (:data:`pipeline.flow.device.CPU_FLAGS_ENV`), which replaces the flags of
+``MUSICFM_CPU_FLAGS`` (:data:`pipeline.engine.device.CPU_FLAGS_ENV`), which replaces the flags of
 ``/proc/cpuinfo`` in the job's process and in the Ray workers it starts."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.flow.device import CPU_BF16_REFUSAL, CPU_FLAGS_ENV
+from pipeline.engine.device import CPU_BF16_REFUSAL, CPU_FLAGS_ENV
 from tests.conftest import REPO
 from tools.testkit.stores import write_catalog, write_tone
 

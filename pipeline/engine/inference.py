@@ -102,15 +102,14 @@ def pick_device(device: str | None = None) -> torch.device:
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     import torch
 
-    """``auto`` -> bf16 on CUDA and on CPUs with AMX-BF16 (:func:`pipeline.flow.device.cpu_prefers_bf16`),
-    fp32 otherwise; fp16 is refused off CUDA."""
-    from pipeline.flow.device import cpu_prefers_bf16
-
+    """``auto`` -> bf16 on CUDA, fp32 on every CPU (bf16 there is opt-in: faster by 1.67x per CPU
+    second on AVX512-BF16 at batch 8, unmeasured on AMX; docs/sizing_decode.md); fp16 is refused
+    off CUDA."""
     dev = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if dev.type == "cuda" or (dev.type == "cpu" and cpu_prefers_bf16()) else "fp32"
+        return "bf16" if dev.type == "cuda" else "fp32"
     if precision == "fp16" and dev.type != "cuda":
         raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return precision
@@ -198,13 +197,13 @@ class WindowEmbedder:
     no mask, so padding would change the embeddings of the real frames).
 
     ``allow_slow_bf16``: run bf16 on a CPU without bf16 units anyway (refused by default:
-    :func:`pipeline.flow.device.require_cpu_bf16`); audio queries of a bf16 store do, as they
+    :func:`pipeline.engine.device.require_cpu_bf16`); audio queries of a bf16 store do, as they
     must match the store's settings.
 
-    ``max_batch``: windows per model call; ``None`` picks one (:func:`pipeline.flow.device.auto_batch_size`:
+    ``max_batch``: windows per model call; ``None`` picks one (:func:`pipeline.engine.device.auto_batch_size`:
     the CPU default of 8, or what fits in the free GPU memory). On CUDA the copy of batch n+1 to
     the device overlaps the compute of batch n, and each batch comes back in one copy
-    (:mod:`pipeline.flow.staging`); ``settings.compile`` wraps the model in ``torch.compile`` first.
+    (:mod:`pipeline.engine.staging`); ``settings.compile`` wraps the model in ``torch.compile`` first.
     """
 
     def __init__(
@@ -214,8 +213,8 @@ class WindowEmbedder:
         max_batch: int | None = None,
         allow_slow_bf16: bool = False,
     ) -> None:
-        from pipeline.flow.device import auto_batch_size, compile_model, require_cpu_bf16
-        from pipeline.flow.staging import Stager
+        from pipeline.engine.device import auto_batch_size, compile_model, require_cpu_bf16
+        from pipeline.engine.staging import Stager
 
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -257,7 +256,7 @@ class WindowEmbedder:
         import torch
 
         from musicfm.pooling import num_frames
-        from pipeline.flow.staging import Readback, pool_batch
+        from pipeline.engine.staging import Readback, pool_batch
 
         out: list[WindowResult | None] = [None] * len(audio)
         sr = self.model.config.sample_rate
