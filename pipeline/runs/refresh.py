@@ -68,7 +68,7 @@ from pipeline.flow.runtime import (
     ray_job_ended,
 )
 from pipeline.flow.streaming import ChunkOutput, TodoRows, stream_chunks, table_schema
-from pipeline.runs.model_info import model_info_for_plan
+from pipeline.runs.model_info import describe_job_model, load_probe, model_info_for_plan, precision_gpus
 from pipeline.runs.plan import (
     PLAN_KINDS,
     catalog_policy,
@@ -326,22 +326,19 @@ def _fill_extra(job: RefreshJob, report: RefreshReport) -> None:
     )  # fmt: skip
 
 
-def _probe_needs_ray(job: EmbedJob) -> bool:
-    """Whether the model probe itself needs the cluster (its GPUs decide the precision)."""
-    return job.precision in ("auto", "fp16")
-
-
 class _Probe:
-    """:func:`model_info_for_plan` in a thread; :meth:`result` returns it or raises its error."""
+    """:func:`pipeline.runs.model_info.load_probe` in a thread (it needs no Ray, so it overlaps the
+    cluster's start); :meth:`result` gives the :class:`ModelInfo` or raises the load's error."""
 
     def __init__(self, job: EmbedJob) -> None:
         import threading
 
+        self._job = job
         self._out: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                self._out["info"] = model_info_for_plan(job)
+                self._out["model"] = load_probe(job)
             except BaseException as e:  # re-raised in the caller's thread
                 self._out["error"] = e
 
@@ -349,10 +346,12 @@ class _Probe:
         self._thread.start()
 
     def result(self) -> ModelInfo:
+        """The model's info once loaded (the cluster's GPUs resolve ``--precision auto``)."""
+        gpus = precision_gpus(self._job)  # starts Ray (if still needed) while the load may go on
         self._thread.join()
         if "error" in self._out:
             raise self._out["error"]
-        return self._out["info"]
+        return describe_job_model(self._job, self._out.pop("model"), gpus)
 
 
 @dataclass
@@ -398,19 +397,16 @@ def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
     # The model probe (torch import and one model load on this driver) runs in a thread while
     # this one reads the store and, when there is certainly work for Ray, starts or joins the
     # cluster: both mostly wait (on imports and file reads there, on Ray's daemons here).
-    probe = _Probe(ej) if not _probe_needs_ray(ej) else None
-    info = model_info_for_plan(ej) if probe is None else None
+    probe = _Probe(ej)
     t1 = time.perf_counter()
     _, stored = read_stored(store) if store is not None else (None, None)
     read_s, ray_s = time.perf_counter() - t1, 0.0
-    if probe is not None and not job.dry_run and has_new_tracks(catalog, stored):
+    if not job.dry_run and has_new_tracks(catalog, stored):
         t1 = time.perf_counter()
         ensure_ray()  # a new track is embedded whatever the plan says: start Ray meanwhile
         ray_s = time.perf_counter() - t1
         stage_s["ray_init"] = stage_s.get("ray_init", 0.0) + ray_s
-    if probe is not None:
-        info = probe.result()
-    assert info is not None
+    info = probe.result()
     stage_s["model_probe"] = time.perf_counter() - t0 - read_s - ray_s  # what it added to the run
     t0 = time.perf_counter() - read_s
     meta_cols = _store_meta(store, catalog_meta, run_id)
