@@ -30,6 +30,7 @@ _DECODE_COLS = [f.name for f in schemas.TASK_BASE_FIELDS]
 
 
 def error_row(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
+    """The error row of ``row`` (a catalog or window row) failed in ``stage`` by ``exc`` (message redacted)."""
     msg = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     out = {name: None for name in _DECODE_COLS}
     out.update(

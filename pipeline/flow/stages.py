@@ -8,6 +8,8 @@
 
 Every stage turns a failure of one record into an error row (stage, error_type, message) and
 keeps going; nothing is dropped silently. Rows between stages follow ``schemas.task_schema``.
+:class:`DecodeStage` lives in :mod:`pipeline.flow.decode` (re-exported here); data files are
+written and their fragments serialised through :mod:`pipeline.store.tables`.
 """
 
 from __future__ import annotations

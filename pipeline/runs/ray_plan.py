@@ -55,7 +55,7 @@ from pipeline.store.maintenance import (
     hash_buckets,
     orphans_of,
 )
-from pipeline.store.tables import StoreRef, StoreWriter
+from pipeline.store.tables import Store, StoreRef
 
 #: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
 RAY_PLAN_MIN_BYTES = 32 * 1024**2
@@ -118,7 +118,7 @@ def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
 
 
 def fragments_dataset(
-    store: StoreWriter, name: str, fn: Any, fn_kwargs: dict[str, Any], ds: Any | None = None
+    store: Store, name: str, fn: Any, fn_kwargs: dict[str, Any], ds: Any | None = None
 ) -> Any:
     """A lazy dataset of table ``name`` read fragment by fragment (one task per fragment, at the
     version of ``ds``, the table as the caller opened it, or as open now): ``fn(batches,
@@ -333,7 +333,7 @@ def catalog_meta_columns(cat: Any) -> list[str]:
 
 def ray_plan(
     job: RefreshJob,
-    store: StoreWriter | None,
+    store: Store | None,
     settings_id: str,
     meta_cols: Sequence[str] | None,
     delete_missing: bool,
@@ -491,7 +491,7 @@ def sweep_part(t: pa.Table) -> pa.Table:
     return pa.concat_tables([tagged(orphans, "orphan", 1), tagged(sample, "missing", 0), count])
 
 
-def find_orphans_ray(store: StoreWriter) -> Orphans:
+def find_orphans_ray(store: Store) -> Orphans:
     """:func:`pipeline.store.maintenance.find_orphans` as a distributed anti-join of the windows
     keys with the tracks keys: only the orphans (a killed run's chunks in flight, at most) and
     the missing tracks' count and sample come to the driver."""
