@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
@@ -149,7 +149,7 @@ class StoreView:
             self.model_id: str | None = model_ids[0] if len(model_ids) == 1 else None
             self._index_cache.clear()
 
-    def refresh(self) -> StoreView:
+    def refresh(self) -> Self:
         """Move to the versions to read now (new rows, new indexes, the end of a model change);
         returns ``self``."""
         # fresh dataset objects, swapped in under the lock: searches in flight keep their version
