@@ -29,6 +29,12 @@ duration_s > 60``) applied as a *prefilter*: the ``k`` nearest among matching ro
 never fewer than ``k`` when ``k`` rows match. At window level it may use the columns of
 ``windows.lance`` or, when it does not fit those, the columns of ``tracks.lance`` (it then selects
 the tracks whose windows are searched); one predicate cannot mix both.
+
+This module keeps the query logic (validation, ANN / exact search, filters, scoring, window
+spans). What the store holds is :class:`pipeline.search.view.StoreView` (tables opened through
+:class:`pipeline.store.tables.Store`, the only code that opens Lance), query by audio is
+:class:`pipeline.search.query_audio.AudioQueries`, the result types are in
+:mod:`pipeline.search.results` (all re-exported here).
 """
 
 from __future__ import annotations
