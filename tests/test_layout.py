@@ -211,3 +211,45 @@ def test_job_scripts_are_thin(script: str) -> None:
     ]
     code = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
     assert len(code) <= 12, f"jobs/{script}: {len(code)} top-level statements"
+
+
+#: The one package that opens Lance (the store's owner); everything else goes through it.
+LANCE_OWNER = "pipeline/store"
+
+
+def lance_importers(root: Path, dirs: tuple[str, ...] = ("pipeline", "musicfm", "jobs")) -> list[str]:
+    """``path:line`` of every ``import lance`` / ``from lance... import`` (at any depth of a module,
+    inside functions and ``TYPE_CHECKING`` blocks too) outside :data:`LANCE_OWNER`."""
+    bad = []
+    for d in dirs:
+        for path in sorted((root / d).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(LANCE_OWNER + "/"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                if any(n == "lance" or n.startswith("lance.") for n in names):
+                    bad.append(f"{rel}:{node.lineno}")
+    return bad
+
+
+def test_only_the_store_imports_lance() -> None:
+    """pipeline/store is the one owner of the store: no other module of pipeline/, musicfm/ or
+    jobs/ imports ``lance`` (they open, read and write tables through ``pipeline.store``)."""
+    assert lance_importers(REPO) == []
+
+
+def test_lance_check_finds_an_import_outside_the_store(tmp_path: Path) -> None:
+    for rel, text in {
+        "pipeline/store/tables.py": "import lance\n",
+        "pipeline/search/x.py": "def f():\n    from lance.fragment import FragmentMetadata\n",
+        "jobs/y.py": "import lancedb\nimport lance as l\n",
+        "musicfm/z.py": "import os\n",
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert lance_importers(tmp_path) == ["pipeline/search/x.py:2", "jobs/y.py:2"]

@@ -295,7 +295,7 @@ def cpu_model_plan(decode_cpus: int, model_actors: int) -> CpuModelPlan:
 #: tracks, 1 thread): model 19.5 -> 14.0 CPU s. The price: a worker keeps its peak heap until it
 #: exits (a few hundred MB for a model actor, which holds it anyway at the next batch). A decode
 #: actor's peak is a long track, not a steady batch: it hands its heap back (``malloc_trim``) after
-#: a streamed track or one over 64 MB decoded (``pipeline.flow.stages.DecodeStage``), and streams
+#: a streamed track or one over 64 MB decoded (``pipeline.flow.decode.DecodeStage``), and streams
 #: tracks over 20 minutes, so its peak is bounded by the window, not the file.
 WORKER_MALLOC_TUNABLES = (
     "glibc.malloc.hugetlb=1",
@@ -461,7 +461,7 @@ def model_cost(config: Any, window_s: float, precision: str = "fp32") -> ModelCo
 def decode_actor_bytes(window_s: float, windows_per_block: int, whole_up_to_s: float) -> int:
     """Memory of one decode actor: its process, one block of windows on the way out, and the
     largest track it decodes whole (samples + their window copy, at 24 kHz float32); longer ones
-    are streamed (``pipeline.flow.stages.DecodeStage``)."""
+    are streamed (``pipeline.flow.decode.DecodeStage``)."""
     block = windows_per_block * window_s * 24000 * 4
     return int(DECODE_PROCESS_BYTES + 2 * block + 2 * whole_up_to_s * 24000 * 4)
 

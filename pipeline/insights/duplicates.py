@@ -92,6 +92,7 @@ from pipeline.insights.align import MIN_COVER, align_pairs, windowed_tracks
 from pipeline.insights.neighbours import ANN_MODES, MAX_CORPUS_BYTES, Neighbours, search_neighbours
 from pipeline.insights.vectors import RAY_MIN_ROWS, StoreRef, check_layers, id_filter, store_ref
 from pipeline.schemas import DUPLICATES_SCHEMA
+from pipeline.store.commits import retry_write
 
 __all__ = [
     "ALIGN_MODES",
@@ -466,13 +467,9 @@ def _grouped(new_rows: list[dict], keep_old: list[dict], report: DuplicateReport
 
 
 def _write(out: pa.Table, dup: StoreRef) -> None:
-    import lance
-
-    first = _open_or_none(dup) is None  # an "overwrite" of nothing makes Lance warn
-    lance.write_dataset(
-        out, dup.uri, schema=DUPLICATES_SCHEMA, mode="create" if first else "overwrite",
-        storage_options=dup.lance_options,
-    )  # fmt: skip
+    # replaces the whole table: a retry after a broken connection writes the same rows again
+    store = dup.store()
+    retry_write("write of duplicates", lambda: store.write_table(dup.table, out, DUPLICATES_SCHEMA))
 
 
 def _track_pairs(accepted: list[tuple[str, str, float]]) -> list[dict]:
@@ -504,20 +501,13 @@ def _components(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 def read_duplicates(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
     """``duplicates.lance`` of a store as a table, ``None`` when there is none."""
-    ds = _open_or_none(_duplicates_ref(store_ref(store, storage_options)))
+    ds = _duplicates_ref(store_ref(store, storage_options)).open_or_none()
     return None if ds is None else ds.to_table()
 
 
 def _duplicates_ref(ref: StoreRef) -> StoreRef:
     """``duplicates.lance`` of the store of ``ref``, unpinned."""
     return StoreRef(ref.root, ref.lance_options, "duplicates")
-
-
-def _open_or_none(ref: StoreRef) -> Any:
-    try:
-        return ref.open()
-    except (ValueError, OSError):
-        return None
 
 
 def _window_pairs(accepted: list[tuple[int, int, float]], ctab: pa.Table, crit: Criterion) -> list[dict]:

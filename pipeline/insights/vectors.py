@@ -1,6 +1,8 @@
 """Reading layer vectors from a store and writing derived columns back into ``tracks``.
 
-Shared by the duplicate finder, the probes and the catalog map. Work is split by Lance fragment:
+Shared by the duplicate finder, the probes and the catalog map; the store's side (opening, the
+pinned :class:`pipeline.store.tables.StoreRef`, :func:`pipeline.store.columns.write_track_columns`
+under the lease) is in :mod:`pipeline.store`. Work is split by Lance fragment:
 :func:`fragment_groups` cuts a table's fragments into groups of about equal row counts, and
 :func:`run_tasks` runs one function per group, in this process for small stores and as Ray tasks
 (``ray_min_rows`` and up) for large ones.
@@ -9,58 +11,30 @@ Shared by the duplicate finder, the probes and the catalog map. Work is split by
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import StoreNotFoundError, UnknownLayerError
-from pipeline.io.objects import lance_options
-from pipeline.schemas import is_derived_column, layer_column
+from pipeline.errors import UnknownLayerError
+from pipeline.schemas import layer_column
 from pipeline.search.reader import open_store
-from pipeline.store.tables import in_lists
+
+# re-exported: the insights name the store's pinned table reference and its derived-column write
+# from here (both live in pipeline.store, the only package that opens Lance)
+from pipeline.store.columns import write_track_columns as write_track_columns
+from pipeline.store.tables import Store, in_lists
+from pipeline.store.tables import StoreRef as StoreRef
 
 #: Stores with at least this many rows are processed as Ray tasks over fragment groups.
 RAY_MIN_ROWS = 100_000
 
 
-@dataclass(frozen=True)
-class StoreRef:
-    """What a worker needs to open a table of the store: root, Lance options, pinned version."""
-
-    root: str
-    lance_options: dict[str, str] | None
-    table: str = "tracks"
-    version: int | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"{self.root.rstrip('/')}/{self.table}.lance"
-
-    def open(self):
-        import lance
-
-        return lance.dataset(self.uri, version=self.version, storage_options=self.lance_options)
-
-    def latest(self) -> StoreRef:
-        """The same table, unpinned (its newest version when opened)."""
-        return StoreRef(self.root, self.lance_options, self.table)
-
-
 def store_ref(root: str, storage_options: Mapping[str, Any] | None, table: str = "tracks") -> StoreRef:
     """A :class:`StoreRef` pinned at the table's current version; raises when the store or the
     table is missing (``StoreNotFoundError``)."""
-    import lance
-
     reader = open_store(root, storage_options)  # validates the root (tracks.lance exists)
-    opts = lance_options(reader.root, storage_options)
-    ref = StoreRef(reader.root, opts, table)
-    try:
-        ds = lance.dataset(ref.uri, storage_options=opts)
-    except (ValueError, OSError) as e:
-        raise StoreNotFoundError(f"the store at {reader.root} has no {table}.lance: {e}") from None
-    return StoreRef(reader.root, opts, table, ds.version)
+    return Store(reader.root, storage_options, create=False).ref(table)
 
 
 def check_layers(ds: Any, layers: Sequence[int]) -> int:
@@ -170,38 +144,3 @@ def ray_groups(ds: Any, use_ray: bool | None, ray_min_rows: int = RAY_MIN_ROWS) 
     ensure_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return True, max(1, 2 * cpus)
-
-
-# --------------------------------------------------------------------------- writing columns
-
-
-def write_track_columns(ref: StoreRef, data: pa.Table) -> int:
-    """Write the columns of ``data`` (``track_id`` plus derived columns, see
-    :func:`pipeline.schemas.is_derived_column`) into ``tracks`` on ``track_id``.
-
-    Columns new to the table are added with Lance ``merge`` (a join on ``track_id`` that writes
-    only the new columns' data files; tracks missing from ``data`` get nulls). When every column
-    exists already, the given rows are updated in place with a partial ``merge_insert``
-    (other rows and columns untouched). Returns the new table version.
-    """
-    import lance
-
-    bad = [c for c in data.column_names if c != "track_id" and not is_derived_column(c)]
-    if bad or "track_id" not in data.column_names:
-        raise ValueError(f"write_track_columns takes track_id plus derived columns, got {data.column_names}")
-    ds = lance.dataset(ref.uri, storage_options=ref.lance_options)
-    have = set(ds.schema.names)
-    new = [c for c in data.column_names if c != "track_id" and c not in have]
-    old = [c for c in data.column_names if c != "track_id" and c in have]
-    if new:
-        ds.merge(data.select(["track_id", *new]), left_on="track_id")
-        ds = lance.dataset(ref.uri, storage_options=ref.lance_options)
-    if old and data.num_rows:
-        part = data.select(["track_id", *old])
-        want = ds.schema
-        part = pa.table(
-            {c: part[c].cast(want.field(c).type) for c in part.column_names},
-        )
-        ds.merge_insert("track_id").when_matched_update_all().execute(part)
-        ds = lance.dataset(ref.uri, storage_options=ref.lance_options)
-    return ds.version

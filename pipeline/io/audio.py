@@ -5,7 +5,7 @@ downmixes every block to mono (mean over channels) and feeds it to a streaming
 ``soxr.ResampleStream`` (``HQ``), so the only full-length allocation is the output array.
 A track too long to hold is read twice instead: :func:`scan_audio` decodes it to the end keeping
 only its length and checks, then :func:`stream_audio` yields the same samples piece by piece
-(no full-length allocation at all; ``pipeline.flow.stages.DecodeStage`` cuts windows from them).
+(no full-length allocation at all; ``pipeline.flow.decode.DecodeStage`` cuts windows from them).
 Limits (:class:`AudioLimits`) are checked on the header before decoding and again while
 decoding, so a lying header cannot make the decoder run away.
 
@@ -273,7 +273,7 @@ def decode_audio(
     kept and a warning ``"header claimed X s, decoded Y s"`` is added.
 
     The whole track is one array here; :func:`scan_audio` + :func:`stream_audio` give the same
-    samples piece by piece for a track too long to hold (``pipeline.flow.stages.DecodeStage``).
+    samples piece by piece for a track too long to hold (``pipeline.flow.decode.DecodeStage``).
     """
     if block_frames < 1:
         raise ValueError(f"block_frames must be >= 1, got {block_frames}")

@@ -55,7 +55,7 @@ from pipeline.store.maintenance import (
     hash_buckets,
     orphans_of,
 )
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store, StoreRef
 
 #: Catalog tables at least this large (bytes) are planned with Ray under ``--planner auto``.
 RAY_PLAN_MIN_BYTES = 32 * 1024**2
@@ -118,7 +118,7 @@ def catalog_side(batch: pa.Table, parts: int) -> pa.Table:
 
 
 def fragments_dataset(
-    store: StoreWriter, name: str, fn: Any, fn_kwargs: dict[str, Any], ds: Any | None = None
+    store: Store, name: str, fn: Any, fn_kwargs: dict[str, Any], ds: Any | None = None
 ) -> Any:
     """A lazy dataset of table ``name`` read fragment by fragment (one task per fragment, at the
     version of ``ds``, the table as the caller opened it, or as open now): ``fn(batches,
@@ -127,18 +127,18 @@ def fragments_dataset(
 
     ds = ds if ds is not None else store.open(name)
     frags = [{"fragment_id": f.fragment_id} for f in ds.get_fragments()]
-    kw = {"fn": fn, "uri": store.uri(name), "version": ds.version, "storage_options": store.lance_options,
-          "fn_kwargs": fn_kwargs}  # fmt: skip
+    kw = {
+        "fn": fn,
+        "ref": StoreRef(store.root, store.lance_options, name, ds.version),
+        "fn_kwargs": fn_kwargs,
+    }
     return ray.data.from_items(frags, override_num_blocks=max(1, len(frags))).map_batches(
         _read_fragments, fn_kwargs=kw, batch_size=1, batch_format="pyarrow"
     )
 
 
-def _read_fragments(batch: pa.Table, fn: Any, uri: str, version: int, storage_options: dict | None,
-                    fn_kwargs: dict[str, Any]) -> Iterator[pa.Table]:  # fmt: skip
-    import lance
-
-    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+def _read_fragments(batch: pa.Table, fn: Any, ref: StoreRef, fn_kwargs: dict[str, Any]) -> Iterator[pa.Table]:
+    ds = ref.open()
     for fid in batch["fragment_id"].to_pylist():
         yield from fn(ds.get_fragment(fid), **fn_kwargs)
 
@@ -333,7 +333,7 @@ def catalog_meta_columns(cat: Any) -> list[str]:
 
 def ray_plan(
     job: RefreshJob,
-    store: StoreWriter | None,
+    store: Store | None,
     settings_id: str,
     meta_cols: Sequence[str] | None,
     delete_missing: bool,
@@ -491,7 +491,7 @@ def sweep_part(t: pa.Table) -> pa.Table:
     return pa.concat_tables([tagged(orphans, "orphan", 1), tagged(sample, "missing", 0), count])
 
 
-def find_orphans_ray(store: StoreWriter) -> Orphans:
+def find_orphans_ray(store: Store) -> Orphans:
     """:func:`pipeline.store.maintenance.find_orphans` as a distributed anti-join of the windows
     keys with the tracks keys: only the orphans (a killed run's chunks in flight, at most) and
     the missing tracks' count and sample come to the driver."""

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import InvalidQueryError, UnknownTrackError, one_line, redact
-from pipeline.io.objects import lance_options
 from pipeline.schemas import RESERVED_COLUMNS, layer_column
 from pipeline.search.reader import StoreReader, json_safe
 from pipeline.store.tables import sql_str
@@ -180,24 +179,12 @@ class CatalogViews:
     def table(self, name: str) -> Any:
         """The Lance dataset ``{name}.lance`` of the store (``None`` when it does not exist),
         reopened at most every ``refresh_s`` seconds."""
-        import lance
-
         now = time.monotonic()
         with self._lock:
             got = self._opened.get(name)
             if got is not None and now - got[0] < self.refresh_s:
                 return got[1]
-        uri = self.store.uri(name)
-        ds = None
-        if "://" in uri or os.path.isdir(uri):
-            try:
-                ds = lance.dataset(
-                    uri, storage_options=lance_options(self.store.root, self.store.storage_options)
-                )
-            except (ValueError, OSError) as e:
-                text = str(e).lower()
-                if "not found" not in text and "does not exist" not in text and "no such" not in text:
-                    raise
+        ds = self.store.tables.open(name)
         with self._lock:
             self._opened[name] = (now, ds)
         return ds

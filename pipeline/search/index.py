@@ -58,7 +58,7 @@ from typing import Any
 
 from pipeline.errors import StoreNotFoundError, UnknownLayerError
 from pipeline.schemas import layer_column, parse_layer_column
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 __all__ = [
     "DEFAULT_INDEX_TYPE",
@@ -245,7 +245,7 @@ def build_indexes(
     if kind not in ("AUTO", *INDEX_TYPES):
         raise ValueError(f"index_type must be auto or one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
     root = store_uri[len("file://") :] if store_uri.startswith("file://") else store_uri
-    store = StoreWriter(root, storage_options, create=False)
+    store = Store(root, storage_options, create=False)
     tracks = store.open("tracks")
     if tracks is None:
         raise StoreNotFoundError(f"no embedding store at {root}: cannot open {store.uri('tracks')}")

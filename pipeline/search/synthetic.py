@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.schemas import RUNS_SCHEMA, layer_column, tracks_schema, windows_schema
+from pipeline.store.tables import Store
 
 __all__ = ["SyntheticStore", "clustered_vectors", "tracks_table", "write_synthetic_store"]
 
@@ -106,8 +107,6 @@ def write_synthetic_store(
     ``runs.lance`` (one ``ok`` run whose ``args_json`` is ``run_args``). ``storage_options`` are
     Lance keys (``aws_endpoint``...). ``n_tracks=0`` writes empty tables.
     """
-    import lance
-
     rng = np.random.default_rng(seed + 1)
     ids = [f"trk{i:05d}" for i in range(n_tracks)]
     meta = {
@@ -137,29 +136,54 @@ def write_synthetic_store(
                 w_ids.append(t)
                 w_times.append((30.0 * w, 30.0 * (w + 1)))
     root = root.rstrip("/")
-    so = dict(storage_options) if storage_options else None
+    store = Store(root, create=False, lance_opts=storage_options)  # Lance's own keys
     if not n_tracks:
         tvecs = {ix: np.zeros((0, dim), np.float32) for ix in layers}
     tbl = tracks_table(ids, tvecs, meta, model_id=model_id, num_windows=max(1, windows_per_track))
-    lance.write_dataset(tbl, f"{root}/tracks.lance", schema=tbl.schema, mode="overwrite", storage_options=so)
+    store.write_table("tracks", tbl)
     if windows_per_track or not n_tracks:
-        nw = len(w_ids)
-        wschema = windows_schema(list(layers), dim)
-        wt = pa.table(
-            {
-                "track_id": pa.array(w_ids, pa.string()),
-                "window_ix": pa.array([i % max(1, windows_per_track) for i in range(nw)], pa.int32()),
-                "start_s": pa.array([a for a, _ in w_times], pa.float64()),
-                "end_s": pa.array([b for _, b in w_times], pa.float64()),
-                **{layer_column(ix): _fsl(wvecs.get(ix, np.zeros((0, dim), np.float32))) for ix in layers},
-                "settings_id": pa.array(["s-synthetic"] * nw, pa.string()),
-                "run_id": pa.array(["run-synthetic"] * nw, pa.string()),
-            },
-            schema=wschema,
-        )
-        lance.write_dataset(wt, f"{root}/windows.lance", schema=wschema, mode="overwrite", storage_options=so)
+        store.write_table("windows", _windows_table(w_ids, w_times, wvecs, layers, dim, windows_per_track))
+    store.write_table("runs", _runs_table(model_id, n_tracks, len(w_ids), run_args))
+    return SyntheticStore(
+        root=root,
+        track_ids=ids,
+        track_vectors=tvecs,
+        window_track_ids=w_ids,
+        window_vectors=wvecs,
+        window_times=w_times,
+        metadata=meta,
+        model_id=model_id,
+    )
+
+
+def _windows_table(
+    w_ids: Sequence[str],
+    w_times: Sequence[tuple[float, float]],
+    wvecs: Mapping[int, np.ndarray],
+    layers: Sequence[int],
+    dim: int,
+    windows_per_track: int,
+) -> pa.Table:
+    """The ``windows`` rows of :func:`write_synthetic_store` (vectors (N, dim) per layer)."""
+    nw = len(w_ids)
+    return pa.table(
+        {
+            "track_id": pa.array(w_ids, pa.string()),
+            "window_ix": pa.array([i % max(1, windows_per_track) for i in range(nw)], pa.int32()),
+            "start_s": pa.array([a for a, _ in w_times], pa.float64()),
+            "end_s": pa.array([b for _, b in w_times], pa.float64()),
+            **{layer_column(ix): _fsl(wvecs.get(ix, np.zeros((0, dim), np.float32))) for ix in layers},
+            "settings_id": pa.array(["s-synthetic"] * nw, pa.string()),
+            "run_id": pa.array(["run-synthetic"] * nw, pa.string()),
+        },
+        schema=windows_schema(list(layers), dim),
+    )
+
+
+def _runs_table(model_id: str, n_tracks: int, n_windows: int, run_args: Mapping[str, Any] | None) -> pa.Table:
+    """The one ``ok`` run of :func:`write_synthetic_store`."""
     now = _dt.datetime(2026, 1, 1, tzinfo=_dt.timezone.utc)
-    runs = pa.table(
+    return pa.table(
         {
             "run_id": ["run-synthetic"],
             "kind": ["embed"],
@@ -171,7 +195,7 @@ def write_synthetic_store(
             "settings_id": ["s-synthetic"],
             "tracks_ok": [n_tracks],
             "tracks_failed": [0],
-            "windows": [len(w_ids)],
+            "windows": [n_windows],
             "audio_hours": [0.0],
             "wall_s": [0.0],
             "x_realtime": [0.0],
@@ -179,15 +203,4 @@ def write_synthetic_store(
             "report_json": ["{}"],
         },
         schema=RUNS_SCHEMA,
-    )
-    lance.write_dataset(runs, f"{root}/runs.lance", schema=RUNS_SCHEMA, mode="overwrite", storage_options=so)
-    return SyntheticStore(
-        root=root,
-        track_ids=ids,
-        track_vectors=tvecs,
-        window_track_ids=w_ids,
-        window_vectors=wvecs,
-        window_times=w_times,
-        metadata=meta,
-        model_id=model_id,
     )

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from pipeline.store.tables import StoreWriter, sql_str
+from pipeline.store.tables import Store, sql_str
 
 log = logging.getLogger("musicfm.pipeline")
 
@@ -66,9 +66,7 @@ def retry_write(what: str, write: Callable[[], T], landed: Callable[[], T | None
     raise AssertionError("unreachable")
 
 
-def commit_overwrite(
-    store: StoreWriter, name: str, schema: pa.Schema, fragments: list, tries: int = 5
-) -> int:
+def commit_overwrite(store: Store, name: str, schema: pa.Schema, fragments: list, tries: int = 5) -> int:
     """``store.commit(..., mode="overwrite")``, retried when the request may not have arrived
     (re-committing an Overwrite is safe either way: at worst one more version, same files)."""
     return retry_write(
@@ -76,9 +74,7 @@ def commit_overwrite(
     )
 
 
-def append_fragments_once(
-    store: StoreWriter, name: str, schema: pa.Schema, fragments: list, tries: int = 5
-) -> int:
+def append_fragments_once(store: Store, name: str, schema: pa.Schema, fragments: list, tries: int = 5) -> int:
     """``store.commit(..., mode="append")``, retried when the connection broke; before a retry
     the table is read to see whether the fragments' data files are in it already (no double append)."""
 
@@ -95,7 +91,7 @@ def append_fragments_once(
     )
 
 
-def append_once(store: StoreWriter, name: str, data: pa.Table, run_id: str, tries: int = 5) -> int:
+def append_once(store: Store, name: str, data: pa.Table, run_id: str, tries: int = 5) -> int:
     """``store.write_small(name, data)`` (an append of rows carrying ``run_id``), retried when the
     commit's connection broke: before retrying, the table is read to see whether this run's rows
     landed after all, so a retry never appends them twice."""
@@ -119,7 +115,7 @@ def delete_rows(ds: Any, predicate: str) -> int:
     return int(n or 0)
 
 
-def merge_tracks(store: StoreWriter, tbl: pa.Table) -> int:
+def merge_tracks(store: Store, tbl: pa.Table) -> int:
     """Upsert track rows on ``track_id`` (the tracks table is created by the first chunk)."""
     import lance
 

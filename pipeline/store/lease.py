@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipeline.errors import LeaseLost, RefreshError, RefreshLocked
 from pipeline.schemas import LOCK_SCHEMA, LOCK_TABLE, utc_now
 from pipeline.store.commits import retry_write
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 log = logging.getLogger("musicfm.refresh")
 
@@ -52,7 +52,7 @@ class StoreLock:
 
     def __init__(
         self,
-        store: StoreWriter,
+        store: Store,
         run_id: str,
         ttl_s: float = 600.0,
         wait_s: float = 0.0,

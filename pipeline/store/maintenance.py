@@ -15,7 +15,7 @@ from pipeline.faults import failpoint
 from pipeline.schemas import LOCK_TABLE
 from pipeline.store.commits import delete_rows, retry_write
 from pipeline.store.lease import StoreLock
-from pipeline.store.tables import StoreWriter, in_lists, sql_str
+from pipeline.store.tables import Store, in_lists, sql_str
 
 #: Tracks per bucket of the sweep: the driver holds one bucket's keys at a time.
 SWEEP_BUCKET_ROWS = 1_000_000
@@ -76,7 +76,7 @@ class Orphans:
             self.by_run.setdefault(rid, set()).add(tid)
 
 
-def find_orphans(store: StoreWriter) -> Orphans:
+def find_orphans(store: Store) -> Orphans:
     """:func:`orphans_of` the ``(track_id, run_id)`` keys of ``windows`` and ``tracks``.
 
     Only the key columns are scanned (streamed, the windows keys made distinct per batch), one
@@ -104,7 +104,7 @@ def find_orphans(store: StoreWriter) -> Orphans:
 
 
 def delete_orphans(
-    store: StoreWriter, by_run: dict[str, set[str]], lease: StoreLock | None = None
+    store: Store, by_run: dict[str, set[str]], lease: StoreLock | None = None
 ) -> dict[str, int]:
     """Delete the windows and frames rows of these ``(track_id, run_id)`` keys; rows per table."""
     out: dict[str, int] = {}
@@ -123,7 +123,7 @@ def delete_orphans(
 
 
 def sweep(
-    store: StoreWriter, lease: StoreLock | None = None, found: Orphans | None = None
+    store: Store, lease: StoreLock | None = None, found: Orphans | None = None
 ) -> tuple[dict[str, int], list[str], int]:
     """Delete every windows/frames row whose ``(track_id, run_id)`` is not a ``tracks`` row:
     superseded or orphaned rows a killed run left behind (:func:`find_orphans`, or ``found``).
@@ -133,7 +133,7 @@ def sweep(
     return delete_orphans(store, found.by_run, lease), sorted(found.missing), found.n_missing
 
 
-def maintain(store: StoreWriter, retention_days: float) -> dict[str, Any]:
+def maintain(store: Store, retention_days: float) -> dict[str, Any]:
     """Optimise indices where a table has some, compact small fragments (and fragments with over
     10 % deleted rows), and remove versions older than ``retention_days``; returns what was done
     per table. Indices go first: Lance does not merge indexed with unindexed fragments."""

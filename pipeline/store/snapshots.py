@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.store.commits import retry_write
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 log = logging.getLogger("musicfm.store")
 
@@ -43,7 +43,7 @@ def _tags(ds: Any) -> dict[str, int]:
     return {name: int(t["version"]) for name, t in ds.tags.list().items()}
 
 
-def _create_tag(store: StoreWriter, table: str, name: str, version: int) -> None:
+def _create_tag(store: Store, table: str, name: str, version: int) -> None:
     """Tag ``table`` at ``version``, retried like a commit when the connection broke (a PUT that
     landed, its answer lost, is found on the next try)."""
 
@@ -53,7 +53,7 @@ def _create_tag(store: StoreWriter, table: str, name: str, version: int) -> None
     retry_write(f"tag {name} of {table}", lambda: store.open(table).tags.create(name, version), landed)
 
 
-def _delete_tag(store: StoreWriter, table: str, name: str) -> None:
+def _delete_tag(store: Store, table: str, name: str) -> None:
     """Delete the tag ``name`` of ``table`` if the table and the tag are there, retried when the
     connection broke."""
 
@@ -65,7 +65,7 @@ def _delete_tag(store: StoreWriter, table: str, name: str) -> None:
         retry_write(f"removal of tag {name} of {table}", lambda: store.open(table).tags.delete(name), landed)
 
 
-def pin_for_search(store: StoreWriter) -> bool:
+def pin_for_search(store: Store) -> bool:
     """Tag the current versions ``search`` (a migration starts), unless a tag is already there (a
     resumed migration keeps the complete old store). Returns whether a pin is in place."""
     tracks = store.open("tracks")
@@ -81,7 +81,7 @@ def pin_for_search(store: StoreWriter) -> bool:
     return True
 
 
-def publish(store: StoreWriter, run_id: str, keep_previous: int) -> dict[str, int]:
+def publish(store: Store, run_id: str, keep_previous: int) -> dict[str, int]:
     """A run ended ``ok``: tag its versions ``run-<run_id>``, end a migration's ``search`` pin (the
     switch), and delete the run tags beyond the newest ``keep_previous + 1``. Returns the tagged
     versions."""
@@ -98,7 +98,7 @@ def publish(store: StoreWriter, run_id: str, keep_previous: int) -> dict[str, in
     return versions
 
 
-def _prune(store: StoreWriter, keep_previous: int) -> None:
+def _prune(store: Store, keep_previous: int) -> None:
     for run_id in snapshot_runs(store)[keep_previous + 1 :]:
         for table in SNAPSHOT_TABLES:
             _delete_tag(store, table, run_tag(run_id))
@@ -133,7 +133,7 @@ def reading_versions(open_table: Any, run_id: str | None = None) -> Snapshot:
     return Snapshot(versions, reason)
 
 
-def snapshot_runs(store: StoreWriter) -> list[str]:
+def snapshot_runs(store: Store) -> list[str]:
     """Run ids with a snapshot, newest first."""
     tracks = store.open("tracks")
     return [] if tracks is None else snapshot_runs_of(tracks)
@@ -148,7 +148,7 @@ def snapshot_runs_of(tracks: Any) -> list[str]:
     return [n[len(RUN_TAG_PREFIX) :] for _, n in tags]
 
 
-def rollback(store: StoreWriter, to_run: str | None = None) -> tuple[str, dict[str, int]]:
+def rollback(store: Store, to_run: str | None = None) -> tuple[str, dict[str, int]]:
     """Restore ``tracks``/``windows``/``frames`` to the versions of run ``to_run`` (default: the
     run before the newest snapshot): each becomes a new latest version equal to that run's.
     Returns (run_id, new versions). The caller holds the store's lease."""

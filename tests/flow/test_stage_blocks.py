@@ -8,7 +8,8 @@ import pyarrow as pa
 import soundfile as sf
 
 from pipeline import schemas
-from pipeline.flow.stages import DecodeStage, _task_table, audio_array, audio_views
+from pipeline.flow.decode import _task_table
+from pipeline.flow.stages import DecodeStage, audio_array, audio_views
 from pipeline.io.audio import AudioLimits, decode_audio
 from pipeline.io.windows import plan_windows
 
