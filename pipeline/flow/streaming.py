@@ -136,6 +136,11 @@ def chunk_of(positions: np.ndarray, chunk_size: int) -> np.ndarray:
     return np.asarray(positions, np.int64) // chunk_size
 
 
+def chunk_len(ix: int, count: int, chunk_size: int) -> int:
+    """Rows in chunk ``ix`` when :func:`chunk_of` cuts ``count`` rows (the last one may be short)."""
+    return min(chunk_size, count - ix * chunk_size)
+
+
 #: Rows per block of a :class:`TodoRows` dataset handed to the decode pool (a block goes to one
 #: actor: small blocks spread the tracks over the pool).
 TODO_ROWS_PER_BLOCK = 16
@@ -453,7 +458,7 @@ def stream_chunks(
 
     def chunk(ix: int) -> Chunk:
         if ix not in chunks:
-            chunks[ix] = Chunk(ix, min(chunk_size, n - ix * chunk_size))
+            chunks[ix] = Chunk(ix, chunk_len(ix, n, chunk_size))
         return chunks[ix]
 
     model_actors, decode_actors, pools = size_pools(job, info, n)
@@ -491,7 +496,7 @@ def stream_chunks(
                     )
         for ix in range(n_chunks):  # tracks that never came out of the stream (not expected)
             if ix not in finished:
-                lost = chunks.pop(ix, None) or Chunk(ix, min(chunk_size, n - ix * chunk_size))
+                lost = chunks.pop(ix, None) or Chunk(ix, chunk_len(ix, n, chunk_size))
                 done(finish_chunk(lost, info, meta_cols, run_id, embedded_at or schemas.utc_now(),
                                   rows=rows_of_chunk(ix)))  # fmt: skip
         failed = False
