@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from musicfm import MusicFM25Hz, MusicFMConfig  # noqa: E402
+from musicfm.kernels import precision_context  # noqa: E402
 from tools.testkit.paths import find_shared  # noqa: E402
 
 SAMPLE_RATE = 24000
@@ -232,7 +233,7 @@ def breakdown(model: MusicFM25Hz, clip: np.ndarray, precision: str, batch: int, 
         marks = [clock()]
         mel = model.mel_frontend(wav)
         marks.append(clock())
-        with model._precision_context(precision, device):
+        with precision_context(precision, device):
             x = model.frontend(mel)
             marks.append(clock())
             model.encoder(x, wanted)

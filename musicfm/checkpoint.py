@@ -14,6 +14,7 @@ tensors under this package's own names, with the config and mel stats in the met
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -332,6 +333,19 @@ def read_checkpoint(checkpoint: Any, stats: Any = None, config: Any = None) -> C
 def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of ``sd`` that hold a NaN or an Inf."""
     return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def fingerprint(model: Any) -> str:
+    """sha256 hex of a :class:`musicfm.model.MusicFM25Hz`'s config, mel stats and every tensor
+    (name, dtype, shape, raw bytes), in key order: the digest of its ``model_id``."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json().encode())
+    h.update(f"{model.mel_mean!r}/{model.mel_std!r}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_safetensors(model: Any, path: str | os.PathLike[str]) -> None:

@@ -6,28 +6,26 @@ M = mel bins, F = mel frames (N // hop), T = tokens at 25 Hz, D = encoder width,
 Numerics (CPU fp32) follow the official operation order so the hidden states match the
 official implementation; attention goes through ``scaled_dot_product_attention``. For inference
 speed the BatchNorms of the conv front end are folded into their convs, q/k are one matmul and
-CPU fp32 matmuls go through oneDNN (see :func:`linear`); these change results by float rounding
-only (golden parity error 1e-5, tolerance 1e-4). State-dict names are those of the plain modules.
+CPU fp32 matmuls go through oneDNN (see :func:`musicfm.kernels.linear`); these change results by
+float rounding only (golden parity error 1e-5, tolerance 1e-4). State-dict names are those of the
+plain modules. The inference kernels (oneDNN matmul, derived-weight caches, precision contexts)
+live in :mod:`musicfm.kernels`; the model id's digest (:func:`fingerprint`) in :mod:`musicfm.checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import check_native_state_dict, map_official_state_dict, read_checkpoint
+from .checkpoint import check_native_state_dict, fingerprint, map_official_state_dict, read_checkpoint
 from .config import MusicFMConfig
+from .kernels import PRECISIONS, DerivedCache, Linear, autocast_off, linear, precision_context, tensor_key
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["PRECISIONS", "Conformer", "ConvFrontEnd", "LogMel", "MusicFM25Hz", "fingerprint"]
 
 
 # --------------------------------------------------------------------------- mel front end
@@ -75,7 +73,7 @@ class LogMel(nn.Module):
 
     def db(self, wav: Tensor) -> Tensor:
         """(B, N) -> (B, M, N // hop) mel power in dB, before normalisation."""
-        with _autocast_off(wav.device):
+        with autocast_off(wav.device):
             if wav.device.type == "cpu":
                 return self._db_cpu(wav)
             z = torch.stft(
@@ -126,82 +124,6 @@ class LogMel(nn.Module):
 
     def forward(self, wav: Tensor) -> Tensor:
         return (self.db(wav) - self.mean) / self.std
-
-
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
-    if torch.is_autocast_enabled(device.type):
-        with torch.autocast(device.type, enabled=False):
-            yield
-    else:
-        yield
-
-
-# --------------------------------------------------------------------------- CPU matmul
-
-
-# oneDNN's matmul (what torch.compile uses for CPU linears) runs the fp32 Conformer GEMMs ~15 % faster
-# than the default MKL sgemm on the AMD EPYC we benchmark on (bench/model_forward.py); same fp32 math,
-# another summation order (~1e-6 relative). MUSICFM_CPU_LINEAR=mkl switches back to F.linear.
-_ONEDNN_LINEAR = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and os.environ.get("MUSICFM_CPU_LINEAR", "onednn").lower() != "mkl"
-)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, through oneDNN for CPU float32 inference (no autocast, no autograd)."""
-    if (
-        _ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()  # inductor picks its own GEMM (and needs F.linear here)
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict names) that calls :func:`linear`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def _tensor_key(t: Tensor) -> tuple:
-    """Identity of a tensor's current contents: storage, in-place version (inference tensors have none)."""
-    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
-
-
-class DerivedCache:
-    """Inference-time tensors computed from parameters/buffers (e.g. BatchNorm folded into a conv).
-
-    ``cache(*sources)`` returns ``build()``, rebuilt when any source tensor changes (in-place update,
-    ``.to()``, dtype) or after :meth:`clear`. With autograd on and a source requiring grad, it is built
-    fresh on every call so gradients still reach the parameters.
-    """
-
-    def __init__(self, build: Callable[[], Any]) -> None:
-        self.build = build
-        self.clear()
-
-    def clear(self) -> None:
-        self.key: tuple | None = None
-        self.value: Any = None
-
-    def __call__(self, *sources: Iterable[Tensor]) -> Any:
-        tensors = [t for group in sources for t in group]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.build()
-        key = tuple(_tensor_key(t) for t in tensors)
-        if key != self.key:
-            with torch.inference_mode(False), torch.no_grad(), _autocast_off(tensors[0].device):
-                self.value = self.build()
-            self.key = key
-        return self.value
 
 
 # --------------------------------------------------------------------------- conv subsampling
@@ -389,7 +311,7 @@ class Conformer(nn.Module):
 
     def rotary(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin tables (T, hd) in float32, cached by (length, device, buffer contents)."""
-        key = (t, device, _tensor_key(self.inv_freq))
+        key = (t, device, tensor_key(self.inv_freq))
         hit = self._rotary_cache.get(key)
         if hit is None:
             inv = self.inv_freq.float()
@@ -615,28 +537,10 @@ class MusicFM25Hz(nn.Module):
         if precision == "fp16" and dev.type != "cuda":
             raise ValueError("fp16 autocast is supported on CUDA only; use bf16 or fp32 on CPU")
         mel = self.mel_frontend(wav)  # (B, M, F) float32
-        with self._precision_context(precision, dev):
+        with precision_context(precision, dev):
             x = self.frontend(mel)  # (B, T, D)
             got = self.encoder(x, set(wanted))
         return [got[i].float() for i in wanted]
-
-    @contextlib.contextmanager
-    def _precision_context(self, precision: str, dev: torch.device) -> Iterator[None]:
-        if precision == "fp32":
-            if dev.type == "cuda":  # reference numerics: no TF32 in convolutions or matmuls
-                prev = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = False
-                try:
-                    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _autocast_off(dev):
-                        yield
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = prev
-            else:
-                with _autocast_off(dev):
-                    yield
-        else:
-            with torch.autocast(dev.type, dtype=_AUTOCAST_DTYPES[precision]):
-                yield
 
     def get_latent(self, wav: Tensor, layer_ix: int = 12, *, precision: str = "fp32") -> Tensor:
         """``hidden_states[layer_ix]``, as the official ``get_latent``: (B, T, D)."""
@@ -644,15 +548,3 @@ class MusicFM25Hz(nn.Module):
 
     def forward(self, wav: Tensor) -> list[Tensor]:
         return self.hidden_states(wav)
-
-
-def fingerprint(model: MusicFM25Hz) -> str:
-    """sha256 hex of config, mel stats and every tensor (name, dtype, shape, raw bytes), in key order."""
-    h = hashlib.sha256()
-    h.update(model.config.to_json().encode())
-    h.update(f"{model.mel_mean!r}/{model.mel_std!r}".encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

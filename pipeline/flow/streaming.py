@@ -141,6 +141,11 @@ def chunk_of(positions: np.ndarray, chunk_size: int) -> np.ndarray:
     return np.asarray(positions, np.int64) // chunk_size
 
 
+def chunk_len(ix: int, count: int, chunk_size: int) -> int:
+    """Rows in chunk ``ix`` when :func:`chunk_of` cuts ``count`` rows (the last one may be short)."""
+    return min(chunk_size, count - ix * chunk_size)
+
+
 #: Rows per block of a :class:`TodoRows` dataset handed to the decode pool (a block goes to one
 #: actor: small blocks spread the tracks over the pool).
 TODO_ROWS_PER_BLOCK = 16
@@ -366,6 +371,63 @@ def finish_chunk(
     return ChunkOutput(ch.ix, ch.fragments, tracks, ok.select(TIME_COLUMNS), error_rows, failed)
 
 
+def chunk_writer_args(
+    store: StoreWriter,
+    run_id: str,
+    layers: Sequence[int],
+    dim: int,
+    frames_hz: float | None,
+    settings_id: str,
+) -> dict[str, Any]:
+    """The constructor arguments of the :class:`pipeline.flow.stages.ChunkWriter` actors of a run
+    writing to ``store`` (frames only when ``frames_hz`` is set)."""
+    return dict(
+        windows_uri=store.uri("windows"),
+        frames_uri=store.uri("frames") if frames_hz else None,
+        layers=layers,
+        dim=dim,
+        frames_hz=frames_hz,
+        settings_id=settings_id,
+        run_id=run_id,
+        storage_options=store.lance_options,
+    )
+
+
+def write_parts(ds: Any, writer_args: dict[str, Any], max_writers: int) -> Any:
+    """The embedded rows of ``ds`` (a Ray dataset) written by a pool of up to ``max_writers``
+    :class:`pipeline.flow.stages.ChunkWriter` actors (``writer_args``): a lazy dataset of the
+    parts written (their files, not yet committed)."""
+    import ray
+
+    from pipeline.flow.stages import ChunkWriter
+
+    # Writer actors (a retried batch rewrites its files; only the driver commits). They reserve no
+    # CPU, so the stream can never stall behind actors holding every CPU of a small node, and a
+    # pool of them growing with the work keeps up with the decoders (writing is a fraction of
+    # decoding's cost). Actors, not tasks: a task-based writer started a fresh worker process
+    # (~1.5 CPU s of imports) for most blocks, because the idle workers of a node with more
+    # workers than CPUs are stopped after a second.
+    return ds.map_batches(
+        ChunkWriter,
+        fn_constructor_kwargs=writer_args,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_writers),
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
+    )
+
+
+def _add_pass_seconds(stage_s: dict[str, float], t0: float, cpu0: float | None) -> None:
+    """Add the wall seconds since ``t0`` (``perf_counter``) to ``stage_s["decode+model"]`` and, when
+    ``cpu0`` was measured, the CPU seconds of this machine's run processes since then."""
+    stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
+    cpu1 = None if cpu0 is None else process_tree_cpu_s()
+    if cpu0 is not None and cpu1 is not None:  # CPU s of this machine's run processes meanwhile
+        stage_s["decode+model_cpu"] = stage_s.get("decode+model_cpu", 0.0) + cpu1 - cpu0
+
+
 def stream_chunks(
     rows: Sequence[Mapping[str, Any]] | TodoRows,
     job: FlowJob,
@@ -403,21 +465,12 @@ def stream_chunks(
 
     def chunk(ix: int) -> Chunk:
         if ix not in chunks:
-            chunks[ix] = Chunk(ix, min(chunk_size, n - ix * chunk_size))
+            chunks[ix] = Chunk(ix, chunk_len(ix, n, chunk_size))
         return chunks[ix]
 
     model_actors, decode_actors, pools = size_pools(job, info, n)
-    frames_hz = info.settings.frames_hz
-    writer_args = dict(
-        windows_uri=store.uri("windows"),
-        frames_uri=store.uri("frames") if frames_hz else None,
-        layers=info.settings.layers,
-        dim=info.dim,
-        frames_hz=frames_hz,
-        settings_id=info.settings_id,
-        run_id=run_id,
-        storage_options=store.lance_options,
-    )
+    s = info.settings
+    writer_args = chunk_writer_args(store, run_id, s.layers, info.dim, s.frames_hz, info.settings_id)
     ChunkWriter(**writer_args)  # checks the arguments here, before anything starts
     t0 = time.perf_counter()
     # busy cores: CPU s of this process's tree, which holds the workers only when the cluster is
@@ -426,24 +479,7 @@ def stream_chunks(
     stream = embed_stream(
         source, job, info, decode_actors, model_actors, model_stage=model_stage, pools=pools
     )
-    # Writer actors (a retried batch rewrites its files; only the driver commits). They reserve no
-    # CPU, so the stream can never stall behind actors holding every CPU of a small node, and a
-    # pool of them growing with the work keeps up with the decoders (writing is a fraction of
-    # decoding's cost). Actors, not tasks: a task-based writer started a fresh worker process
-    # (~1.5 CPU s of imports) for most blocks, because the idle workers of a node with more
-    # workers than CPUs are stopped after a second.
-    import ray
-
-    parts = stream.ds.map_batches(
-        ChunkWriter,
-        fn_constructor_kwargs=writer_args,
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=0,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, decode_actors[1] // 2)),
-        max_restarts=ACTOR_MAX_RESTARTS,
-        max_task_retries=ACTOR_MAX_TASK_RETRIES,
-    )
+    parts = write_parts(stream.ds, writer_args, max_writers=max(1, decode_actors[1] // 2))
     times: list[pa.Table] = []
 
     def done(out: ChunkOutput) -> None:
@@ -467,7 +503,7 @@ def stream_chunks(
                     )
         for ix in range(n_chunks):  # tracks that never came out of the stream (not expected)
             if ix not in finished:
-                lost = chunks.pop(ix, None) or Chunk(ix, min(chunk_size, n - ix * chunk_size))
+                lost = chunks.pop(ix, None) or Chunk(ix, chunk_len(ix, n, chunk_size))
                 done(finish_chunk(lost, info, meta_cols, run_id, embedded_at or schemas.utc_now(),
                                   rows=rows_of_chunk(ix)))  # fmt: skip
         failed = False
@@ -478,10 +514,7 @@ def stream_chunks(
         if close is not None:
             close()
         restarts = stream.finish(failed)
-        stage_s["decode+model"] = stage_s.get("decode+model", 0.0) + time.perf_counter() - t0
-        cpu1 = None if cpu0 is None else process_tree_cpu_s()
-        if cpu0 is not None and cpu1 is not None:  # CPU s of this machine's run processes meanwhile
-            stage_s["decode+model_cpu"] = stage_s.get("decode+model_cpu", 0.0) + cpu1 - cpu0
+        _add_pass_seconds(stage_s, t0, cpu0)
     all_times = pa.concat_tables(times) if times else None
     add_worker_seconds(stage_s, all_times)
     return StreamResult(restarts, all_times, stream.actors)

@@ -4,17 +4,15 @@ A *catalog* is either a table with a required ``uri`` column, an optional ``trac
 and any metadata columns, or a directory / object prefix that is listed recursively for audio
 files. Catalogs are read in a streaming fashion (:func:`iter_catalog`), so memory beyond the
 caller's list of entries stays bounded. Every URI passes the :class:`pipeline.io.uris.UriPolicy`;
-rows that fail become :class:`RejectedRow` and are never read.
+rows that fail become :class:`RejectedRow` and are never read. The per-format readers of raw
+records live in :mod:`pipeline.io.catalog_formats`; this module opens, splits and checks.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import fsspec
 
@@ -24,12 +22,20 @@ from pipeline.errors import (
     FetchError,
     PipelineError,
     UriRefused,
-    error_type,
     redact,
+)
+from pipeline.io.catalog_formats import (
+    KEPT_COLUMNS,
+    CatalogRow,
+    RejectedRow,
+    iter_csv,
+    iter_jsonl,
+    iter_listing,
+    iter_parquet,
+    reject_row,
 )
 from pipeline.io.objects import object_info, open_uri, scrub, with_retries
 from pipeline.io.uris import (
-    AUDIO_EXTENSIONS,
     CONTROL_RE,
     MAX_TRACK_ID_CHARS,
     MAX_URI_CHARS,
@@ -44,7 +50,6 @@ from pipeline.io.uris import (
     resolve_uri,
     split_scheme,
 )
-from pipeline.schemas import RESERVED_COLUMNS, parse_layer_column
 
 __all__ = [
     "VERSION_COLUMNS",
@@ -61,10 +66,6 @@ __all__ = [
     "open_catalog",
     "read_catalog",
 ]
-
-# Catalog columns the pipeline keeps under their own name; other reserved names are renamed.
-_KEPT_COLUMNS = frozenset({"track_id", "uri"})
-_JSON_ARRAY_MAX_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -84,25 +85,6 @@ class CatalogEntry:
     uri: str
     metadata: dict[str, str | None] = field(default_factory=dict)
     content_version: str | None = None
-
-
-@dataclass(frozen=True)
-class RejectedRow:
-    """A catalog row that will not be read.
-
-    Attributes:
-        row: 0-based index of the row among the catalog's data rows (files, for a listing).
-        track_id: the row's track id if known.
-        uri: the row's uri as written (redacted, cut to :data:`MAX_URI_CHARS`), if any.
-        error_type: exception class name (``UriRefused``, ``CatalogError``, ``DuplicateTrackId``).
-        message: one-line redacted reason.
-    """
-
-    row: int
-    track_id: str | None
-    uri: str | None
-    error_type: str
-    message: str
 
 
 #: Catalog columns that state an object's version, by precedence (output names: ``content_version``
@@ -139,69 +121,6 @@ def catalog_version(rec: dict[str, str | None]) -> str | None:
     return None
 
 
-def _metadata_name(name: str) -> str:
-    """Output name of a catalog column: reserved names and ``layer_<n>`` get ``catalog_``."""
-    if name in _KEPT_COLUMNS:
-        return name
-    if name in RESERVED_COLUMNS or parse_layer_column(name) is not None:
-        return f"catalog_{name}"
-    return name
-
-
-def _column_plan(names: list[str], where: str) -> list[str]:
-    """Validate catalog column names; return their output names (same order)."""
-    stripped = [str(n).strip() for n in names]
-    if any(not n for n in stripped):
-        raise CatalogError(f"{where}: empty column name in header")
-    if len(set(stripped)) != len(stripped):
-        dup = sorted({n for n in stripped if stripped.count(n) > 1})
-        raise CatalogError(f"{where}: duplicate column names {dup}")
-    if "uri" not in stripped:
-        shown = ", ".join(stripped[:20])
-        raise CatalogError(f"{where}: catalog has no 'uri' column (columns: {shown})")
-    out = [_metadata_name(n) for n in stripped]
-    if len(set(out)) != len(out):
-        clash = sorted({n for n in out if out.count(n) > 1})
-        raise CatalogError(f"{where}: renaming reserved columns collides with existing columns {clash}")
-    return out
-
-
-def _json_value(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return v
-    return json.dumps(v, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
-def _arrow_to_strings(arr: Any) -> list[str | None]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    t = arr.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return arr.to_pylist()
-    if pa.types.is_boolean(t):
-        return [None if v is None else ("true" if v else "false") for v in arr.to_pylist()]
-    if not (pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
-        try:
-            return pc.cast(arr, pa.string()).to_pylist()
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-    out: list[str | None] = []
-    for v in arr.to_pylist():
-        if isinstance(v, bytes):
-            out.append(v.decode("utf-8", "replace"))
-        else:
-            out.append(_json_value(v))
-    return out
-
-
-_Row = tuple[int, "dict[str, str | None] | RejectedRow"]
-
-
 def duplicate_message(track_id: str, first_row: int | str) -> str:
     """The reason of a :class:`DuplicateTrackId` rejection."""
     return f"duplicate track_id {track_id!r}: first used at row {first_row}, which wins"
@@ -226,264 +145,6 @@ class FirstRowWins:
         return DuplicateTrackId(duplicate_message(track_id, first))
 
 
-def _reject(ix: int, exc: PipelineError, track_id: str | None = None, uri: str | None = None) -> RejectedRow:
-    if uri is not None:
-        uri = redact(uri if len(uri) <= MAX_URI_CHARS else uri[:MAX_URI_CHARS])
-    return RejectedRow(row=ix, track_id=track_id, uri=uri, error_type=error_type(exc), message=str(exc))
-
-
-def _iter_csv(
-    fs: fsspec.AbstractFileSystem, path: str, where: str, delimiter: str, max_row_chars: int
-) -> Iterator[_Row]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    invalid: list[Any] = []
-
-    def on_invalid(row: Any) -> str:
-        invalid.append(row)
-        return "skip"
-
-    # pyarrow reads ahead a fixed number of blocks (~35 measured), so the block size bounds memory;
-    # a block must hold the longest accepted row (max_row_chars characters, <= 4 bytes each)
-    block = max(64 * 1024, 4 * max_row_chars + 4096)
-    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid)
-    # Column names from the header line, read through its own handle: a pyarrow streaming reader
-    # reads ahead in a background thread, so two readers must never share one file object.
-    with fs.open(path, "rb", compression="infer") as f:
-        head = f.read(block)
-    nl = head.find(b"\n")
-    header = head if nl < 0 else head[: nl + 1]
-    if not header.strip(b"\r\n\t \xef\xbb\xbf"):
-        raise CatalogError(f"{where}: catalog is empty (no header)")
-    if nl < 0 and len(head) >= block:
-        raise CatalogError(f"{where}: CSV header line is over {block} bytes")
-    try:
-        names = pacsv.read_csv(
-            io.BytesIO(header),
-            read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-        ).column_names
-    except pa.ArrowInvalid as e:
-        raise CatalogError(f"{where}: cannot parse CSV header: {e}") from None
-    out_names = _column_plan(list(names), where)
-    with fs.open(path, "rb", compression="infer") as f:
-        invalid.clear()
-        convert = pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names},
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=True,
-            null_values=[""],
-        )
-        reader = pacsv.open_csv(
-            f,
-            read_options=pacsv.ReadOptions(block_size=block, use_threads=False),
-            parse_options=parse,
-            convert_options=convert,
-        )
-        try:
-            yield from _csv_rows(reader, invalid, out_names, where)
-        finally:
-            reader.close()  # stop the read-ahead before the file closes
-
-
-def _csv_rows(reader: Any, invalid: list[Any], out_names: list[str], where: str) -> Iterator[_Row]:
-    import pyarrow as pa
-
-    ix = 0
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            batch = None
-        except pa.ArrowInvalid as e:
-            msg = str(e)
-            if "straddle" in msg:
-                msg = "a row is longer than the read block; raise max_row_chars"
-            raise CatalogError(f"{where}: CSV parse error after row {ix}: {msg}") from None
-        for bad in invalid:
-            line = f" line {bad.number}" if getattr(bad, "number", None) else ""
-            yield (
-                ix,
-                _reject(
-                    ix,
-                    CatalogError(
-                        f"unparsable CSV row{line}: expected {bad.expected_columns} columns, got {bad.actual_columns}"
-                    ),
-                ),
-            )
-            ix += 1
-        invalid.clear()
-        if batch is None:
-            return
-        cols = [_arrow_to_strings(batch.column(i)) for i in range(batch.num_columns)]
-        for r in range(batch.num_rows):
-            yield ix, {out_names[c]: cols[c][r] for c in range(len(out_names))}
-            ix += 1
-
-
-# rows turned into Python strings at a time: a limited read (`--limit`) converts at most this many
-_PARQUET_BATCH_ROWS = 1024
-
-
-def _iter_parquet(
-    fs: fsspec.AbstractFileSystem,
-    path: str,
-    where: str,
-    row_groups: tuple[int, ...] | None = None,
-    first_row: int = 0,
-) -> Iterator[_Row]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        try:
-            pf = pq.ParquetFile(f, pre_buffer=False)  # pre_buffer would read every row group at once
-        except (pa.ArrowInvalid, OSError) as e:
-            raise CatalogError(f"{where}: not a readable Parquet file: {e}") from None
-        names = list(pf.schema_arrow.names)
-        out_names = _column_plan(names, where)
-        ix = first_row
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=row_groups):
-            cols = [_arrow_to_strings(batch.column(i)) for i in range(batch.num_columns)]
-            for r in range(batch.num_rows):
-                yield ix, {out_names[c]: cols[c][r] for c in range(len(out_names))}
-                ix += 1
-
-
-def _json_record(obj: Any, ix: int, where_line: str) -> dict[str, str | None] | RejectedRow:
-    if not isinstance(obj, dict):
-        return _reject(ix, CatalogError(f"{where_line} is not a JSON object"))
-    rec: dict[str, str | None] = {}
-    for k, v in obj.items():
-        name = _metadata_name(str(k).strip())
-        if name in rec:
-            return _reject(
-                ix, CatalogError(f"{where_line}: field '{k}' collides with another field after renaming")
-            )
-        rec[name] = _json_value(v)
-    return rec
-
-
-def _iter_jsonl(fs: fsspec.AbstractFileSystem, path: str, where: str, max_row_chars: int) -> Iterator[_Row]:
-    byte_limit = 4 * max_row_chars + 2
-    checked = False
-
-    def check_first(rec: dict[str, str | None] | RejectedRow) -> None:
-        nonlocal checked
-        if checked or isinstance(rec, RejectedRow):
-            return
-        checked = True
-        if "uri" not in rec:
-            shown = ", ".join(list(rec)[:20])
-            raise CatalogError(f"{where}: catalog has no 'uri' field (first record's fields: {shown})")
-
-    with fs.open(path, "rb", compression="infer") as f:
-        head = f.read(64)
-        first = head.lstrip()[:1]
-        f.seek(0)
-        if first == b"[":  # a JSON array: small ones are accepted
-            size = fs.size(path) or 0
-            if size > _JSON_ARRAY_MAX_BYTES:
-                raise CatalogError(
-                    f"{where}: JSON array catalogs over {_JSON_ARRAY_MAX_BYTES} bytes; use JSON lines"
-                )
-            try:
-                arr = json.loads(f.read().decode("utf-8-sig"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CatalogError(f"{where}: invalid JSON: {e}") from None
-            for ix, obj in enumerate(arr):
-                rec = _json_record(obj, ix, f"item {ix}")
-                check_first(rec)
-                yield ix, rec
-            return
-        ix = -1
-
-        def too_long(lineno: int) -> str:
-            return f"line {lineno} is over the {max_row_chars}-character row limit"
-
-        for lineno, raw in enumerate(_iter_lines(f, byte_limit), start=1):
-            if raw is None:
-                ix += 1
-                yield ix, _reject(ix, CatalogError(too_long(lineno)))
-                continue
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
-            except UnicodeDecodeError:
-                ix += 1
-                yield ix, _reject(ix, CatalogError(f"line {lineno} is not valid UTF-8"))
-                continue
-            if not text:
-                continue
-            ix += 1
-            if len(text) > max_row_chars:
-                yield ix, _reject(ix, CatalogError(too_long(lineno)))
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError as e:
-                yield ix, _reject(ix, CatalogError(f"invalid JSON on line {lineno}: {e}"))
-                continue
-            rec = _json_record(obj, ix, f"line {lineno}")
-            check_first(rec)
-            yield ix, rec
-
-
-def _iter_lines(f: Any, byte_limit: int, chunk_size: int = 1 << 20) -> Iterator[bytes | None]:
-    """Lines of a binary file (without the newline), read in chunks; a line longer than
-    ``byte_limit`` bytes is skipped and reported as ``None``, so memory stays bounded."""
-    buf = b""
-    overlong = False
-    while True:
-        chunk = f.read(chunk_size)
-        if not chunk:
-            break
-        buf += chunk
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            if overlong:
-                yield None
-                overlong = False
-            else:
-                yield buf[start:nl]
-            start = nl + 1
-        buf = buf[start:]
-        if len(buf) > byte_limit:
-            overlong = True
-            buf = b""
-    if overlong:
-        yield None
-    elif buf:
-        yield buf
-
-
-def _iter_listing(
-    fs: fsspec.AbstractFileSystem, path: str, scheme: str | None, top_only: bool = False
-) -> Iterator[_Row]:
-    """Audio files under a directory/prefix, sorted, hidden names skipped, symlinks not followed;
-    ``top_only``: only the files directly under it."""
-    ix = 0
-    if is_local_scheme(scheme):
-        for root, dirs, files in os.walk(path, followlinks=False):
-            dirs[:] = [] if top_only else sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if name.startswith(".") or not name.lower().endswith(AUDIO_EXTENSIONS):
-                    continue
-                yield ix, {"uri": os.path.join(root, name)}
-                ix += 1
-        return
-    for root, dirs, files in fs.walk(path, maxdepth=1 if top_only else None):
-        dirs[:] = [] if top_only else sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or not name.lower().endswith(AUDIO_EXTENSIONS):
-                continue
-            yield ix, {"uri": f"{scheme}://{root.rstrip('/')}/{name}"}
-            ix += 1
-
-
 def catalog_entry(
     ix: int,
     rec: dict[str, str | None],
@@ -501,11 +162,11 @@ def catalog_entry(
     tid = tid_raw.strip() if isinstance(tid_raw, str) and tid_raw.strip() else None
     size = sum(len(k) + len(v) for k, v in rec.items() if v)
     if size > max_row_chars:
-        return _reject(
+        return reject_row(
             ix, CatalogError(f"row is {size} characters, over the limit of {max_row_chars}"), tid, None
         )
     if ref is None or not ref.strip():
-        return _reject(ix, CatalogError("empty uri"), tid, ref)
+        return reject_row(ix, CatalogError("empty uri"), tid, ref)
     try:
         if len(ref) > MAX_URI_CHARS:
             raise UriRefused(f"uri is {len(ref)} characters, over the limit of {MAX_URI_CHARS}")
@@ -516,19 +177,19 @@ def catalog_entry(
         msg = str(e)
         if has_dotdot(ref) and not msg.startswith("path traversal"):
             msg = f"path traversal: {msg}"
-        return _reject(ix, UriRefused(f"{msg} (catalog value {ref[:256]!r})"), tid, ref)
+        return reject_row(ix, UriRefused(f"{msg} (catalog value {ref[:256]!r})"), tid, ref)
     if tid is None:
         tid = id_of_normalized(uri)
     elif len(tid) > MAX_TRACK_ID_CHARS or CONTROL_RE.search(tid):
-        return _reject(
+        return reject_row(
             ix,
             CatalogError(f"invalid track_id (over {MAX_TRACK_ID_CHARS} characters or control characters)"),
             None,
             uri,
         )
     if duplicates is not None and (dup := duplicates.check(tid, ix)) is not None:
-        return _reject(ix, dup, tid, uri)
-    meta = {k: v for k, v in rec.items() if k not in _KEPT_COLUMNS}
+        return reject_row(ix, dup, tid, uri)
+    meta = {k: v for k, v in rec.items() if k not in KEPT_COLUMNS}
     return CatalogEntry(track_id=tid, uri=uri, metadata=meta, content_version=catalog_version(rec))
 
 
@@ -651,19 +312,21 @@ def _subdirs(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> list[str]
     return sorted(out)
 
 
-def iter_part(src: CatalogSource, part: CatalogPart, max_row_chars: int = 65536) -> Iterator[_Row]:
+def iter_part(src: CatalogSource, part: CatalogPart, max_row_chars: int = 65536) -> Iterator[CatalogRow]:
     """Raw records of one part: ``(row, record | RejectedRow)``, ``row`` counted within the
     catalog (Parquet) or within the part (a listing's part, a whole table). Records are column
     name -> string; :func:`catalog_entry` checks them."""
     fs = src.fs()
     if src.is_dir:
-        rows: Iterator[_Row] = _iter_listing(fs, part.path or src.path, src.scheme, top_only=part.top_only)
+        rows: Iterator[CatalogRow] = iter_listing(
+            fs, part.path or src.path, src.scheme, top_only=part.top_only
+        )
     elif src.fmt in ("csv", "tsv"):
-        rows = _iter_csv(fs, src.path, src.where, "," if src.fmt == "csv" else "\t", max_row_chars)
+        rows = iter_csv(fs, src.path, src.where, "," if src.fmt == "csv" else "\t", max_row_chars)
     elif src.fmt == "parquet":
-        rows = _iter_parquet(fs, src.path, src.where, part.row_groups, part.first_row)
+        rows = iter_parquet(fs, src.path, src.where, part.row_groups, part.first_row)
     else:
-        rows = _iter_jsonl(fs, src.path, src.where, max_row_chars)
+        rows = iter_jsonl(fs, src.path, src.where, max_row_chars)
     try:
         yield from rows
     except PipelineError:

@@ -1,18 +1,7 @@
-"""Object access: fsspec filesystems, retries, object versions, fetching bytes, and the one
-translator of storage options.
+"""Object access: fsspec filesystems, retries, object versions, fetching bytes.
 
-``--storage-options`` (and every API taking ``storage_options``) accepts either style:
-
-* s3fs style: ``endpoint_url``, ``key``, ``secret``, ``token``, ``region`` /
-  ``client_kwargs.region_name``, ``anon``;
-* Lance / object_store style: ``aws_endpoint`` (or ``aws_endpoint_url``), ``aws_access_key_id``,
-  ``aws_secret_access_key``, ``aws_session_token``, ``aws_region``, ``allow_http``,
-  ``aws_skip_signature``.
-
-:func:`normalize_storage_options` turns either into the s3fs style; :func:`fsspec_options` and
-:func:`lance_options` derive what fsspec/s3fs and Lance need. Missing values come from the
-standard AWS environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``).
+Storage options (either accepted style, their translation for fsspec and Lance, secret
+scrubbing) live in :mod:`pipeline.io.storage_options`; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import datetime as _dt
-import json
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +18,15 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from pipeline.errors import FetchError, PipelineError, error_type, is_secret_key, one_line, redact
+from pipeline.errors import FetchError, PipelineError, error_type, one_line, redact
+from pipeline.io.storage_options import (
+    fsspec_options,
+    lance_options,
+    normalize_storage_options,
+    parse_storage_options,
+    redacted,
+    scrub,
+)
 from pipeline.io.uris import split_scheme
 
 __all__ = [
@@ -55,153 +52,12 @@ __all__ = [
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
 
-# --------------------------------------------------------------------------- storage options
-
-#: Lance / object_store key -> s3fs-style key.
-_OBJECT_STORE_KEYS = {
-    "aws_access_key_id": "key",
-    "access_key_id": "key",
-    "aws_secret_access_key": "secret",
-    "secret_access_key": "secret",
-    "aws_session_token": "token",
-    "session_token": "token",
-    "aws_endpoint": "endpoint_url",
-    "aws_endpoint_url": "endpoint_url",
-    "endpoint": "endpoint_url",
-    "aws_region": "region",
-    "aws_default_region": "region",
-}
-#: object_store keys with no s3fs counterpart: implied by other values, or Lance-only.
-_LANCE_ONLY_KEYS = ("allow_http", "aws_skip_signature", "aws_virtual_hosted_style_request",
-                    "virtual_hosted_style_request", "timeout", "connect_timeout")  # fmt: skip
-
-
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
 def join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
-
-
-def parse_storage_options(text: str | None) -> dict[str, Any]:
-    """Parse the ``--storage-options`` JSON (an object) and check its keys; raise ValueError with
-    a one-line reason."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options is not valid JSON: {e.msg} at char {e.pos}") from None
-    if not isinstance(value, dict):
-        raise ValueError("--storage-options must be a JSON object")
-    return normalize_storage_options(value)
-
-
-def normalize_storage_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Either accepted style -> the s3fs style (the project's one internal form). Lance-only
-    keys (``allow_http``, ``aws_skip_signature``, timeouts) are kept as ``lance_<key>`` hints."""
-    out: dict[str, Any] = {}
-    for k, v in (storage_options or {}).items():
-        key = str(k)
-        low = key.lower()
-        if low in _OBJECT_STORE_KEYS:
-            out.setdefault(_OBJECT_STORE_KEYS[low], v)
-        elif low == "aws_skip_signature":
-            out.setdefault("anon", str(v).lower() in ("1", "true", "yes"))
-        elif low in _LANCE_ONLY_KEYS:
-            out[f"lance_{low}"] = v
-        else:
-            out[key] = v
-    return out
-
-
-def fsspec_options(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """fsspec keyword arguments for ``uri`` (s3fs wants ``client_kwargs.region_name``; the
-    endpoint falls back to ``AWS_ENDPOINT_URL[_S3]``)."""
-    so = {k: v for k, v in normalize_storage_options(storage_options).items() if not k.startswith("lance_")}
-    scheme, _ = split_scheme(uri)
-    if scheme not in ("s3", "s3a"):
-        return so
-    ck = dict(so.get("client_kwargs") or {})
-    if "region" in so:  # the pipeline's neutral key
-        ck.setdefault("region_name", so.pop("region"))
-        so["client_kwargs"] = ck
-    if "endpoint_url" not in so and "endpoint_url" not in ck:
-        ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if ep:
-            so["endpoint_url"] = ep
-    return so
-
-
-def lance_options(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str] | None:
-    """Lance (object_store) ``storage_options`` for ``uri``; ``None`` for local paths without options."""
-    so = normalize_storage_options(storage_options)
-    hints = {k[len("lance_") :]: v for k, v in so.items() if k.startswith("lance_")}
-    if not uri.startswith(("s3://", "s3a://")):
-        rest = {k: v for k, v in so.items() if not k.startswith("lance_") and k != "client_kwargs"}
-        out = {**rest, **hints}
-        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in out.items()} or None
-    ck = dict(so.get("client_kwargs") or {})
-    env = os.environ
-    endpoint = (
-        so.get("endpoint_url")
-        or ck.get("endpoint_url")
-        or env.get("AWS_ENDPOINT_URL_S3")
-        or env.get("AWS_ENDPOINT_URL")
-    )
-    region = (
-        so.get("region") or ck.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    )
-    out = {
-        "aws_access_key_id": so.get("key") or env.get("AWS_ACCESS_KEY_ID"),
-        "aws_secret_access_key": so.get("secret") or env.get("AWS_SECRET_ACCESS_KEY"),
-        "aws_session_token": so.get("token") or env.get("AWS_SESSION_TOKEN"),
-        "aws_region": region or "us-east-1",
-        "aws_endpoint": endpoint,
-    }
-    if endpoint and str(endpoint).startswith("http://"):
-        out["allow_http"] = "true"
-    if so.get("anon"):
-        out["aws_skip_signature"] = "true"
-    out.update(hints)
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in out.items() if v}
-
-
-def redacted(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy safe to log or store: secret values replaced by ``***``."""
-    out: dict[str, Any] = {}
-    for k, v in (options or {}).items():
-        if isinstance(v, Mapping):
-            out[k] = redacted(v)
-        elif is_secret_key(str(k)):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
-
-
-def secret_values(storage_options: Mapping[str, Any] | None) -> list[str]:
-    """The secret values in ``storage_options`` (nested too), to scrub from messages."""
-    out: list[str] = []
-
-    def walk(d: Mapping[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, Mapping):
-                walk(v)
-            elif isinstance(v, str) and len(v) >= 4 and is_secret_key(str(k)):
-                out.append(v)
-
-    if storage_options:
-        walk(storage_options)
-    return out
-
-
-def scrub(text: str, storage_options: Mapping[str, Any] | None) -> str:
-    """``text`` with the secret values of ``storage_options`` and every known secret pattern removed."""
-    for v in secret_values(storage_options):
-        text = text.replace(v, "***")
-    return redact(text)
 
 
 # --------------------------------------------------------------------------- filesystems
@@ -412,6 +268,77 @@ def parent_prefix(uri: str) -> str:
     return _parent(uri)[0]
 
 
+def _list_prefix(
+    parent: str, group: Mapping[str, str], storage_options: Mapping[str, Any] | None
+) -> tuple[dict[str, str] | None, int]:
+    """One prefix listed (non-recursive) and joined with the wanted names of ``group`` (name ->
+    uri): ``({name: version} of the wanted names found, or None if the listing failed, LIST
+    requests)``. Runs in a worker thread; only the versions outlive the call (not the listing's
+    entries, nor the filesystem's directory cache)."""
+    tries = 0
+    try:
+        fs, path = open_uri(parent, storage_options)
+    except FetchError:
+        return None, 0
+
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+    seen = 0  # entries listed, wanted or not (what an object store pages through)
+
+    def attempt() -> list[dict[str, Any]]:
+        nonlocal tries, seen
+        tries += 1
+        if local:  # streamed: only the wanted entries are kept (as version_from_info reads them)
+            keep, seen = [], 0
+            with os.scandir(path) as it:
+                for d in it:
+                    seen += 1
+                    if d.name in group and d.is_file():
+                        keep.append({"name": d.path, "type": "file"})
+            return keep
+        with contextlib.suppress(Exception):  # a stale directory cache would give stale versions
+            fs.invalidate_cache(path)
+        listing = fs.ls(path, detail=True)
+        seen = len(listing)
+        return listing
+
+    try:
+        entries = with_retries(attempt, parent, storage_options=storage_options)
+    except FetchError:
+        return None, tries
+    finally:
+        with contextlib.suppress(Exception):  # s3fs keeps listings: millions of entries
+            fs.invalidate_cache(path)
+    pages = max(1, -(-seen // LIST_PAGE))
+    got: dict[str, str] = {}
+    for e in entries:
+        if e.get("type") == "directory":
+            continue
+        name = str(e.get("name", "")).rstrip("/").rpartition("/")[2]
+        if name in group:
+            got[name] = version_from_info(e, fs, str(e["name"]))
+    return got, pages + tries - 1
+
+
+def _head_version(
+    uri: str, storage_options: Mapping[str, Any] | None
+) -> tuple[str | None, tuple[str, str] | None, int]:
+    """One object's version by HEAD: ``(version or None, (error_type, message) or None, HEAD
+    requests)``; a missing/unreadable object is reported, not raised."""
+    tries = 0
+
+    def attempt() -> str:
+        nonlocal tries
+        tries += 1
+        fs, path = open_uri(uri, storage_options)
+        return version_from_info(object_info(fs, path), fs, path)
+
+    try:
+        return with_retries(attempt, uri, storage_options=storage_options), None, tries
+    except PipelineError as e:
+        return None, (error_type(e), redact(one_line(str(e) or type(e).__name__))), tries
+
+
 def object_versions(
     uris: Iterable[str],
     storage_options: Mapping[str, Any] | None = None,
@@ -438,60 +365,12 @@ def object_versions(
     out = VersionLookup()
     to_list = [p for p, g in groups.items() if p and len(g) >= max(1, min_per_prefix)]
     rest = [u for p, g in groups.items() if not (p and len(g) >= max(1, min_per_prefix)) for u in g.values()]
-
-    def list_one(parent: str) -> tuple[str, dict[str, str] | None, int]:
-        """One prefix listed and joined in the worker thread: ``(parent, {name: version} of the
-        wanted names found, or None if the listing failed, requests)``. Only the versions
-        outlive the call (not the listing's entries, nor the filesystem's directory cache)."""
-        tries = 0
-        group = groups[parent]
-        try:
-            fs, path = open_uri(parent, storage_options)
-        except FetchError:
-            return parent, None, 0
-
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-        seen = 0  # entries listed, wanted or not (what an object store pages through)
-
-        def attempt() -> list[dict[str, Any]]:
-            nonlocal tries, seen
-            tries += 1
-            if local:  # streamed: only the wanted entries are kept (as version_from_info reads them)
-                keep, seen = [], 0
-                with os.scandir(path) as it:
-                    for d in it:
-                        seen += 1
-                        if d.name in group and d.is_file():
-                            keep.append({"name": d.path, "type": "file"})
-                return keep
-            with contextlib.suppress(Exception):  # a stale directory cache would give stale versions
-                fs.invalidate_cache(path)
-            listing = fs.ls(path, detail=True)
-            seen = len(listing)
-            return listing
-
-        try:
-            entries = with_retries(attempt, parent, storage_options=storage_options)
-        except FetchError:
-            return parent, None, tries
-        finally:
-            with contextlib.suppress(Exception):  # s3fs keeps listings: millions of entries
-                fs.invalidate_cache(path)
-        pages = max(1, -(-seen // LIST_PAGE))
-        got: dict[str, str] = {}
-        for e in entries:
-            if e.get("type") == "directory":
-                continue
-            name = str(e.get("name", "")).rstrip("/").rpartition("/")[2]
-            if name in group:
-                got[name] = version_from_info(e, fs, str(e["name"]))
-        return parent, got, pages + tries - 1
-
+    so = itertools.repeat(storage_options)
     pool = cf.ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
+    run = pool.map if pool is not None else map  # in order, ``threads`` at a time
     try:
-        listed = pool.map(list_one, to_list) if pool else map(list_one, to_list)
-        for parent, got, n in listed:
+        listed = run(_list_prefix, to_list, [groups[p] for p in to_list], so)
+        for parent, (got, n) in zip(to_list, listed, strict=True):
             out.lists += n
             group = groups.pop(parent)
             if got is None:
@@ -507,23 +386,8 @@ def object_versions(
         if not head:
             out.unlisted = rest
             return out
-
-        def head_one(uri: str) -> tuple[str, str | None, tuple[str, str] | None, int]:
-            tries = 0
-
-            def attempt() -> str:
-                nonlocal tries
-                tries += 1
-                fs, path = open_uri(uri, storage_options)
-                return version_from_info(object_info(fs, path), fs, path)
-
-            try:
-                return uri, with_retries(attempt, uri, storage_options=storage_options), None, tries
-            except PipelineError as e:  # a missing/unreadable object is reported, not raised
-                return uri, None, (error_type(e), redact(one_line(str(e) or type(e).__name__))), tries
-
-        heads = pool.map(head_one, rest) if pool else map(head_one, rest)
-        for uri, version, err, n in heads:
+        heads = run(_head_version, rest, so)
+        for uri, (version, err, n) in zip(rest, heads, strict=True):
             out.heads += n
             if version is not None:
                 out.versions[uri] = version
