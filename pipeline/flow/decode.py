@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pipeline import schemas
 from pipeline.engine.inference import EmbedSettings, frame_ownership
 from pipeline.errors import FetchError, PipelineError, WorkerCrashed, error_type, redact
 from pipeline.io.audio import AudioLimits, decode_audio, probe_audio, scan_audio, stream_audio
-from pipeline.io.objects import fetch_bytes, object_info, open_uri, version_from_info
+from pipeline.io.objects import fetch_object, object_info, open_uri, version_from_info
 from pipeline.io.windows import WindowCutter, plan_windows
 
 _DECODE_COLS = [f.name for f in schemas.TASK_BASE_FIELDS]
@@ -58,8 +59,10 @@ class DecodeStage:
     needs the length), then piece by piece, its windows cut as they arrive (:class:`WindowCutter`),
     so this process holds one block of windows plus one piece of audio however long the file is.
     The windows and their samples are the same either way. A local file is read from disk; a
-    remote object's encoded bytes are fetched whole first (31 MB per 10 minutes of 24 kHz mono
-    FLAC). After a streamed track, or one over ``TRIM_ABOVE_BYTES`` decoded, the heap is handed back to the OS (``malloc_trim``).
+    remote object's encoded bytes are fetched whole into memory when they are at most
+    ``SPOOL_ABOVE_BYTES`` (31 MB is 10 minutes of 24 kHz mono FLAC), else copied block by block
+    into a local scratch file that is decoded like a local one and removed after the track
+    (:func:`pipeline.io.objects.fetch_object`). After a streamed track, or one over ``TRIM_ABOVE_BYTES`` decoded, the heap is handed back to the OS (``malloc_trim``).
 
     Poison files: with ``attempts_dir`` set, a marker file per track is written before the track
     is read and removed once it is done. If the worker process dies meanwhile (a segfault in a
@@ -75,6 +78,8 @@ class DecodeStage:
     #: After a track whose decoded samples took this much, the heap is trimmed (``malloc_trim``):
     #: the workers' allocator keeps freed memory otherwise (64 MB: 11 min at 24 kHz).
     TRIM_ABOVE_BYTES = 64 * 1024**2
+    #: Remote objects larger than this are spooled to a local file, not held in memory.
+    SPOOL_ABOVE_BYTES = 32 * 1024**2
 
     def __init__(
         self,
@@ -97,6 +102,9 @@ class DecodeStage:
         self.decode_timeout_s = decode_timeout_s
         self.max_crashes = max_crashes
         self.attempts_dir = attempts_dir
+        # this actor's scratch for spooled objects (one file at a time, removed after its track)
+        self.spool_dir = os.path.join(tempfile.gettempdir(), "musicfm-spool", f"{os.getpid()}-{id(self):x}")
+        self._spooled: list[str] = []
         if attempts_dir:
             try:
                 os.makedirs(attempts_dir, exist_ok=True)
@@ -145,7 +153,15 @@ class DecodeStage:
 
     def _one(self, row: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         """The blocks of rows of one track: its windows (at most ``WINDOWS_PER_BLOCK`` per block),
-        or one error row."""
+        or one error row; a spooled copy of its object is removed after it, whatever happened."""
+        try:
+            yield from self._track(row)
+        finally:
+            while self._spooled:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self._spooled.pop())
+
+    def _track(self, row: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         stage = "fetch"
         t0 = time.perf_counter()
         try:
@@ -183,7 +199,8 @@ class DecodeStage:
 
     def _source(self, row: dict[str, Any]) -> tuple[Any, str]:
         """(what to decode, content version): the path of a local file whose header says it is
-        long (read from disk, twice), else the object's bytes."""
+        long (read from disk, twice), the path of a spooled copy of a remote object over
+        ``SPOOL_ABOVE_BYTES`` (streamed the same way), else the object's bytes."""
         uri = row["uri"]
         local = uri[len("file://") :] if uri.startswith("file://") else uri
         if "://" not in local and os.path.isfile(local) and self._long(local):
@@ -194,7 +211,17 @@ class DecodeStage:
                     f"object is {st.st_size} bytes, over the {self.limits.max_bytes}-byte limit: {uri}"
                 )
             return local, version_from_info(object_info(fs, path), fs, path)
-        return fetch_bytes(uri, self.storage_options, max_bytes=self.limits.max_bytes)
+        remote = "://" in local
+        data, version = fetch_object(
+            uri,
+            self.storage_options,
+            self.limits.max_bytes,
+            spool_dir=self.spool_dir if remote else None,
+            spool_above=self.SPOOL_ABOVE_BYTES,
+        )
+        if isinstance(data, str):
+            self._spooled.append(data)
+        return data, version
 
     def _long(self, data: Any) -> bool:
         """Whether the header of ``data`` says it is over ``STREAM_ABOVE_S`` (or has no length).

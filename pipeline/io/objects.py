@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import itertools
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -419,31 +420,84 @@ def fetch_bytes(
         FetchError: ``not found``, ``is a directory``, over ``max_bytes``, access denied, or a
             storage error after retries. Messages are redacted.
     """
+    data, version = fetch_object(uri, storage_options, max_bytes, tries=tries, backoff_s=backoff_s)
+    assert isinstance(data, bytes)  # no spool_dir: always in memory
+    return data, version
+
+
+#: Read size when an object is spooled to a local file (:func:`fetch_object`).
+SPOOL_BLOCK_BYTES = 8 * 1024**2
+
+
+def fetch_object(
+    uri: str,
+    storage_options: dict | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    *,
+    spool_dir: str | None = None,
+    spool_above: int = 0,
+    tries: int = 3,
+    backoff_s: float = 0.2,
+) -> tuple[bytes | str, str]:
+    """:func:`fetch_bytes`, except that an object over ``spool_above`` bytes is copied, a block of
+    :data:`SPOOL_BLOCK_BYTES` at a time, into a new file under ``spool_dir`` whose path is
+    returned instead of its bytes (the caller removes it): a process fetching a 6-hour recording
+    holds one block, not the file. Same checks, limits, retries and version as :func:`fetch_bytes`."""
     fs, path = open_uri(uri, storage_options)
 
-    def attempt() -> tuple[bytes, str]:
-        info = object_info(fs, path)
-        kind = info.get("type")
-        if kind == "directory":
-            raise FetchError(f"is a directory, not a file: {uri}")
-        if kind not in (None, "file"):  # FIFOs, sockets, devices: reading could block forever
-            raise FetchError(f"not a regular file ({kind}): {uri}")
-        size = info.get("size")
-        if size is not None and int(size) > max_bytes:
-            raise FetchError(f"object is {int(size)} bytes, over the {max_bytes}-byte limit: {uri}")
-        version = version_from_info(info, fs, path)
+    def attempt() -> tuple[bytes | str, str]:
+        size, version = _checked_info(fs, path, uri, max_bytes)
         # capped read: an object that grew after info() still cannot exceed max_bytes + 1 in memory.
         # Capped at the known size too: a local read(n) allocates n bytes up front, and 2 GiB of
         # address space per file fails under RLIMIT_AS or strict overcommit.
-        cap = max_bytes if size is None else min(max_bytes, int(size))
+        cap = max_bytes if size is None else min(max_bytes, size)
+        if spool_dir is not None and size is not None and size > spool_above:
+            return _spool(fs, path, uri, spool_dir, cap, size), version
         data = fs.cat_file(path, start=0, end=cap + 1)
         if len(data) > max_bytes:
             raise FetchError(f"object is over the {max_bytes}-byte limit: {uri}")
-        if size is not None and len(data) > int(size):
-            raise FetchError(f"object changed while being read (now over {int(size)} bytes): {uri}")
+        if size is not None and len(data) > size:
+            raise FetchError(f"object changed while being read (now over {size} bytes): {uri}")
         return bytes(data), version
 
     return with_retries(attempt, uri, tries=tries, backoff_s=backoff_s, storage_options=storage_options)
+
+
+def _checked_info(fs: Any, path: str, uri: str, max_bytes: int) -> tuple[int | None, str]:
+    """(size or None, content version) of a regular object within ``max_bytes`` (FetchError else)."""
+    info = object_info(fs, path)
+    kind = info.get("type")
+    if kind == "directory":
+        raise FetchError(f"is a directory, not a file: {uri}")
+    if kind not in (None, "file"):  # FIFOs, sockets, devices: reading could block forever
+        raise FetchError(f"not a regular file ({kind}): {uri}")
+    size = info.get("size")
+    if size is not None and int(size) > max_bytes:
+        raise FetchError(f"object is {int(size)} bytes, over the {max_bytes}-byte limit: {uri}")
+    return (None if size is None else int(size)), version_from_info(info, fs, path)
+
+
+def _spool(fs: Any, path: str, uri: str, spool_dir: str, cap: int, size: int) -> str:
+    """Copy at most ``cap + 1`` bytes of ``path`` into a new file under ``spool_dir``; its path.
+    The partial file is removed on any failure (the retry starts a new one)."""
+    os.makedirs(spool_dir, exist_ok=True)
+    fd, local = tempfile.mkstemp(dir=spool_dir, suffix=os.path.splitext(path)[1][:16])
+    try:
+        copied = 0
+        with os.fdopen(fd, "wb") as out, fs.open(path, "rb", block_size=SPOOL_BLOCK_BYTES) as src:
+            while copied <= cap:
+                block = src.read(min(SPOOL_BLOCK_BYTES, cap + 1 - copied))
+                if not block:
+                    break
+                out.write(block)
+                copied += len(block)
+        if copied > size:
+            raise FetchError(f"object changed while being read (now over {size} bytes): {uri}")
+        return local
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local)
+        raise
 
 
 def check_output(output: str, storage_options: dict[str, Any] | None = None) -> None:

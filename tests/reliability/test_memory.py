@@ -101,7 +101,7 @@ def test_block_decode_fits_where_a_naive_decode_does_not(tmp_path) -> None:
 def test_out_of_memory_while_copying_windows_is_an_error_row(tmp_path, monkeypatch) -> None:
     """MemoryError after decoding (copying the windows out) stays this track's error row; before
     the fix it escaped the stage and failed the whole run."""
-    import pipeline.flow.stages as stages
+    import pipeline.flow.decode as stages
     from pipeline.engine.inference import EmbedSettings
     from pipeline.io.audio import AudioLimits
 
@@ -129,9 +129,12 @@ def status(key):  # VmHWM: this process's own peak (ru_maxrss would keep the par
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
-stage = DecodeStage(EmbedSettings(layers=(1,), window_s=30.0, hop_s=30.0), AudioLimits(), None)
+options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None  # storage options (S3)
+stage = DecodeStage(EmbedSettings(layers=(1,), window_s=30.0, hop_s=30.0), AudioLimits(), options)
 stage.STREAM_ABOVE_S = float(sys.argv[3])
 stage.TRIM_ABOVE_BYTES = int(sys.argv[4])
+if len(sys.argv) > 6:
+    stage.SPOOL_ABOVE_BYTES = int(sys.argv[6])
 batch = pa.Table.from_pylist([{"track_id": "long", "uri": sys.argv[2], "metadata_json": "{}"}])
 rss0 = status("VmRSS")
 windows = blocks = 0
@@ -141,7 +144,9 @@ for block in stage(batch):  # what Ray does with each block: serialise it, then 
     blocks += 1
     del block
 peak, after = (status("VmHWM") - rss0) / 2**20, (status("VmRSS") - rss0) / 2**20
-print(json.dumps({"peak_mb": peak, "after_mb": after, "windows": windows, "blocks": blocks}))
+import os
+spooled = os.listdir(stage.spool_dir) if os.path.isdir(stage.spool_dir) else None
+print(json.dumps({"peak_mb": peak, "after_mb": after, "windows": windows, "blocks": blocks, "spooled": spooled}))
 """
 
 
@@ -156,12 +161,20 @@ def _long_flac(path, minutes: int) -> None:
             f.write(minute)
 
 
-def _decode_peak(path, stream_above_s: float, trim_above: int = 64 * 2**20) -> dict:
+def _decode_peak(
+    path,
+    stream_above_s: float,
+    trim_above: int = 64 * 2**20,
+    options: dict | None = None,
+    spool_above: int | None = None,
+) -> dict:
     from pipeline.flow.runtime import worker_runtime_env
 
     env = {**os.environ, **worker_runtime_env().get("env_vars", {})}  # the workers' allocator settings
+    extra = [json.dumps(options)] if options is not None else []
+    extra += [str(spool_above)] if spool_above is not None else []
     r = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(REPO), str(path), str(stream_above_s), str(trim_above)],
+        [sys.executable, "-c", _PEAK_SCRIPT, str(REPO), str(path), str(stream_above_s), str(trim_above), *extra],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -202,3 +215,64 @@ def test_memory_of_a_long_track_goes_back_after_it(tmp_path) -> None:
     )
     assert kept["after_mb"] > 100, kept  # the premise: the heap keeps the track (86 MB of samples, twice)
     assert trimmed["after_mb"] < 30, trimmed
+
+
+def test_a_remote_long_file_is_spooled_and_its_memory_bounded_like_a_local_one(tmp_path, s3_server) -> None:
+    """An S3 object over ``SPOOL_ABOVE_BYTES`` is copied block by block to a local scratch file
+    and streamed from it: the decode stage's peak on a 60-minute object is that of a 20-minute
+    one and far below the object's size (it held the whole object before), and the scratch file
+    is gone after the track."""
+    root = s3_server.bucket("long-audio")  # s3://long-audio
+    short, long = tmp_path / "20min.flac", tmp_path / "60min.flac"
+    _long_flac(short, 20)
+    _long_flac(long, 60)
+    client = s3_server.client()
+    for f in (short, long):
+        client.upload_file(str(f), "long-audio", f.name)
+    options = s3_server.options("s3fs")
+    s20 = _decode_peak(f"{root}/20min.flac", 60.0, options=options)
+    s60 = _decode_peak(f"{root}/60min.flac", 60.0, options=options)
+    held = _decode_peak(f"{root}/60min.flac", 60.0, options=options, spool_above=1 << 40)  # fetched whole
+    object_mb = long.stat().st_size / 2**20
+    print(f"decode peak over its start: S3 20 min {s20['peak_mb']:.0f} MB, S3 60 min {s60['peak_mb']:.0f} MB, "
+          f"S3 60 min held in memory {held['peak_mb']:.0f} MB (object {object_mb:.0f} MB)")  # fmt: skip
+    assert (s20["windows"], s60["windows"]) == (40, 120)
+    assert long.stat().st_size > 32 * 2**20  # the premise: the 60-minute object is over the spool limit
+    assert s60["spooled"] == [], s60  # it was spooled (the scratch directory exists), then removed
+    assert s60["peak_mb"] <= 1.1 * s20["peak_mb"] + 8, (s20, s60)
+    assert held["spooled"] is None and held["windows"] == 120
+    assert s60["peak_mb"] < held["peak_mb"] - 0.75 * object_mb, (held, s60)  # the object is not held
+
+
+def test_a_spooled_object_decodes_to_the_same_windows_and_is_removed_even_on_error(
+    tmp_path, s3_server
+) -> None:
+    from pipeline.engine.inference import EmbedSettings
+    from pipeline.flow.decode import DecodeStage
+    from pipeline.io.audio import AudioLimits
+
+    root = s3_server.bucket("spool")
+    sf.write(tmp_path / "a.wav", tone(7.0), 24000)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF" + bytes(range(256)) * 64)  # over the limit, undecodable
+    client = s3_server.client()
+    for name in ("a.wav", "bad.wav"):
+        client.upload_file(str(tmp_path / name), "spool", name)
+    settings = EmbedSettings(layers=(1,), window_s=2.0, hop_s=2.0)
+    options = s3_server.options("s3fs")
+
+    def rows(spool_above: int, name: str) -> tuple[list[dict], DecodeStage]:
+        stage = DecodeStage(settings, AudioLimits(), options)
+        stage.SPOOL_ABOVE_BYTES = spool_above
+        return stage._guarded({"track_id": name, "uri": f"{root}/{name}", "metadata_json": "{}"}), stage
+
+    spooled, stage = rows(1024, "a.wav")
+    in_memory, _ = rows(1 << 40, "a.wav")
+    assert [r["kind"] for r in spooled] == ["window"] * 4
+    assert [r["window_ix"] for r in spooled] == [r["window_ix"] for r in in_memory]
+    for a, b in zip(spooled, in_memory, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["audio"]), np.asarray(b["audio"]))
+        assert a["content_version"] == b["content_version"]
+    assert os.listdir(stage.spool_dir) == []
+    failed, stage = rows(1024, "bad.wav")
+    assert [(r["kind"], r["stage"]) for r in failed] == [("error", "decode")], failed
+    assert os.listdir(stage.spool_dir) == []
