@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pipeline.cli import add_store_args, layers_arg, number_arg, positive_int
+from pipeline.cli import add_setting, add_store_args, layers_arg, number_arg, positive_int
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.cli import OneLineArgumentParser
 
@@ -23,10 +23,10 @@ __all__ = [
     "map_parser",
     "predict_parser",
     "probe_parser",
-    "run_duplicates",
-    "run_map",
-    "run_predict",
-    "run_probe",
+    "find_duplicates_main",
+    "catalog_map_main",
+    "predict_main",
+    "train_probe_main",
 ]
 
 cosine_arg = number_arg(float, lambda v: -1.0 <= v <= 1.0, "a cosine similarity in [-1, 1]")
@@ -145,7 +145,7 @@ def _use_ray(v: str) -> bool | None:
     return None if v == "auto" else v == "on"
 
 
-def run_duplicates(
+def find_duplicates_main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     from pipeline.insights.duplicates import (
@@ -182,9 +182,11 @@ def run_duplicates(
 
 def probe_parser() -> argparse.ArgumentParser:
     from pipeline.insights.probe_settings import LINEAR_MAX_LABELS
-    from pipeline.insights.probes import ESTIMATORS, HEADS, TASKS
+    from pipeline.insights.probes import ESTIMATORS, HEADS, TASKS, ProbeSettings
 
-    p = OneLineArgumentParser(prog="train_probe", description="Train a probe on a store's layer vectors.")
+    p = OneLineArgumentParser(
+        prog="train_probe", description="Train a probe on a store's layer vectors.", settings=(ProbeSettings,)
+    )
     _common(p)
     p.add_argument("--labels", required=True, help="CSV / Parquet / JSON-lines file with track_id and labels")
     p.add_argument("--layers", type=layers_arg, required=True, help="layers to weight, e.g. 7,12")
@@ -192,30 +194,31 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for probe.safetensors and probe.json")
     p.add_argument("--label-column", action="append", default=None, help="label column(s) (default: all)")
     p.add_argument("--name", default=None, help="probe name, used in the tag_<name> columns")
-    p.add_argument(
-        "--estimator", choices=ESTIMATORS, default="auto",
+    add_setting(
+        p, "--estimator", settings=ProbeSettings, choices=ESTIMATORS,
         help=f"auto: the L2-regularised linear model (strength by cross-validation) below "
         f"{LINEAR_MAX_LABELS} labelled tracks, else the MLP; linear or mlp force one",
     )  # fmt: skip
-    p.add_argument(
-        "--head", choices=HEADS, default="mlp",
+    add_setting(
+        p, "--head", settings=ProbeSettings, choices=HEADS,
         help="the MLP's head: mlp (512 units, dropout 0.2) or linear (no hidden layer)",
     )  # fmt: skip
-    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument(
-        "--level", choices=("track", "window"), default="track", help="train on track or window vectors"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the weights")
-    p.add_argument("--max-epochs", type=positive_int, default=200, help="most epochs (default 200)")
+    add_setting(p, "--folds", settings=ProbeSettings, type=positive_int, help="cross-validation folds")
+    add_setting(p, "--level", settings=ProbeSettings, choices=("track", "window"),
+                help="train on track or window vectors")  # fmt: skip
+    add_setting(p, "--seed", settings=ProbeSettings, type=int, help="seed of the splits and the weights")
+    add_setting(p, "--max-epochs", settings=ProbeSettings, type=positive_int, help="most epochs")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument(
-        "--threads", type=positive_int, default=None,
+    add_setting(
+        p, "--threads", settings=ProbeSettings, type=positive_int, stated=False,
         help="torch CPU threads (default: 1 for small sets, else the cores the load leaves free)",
     )  # fmt: skip
     return p
 
 
-def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def train_probe_main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     from pipeline.insights.probes import ProbeSettings, train_probe
 
     args = probe_parser().parse_args(argv)
@@ -259,7 +262,7 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_predict(
+def predict_main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     from pipeline.insights.predict import predict_store
@@ -280,23 +283,31 @@ def run_predict(
 
 
 def map_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="catalog_map", description="A 2-D map of the catalog (PCA + UMAP).")
+    from pipeline.insights.catalog_map import MapSettings
+
+    p = OneLineArgumentParser(
+        prog="catalog_map", description="A 2-D map of the catalog (PCA + UMAP).", settings=(MapSettings,)
+    )
     _common(p)
     p.add_argument("--layer", type=_layer_arg, default=None, help="layer to map (default: the highest)")
     p.add_argument("--color-by", default=None, help="tracks column to colour by (metadata or tag_...)")
     p.add_argument(
         "--out", default=".", help="directory for catalog_map.html and catalog_map.png (default .)"
     )
-    p.add_argument("--fit-sample", type=positive_int, default=50_000, help="tracks the map is fitted on")
-    p.add_argument("--plot-max", type=positive_int, default=100_000, help="most points in the HTML page")
-    p.add_argument("--seed", type=int, default=42, help="seed of the sample and of UMAP")
+    add_setting(
+        p, "--fit-sample", settings=MapSettings, type=positive_int, help="tracks the map is fitted on"
+    )
+    add_setting(p, "--plot-max", settings=MapSettings, type=positive_int, help="most points in the HTML page")
+    add_setting(p, "--seed", settings=MapSettings, type=int, help="seed of the sample and of UMAP")
     p.add_argument(
         "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
     )
     return p
 
 
-def run_map(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def catalog_map_main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     from pipeline.insights.catalog_map import MapSettings, catalog_map
 
     args = map_parser().parse_args(argv)

@@ -293,7 +293,7 @@ def build_index_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=("tracks", "windows"),
         default=["tracks", "windows"],
-        help="tables to index (default: both)",
+        help="tables to index (both by default)",
     )
     p.add_argument(
         "--min-rows",

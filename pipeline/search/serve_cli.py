@@ -151,7 +151,7 @@ def serve_parser() -> argparse.ArgumentParser:
         "--replicas",
         type=replicas_arg,
         default=(1, 1),
-        help="replicas: N, or MIN-MAX to let Serve autoscale between them (default 1)",
+        help="replicas: N, or MIN-MAX to let Serve autoscale between them (one by default)",
     )
     p.add_argument(
         "--max-ongoing",
