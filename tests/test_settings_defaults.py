@@ -36,17 +36,10 @@ NOT_SETTINGS = {
 #: Knobs whose default is still written in the parser because their job has no settings field
 #: for them yet (the next step of issue 21 moves them); the list may only shrink.
 NOT_YET: dict[str, set[str]] = {
-    "build_index": {"index_type", "tables"},
-    "catalog_map": {"out", "ray"},
     "compare_models": {"split_seed", "probe", "hidden", "lr", "max_epochs", "patience", "seed", "bootstrap",
                        "precision", "decode_cpus"},
     "evaluate": {"split_seed", "mode", "backbone_lr", "head_lr", "workers", "steps", "checkpoint_every", "probe",
                  "hidden", "lr", "max_epochs", "patience", "seed", "bootstrap", "precision", "decode_cpus"},
-    "find_duplicates": {"level", "align", "ann", "ray"},
-    "predict": {"ray"},
-    "search": {"k", "level"},
-    "serve_search": {"host", "port", "max_upload_mb", "num_cpus", "replicas", "max_ongoing", "max_queued",
-                     "upload_timeout_s", "grace_s"},
 }  # fmt: skip
 
 

@@ -9,12 +9,14 @@ without a traceback; 1 anything else (also one line).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.cli import add_setting, add_store_args, layers_arg, number_arg, positive_int
+from pipeline.cli import add_setting, add_store_args, given, layers_arg, number_arg, positive_int
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.cli import OneLineArgumentParser
 
@@ -28,6 +30,30 @@ __all__ = [
     "predict_main",
     "train_probe_main",
 ]
+
+RAY_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class InsightRun:
+    """How an insight job runs beside what it computes (each default is the knob's one):
+    ``ray`` (auto: Ray tasks for large stores), and for find_duplicates the ``level`` and the
+    ``ann`` search, for catalog_map the ``out`` directory."""
+
+    ray: str = "auto"
+    level: str = "track"
+    ann: str = "auto"
+    out: str = "."
+
+    def __post_init__(self) -> None:
+        if self.ray not in RAY_MODES:
+            raise ValueError(f"--ray must be one of {', '.join(RAY_MODES)}, got {self.ray!r}")
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    add_setting(p, "--ray", settings=InsightRun, choices=RAY_MODES, stated=False,
+                help="Ray tasks (auto: large stores)")  # fmt: skip
+
 
 cosine_arg = number_arg(float, lambda v: -1.0 <= v <= 1.0, "a cosine similarity in [-1, 1]")
 margin_arg = number_arg(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
@@ -86,58 +112,39 @@ def _layer_or_highest(args: argparse.Namespace) -> int:
 
 
 def duplicates_parser() -> argparse.ArgumentParser:
+    from pipeline.insights.duplicates import Criterion
+
     p = OneLineArgumentParser(
         prog="find_duplicates",
         description="Group the tracks of a store that are the same recording (near-duplicates).",
+        settings=(Criterion, InsightRun),
     )
     _common(p)
     p.add_argument("--layer", type=_layer_arg, default=None, help="layer to compare (default: the highest)")
-    p.add_argument("--level", choices=("track", "window"), default="track", help="compare tracks or windows")
-    p.add_argument(
-        "--threshold",
-        type=cosine_arg,
-        default=None,
-        help="absolute cosine cut instead of the calibrated default",
-    )
-    p.add_argument(
-        "--margin",
-        type=margin_arg,
-        default=None,
-        help="default criterion: a match is at most MARGIN times the distance of the track's nearest "
-        "non-match (default 0.1)",
-    )
-    p.add_argument(
-        "--align",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="track level: confirm candidates by aligning their windows at one offset (auto: when "
-        "windows.lance has the layer; off: track vectors alone)",
-    )
-    p.add_argument(
-        "--align-margin",
-        type=margin_arg,
-        default=None,
-        help="aligned: a match is at most ALIGN_MARGIN times the aligned distance of the track's "
-        "nearest non-match (default 0.3)",
-    )
-    p.add_argument("-k", type=positive_int, default=None, help="neighbours per track (default 16)")
-    p.add_argument(
-        "--min-windows", type=positive_int, default=None, help="window level: windows per match (2)"
-    )
+    add_setting(p, "--level", settings=InsightRun, choices=("track", "window"), stated=False,
+                help="compare tracks or windows")  # fmt: skip
+    add_setting(p, "--threshold", settings=Criterion, type=cosine_arg, stated=False,
+                help="absolute cosine cut instead of the calibrated default")  # fmt: skip
+    add_setting(p, "--margin", settings=Criterion, type=margin_arg, default=None,
+                help="default criterion: a match is at most MARGIN times the distance of the track's nearest "
+                "non-match")  # fmt: skip
+    add_setting(p, "--align", settings=Criterion, choices=("auto", "on", "off"), stated=False,
+                help="track level: confirm candidates by aligning their windows at one offset (auto: when "
+                "windows.lance has the layer; off: track vectors alone)")  # fmt: skip
+    add_setting(p, "--align-margin", settings=Criterion, type=margin_arg, default=None,
+                help="aligned: a match is at most ALIGN_MARGIN times the aligned distance of the track's "
+                "nearest non-match")  # fmt: skip
+    add_setting(p, "-k", settings=Criterion, type=positive_int, default=None, help="neighbours per track")
+    add_setting(p, "--min-windows", settings=Criterion, type=positive_int, default=None,
+                help="window level: windows per match")  # fmt: skip
     p.add_argument("--incremental", action="store_true", help="query only tracks embedded since the last run")
     p.add_argument(
         "--no-index", action="store_true", help="exact search even when the layer has an ANN index"
     )
-    p.add_argument(
-        "--ann",
-        choices=("auto", "batched", "lance"),
-        default="auto",
-        help="indexed layer: batched search of the index's IVF partitions, or one Lance query per "
-        "track (auto: batched while the vectors fit in 4 GiB)",
-    )
-    p.add_argument(
-        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
-    )
+    add_setting(p, "--ann", settings=InsightRun, choices=("auto", "batched", "lance"), stated=False,
+                help="indexed layer: batched search of the index's IVF partitions, or one Lance query per "
+                "track (auto: batched while the vectors fit in 4 GiB)")  # fmt: skip
+    _add_ray(p)
     return p
 
 
@@ -148,25 +155,13 @@ def _use_ray(v: str) -> bool | None:
 def find_duplicates_main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    from pipeline.insights.duplicates import (
-        DEFAULT_ALIGN_MARGIN,
-        DEFAULT_K,
-        DEFAULT_MARGIN,
-        Criterion,
-        find_duplicates,
-    )
+    from pipeline.insights.duplicates import Criterion, find_duplicates
 
     args = duplicates_parser().parse_args(argv)
 
     def go() -> Any:
-        crit = Criterion(
-            margin=args.margin or DEFAULT_MARGIN,
-            threshold=args.threshold,
-            k=max(2, args.k or DEFAULT_K),
-            min_windows=args.min_windows or 2,
-            align=args.align,
-            align_margin=args.align_margin or DEFAULT_ALIGN_MARGIN,
-        )
+        crit = Criterion(**given(args, "margin", "threshold", "min_windows", "align", "align_margin"))
+        crit = dataclasses.replace(crit, k=max(2, args.k or crit.k))
         layer = _layer_or_highest(args)
         _, report = find_duplicates(
             args.store, layer, args.level, crit, args.storage_options, incremental=args.incremental,
@@ -252,13 +247,13 @@ def train_probe_main(
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="predict", description="Write a probe's predictions into tracks columns.")
+    p = OneLineArgumentParser(
+        prog="predict", description="Write a probe's predictions into tracks columns.", settings=(InsightRun,)
+    )
     _common(p)
     p.add_argument("--probe", required=True, help="probe directory written by train_probe")
     p.add_argument("--run-id", default=None, help="only the tracks of this run (e.g. a refresh's)")
-    p.add_argument(
-        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
-    )
+    _add_ray(p)
     return p
 
 
@@ -286,22 +281,20 @@ def map_parser() -> argparse.ArgumentParser:
     from pipeline.insights.catalog_map import MapSettings
 
     p = OneLineArgumentParser(
-        prog="catalog_map", description="A 2-D map of the catalog (PCA + UMAP).", settings=(MapSettings,)
+        prog="catalog_map",
+        description="A 2-D map of the catalog (PCA + UMAP).",
+        settings=(MapSettings, InsightRun),
     )
     _common(p)
     p.add_argument("--layer", type=_layer_arg, default=None, help="layer to map (default: the highest)")
     p.add_argument("--color-by", default=None, help="tracks column to colour by (metadata or tag_...)")
-    p.add_argument(
-        "--out", default=".", help="directory for catalog_map.html and catalog_map.png (default .)"
-    )
+    add_setting(p, "--out", settings=InsightRun, help="directory for catalog_map.html and catalog_map.png")
     add_setting(
         p, "--fit-sample", settings=MapSettings, type=positive_int, help="tracks the map is fitted on"
     )
     add_setting(p, "--plot-max", settings=MapSettings, type=positive_int, help="most points in the HTML page")
     add_setting(p, "--seed", settings=MapSettings, type=int, help="seed of the sample and of UMAP")
-    p.add_argument(
-        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
-    )
+    _add_ray(p)
     return p
 
 
