@@ -30,27 +30,8 @@ NOT_SETTINGS = {
     ("embed_catalog", "log_format"): "how log lines are printed",
     ("refresh_catalog", "log_format"): "how log lines are printed",
     ("embed_catalog", "demo_dir"): "where the offline --demo writes, not a setting of the job",
+    ("evaluate", "mode"): "which run the command makes (probe or finetune), not a knob of one",
 }
-
-
-#: Knobs whose default is still written in the parser because their job has no settings field
-#: for them yet (the next step of issue 21 moves them); the list may only shrink.
-NOT_YET: dict[str, set[str]] = {
-    "compare_models": {"split_seed", "probe", "hidden", "lr", "max_epochs", "patience", "seed", "bootstrap",
-                       "precision", "decode_cpus"},
-    "evaluate": {"split_seed", "mode", "backbone_lr", "head_lr", "workers", "steps", "checkpoint_every", "probe",
-                 "hidden", "lr", "max_epochs", "patience", "seed", "bootstrap", "precision", "decode_cpus"},
-}  # fmt: skip
-
-
-def test_the_not_yet_list_only_shrinks() -> None:
-    """Each knob listed in NOT_YET still has a literal parser default (else remove it from the list)."""
-    stale = []
-    for job, dests in NOT_YET.items():
-        flags = {a.dest: a for a in _flags(_parser(job))}
-        stale += [f"{job}.{d}" for d in dests if d not in flags or hasattr(flags[d], "setting")
-                  or flags[d].default in UNSET]  # fmt: skip
-    assert not stale, f"no longer written in the parser, drop from NOT_YET: {stale}"
 
 
 def _module(job: str) -> Any:
@@ -134,8 +115,6 @@ def second_defaults(job: str, p: argparse.ArgumentParser) -> list[str]:
                 )
             continue
         if a.default in UNSET or a.default is False or a.default == [] or (job, a.dest) in NOT_SETTINGS:
-            continue
-        if a.dest in NOT_YET.get(job, ()):
             continue
         if isinstance(a, argparse._StoreFalseAction) and a.default is True:
             continue
