@@ -45,10 +45,6 @@ class InsightRun:
     ann: str = "auto"
     out: str = "."
 
-    def __post_init__(self) -> None:
-        if self.ray not in RAY_MODES:
-            raise ValueError(f"--ray must be one of {', '.join(RAY_MODES)}, got {self.ray!r}")
-
 
 def _add_ray(p: argparse.ArgumentParser) -> None:
     add_setting(p, "--ray", settings=InsightRun, choices=RAY_MODES, stated=False,

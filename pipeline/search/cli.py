@@ -40,16 +40,11 @@ OneLineArgumentParser = OneLineParser  # the jobs' shared parser: one-line error
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """The search job's settings: how many results, at which level (each default is the knob's one)."""
+    """The search job's settings: how many results, at which level (each default is the knob's
+    one; ``-k`` is checked by :func:`k_arg`, ``--level`` by its choices)."""
 
     k: int = 10
     level: str = "track"
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k <= MAX_K:
-            raise ValueError(f"k must be within 1..{MAX_K}, got {self.k}")
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
 
 
 @dataclass(frozen=True)
