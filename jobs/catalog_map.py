@@ -11,12 +11,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.insights.cli import catalog_map_main  # noqa: E402
 from pipeline.insights.cli import map_parser as build_parser  # noqa: E402,F401
-from pipeline.insights.cli import run_map  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_map(argv)
+    return catalog_map_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""Command-line flags shared by the jobs, and the one-line error handling around them."""
+"""Command-line flags shared by the jobs, and the one-line error handling around them.
+
+A flag that sets a field of a job's settings dataclass is added with :func:`add_setting`: its
+default (and the ``(default X)`` of its help) is the field's own default, so every knob has one
+default, in the settings dataclass (tests/test_settings_defaults.py walks every job's flags)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,15 +15,79 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from musicfm.profiles import PROFILES
-from pipeline.exits import DEFAULT_MAX_ERROR_RATE, KEEP_PREVIOUS_RUNS
-
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (``prog: error: ...``) and exits 2."""
+    """argparse that reports a bad flag as one line (``prog: error: ...``) and exits 2.
+
+    ``settings``: the job's settings dataclass(es); every flag that sets one of their fields
+    takes its default from the field (:func:`add_setting`), checked by tests/test_settings_defaults.py."""
+
+    def __init__(self, *args: Any, settings: tuple[type, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def setting_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of the settings dataclass ``cls`` (the knob's one default)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f"{cls.__name__}.{name} has no default")
+
+
+def show_default(value: Any) -> str:
+    """A default as the help text states it: ``7,12`` for a tuple, ``0.5`` for a float."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def default_help(cls: type, name: str, text: str = "", *, scale: Callable[[Any], Any] | None = None) -> str:
+    """``text`` followed by ``(default X)`` where X is the field's default (``scale`` converts it
+    to the flag's unit, e.g. bytes to MiB); ``%`` escaped for argparse."""
+    value = setting_default(cls, name)
+    shown = show_default(scale(value) if scale else value).replace("%", "%%")
+    return f"{text} (default {shown})".lstrip()
+
+
+def add_setting(
+    g: Any,
+    *flags: str,
+    settings: type,
+    field: str | None = None,
+    help: str = "",
+    scale: Callable[[Any], Any] | None = None,
+    stated: bool = True,
+    default: Any = dataclasses.MISSING,
+    **kwargs: Any,
+) -> argparse.Action:
+    """``g.add_argument(*flags)`` for the settings field ``field`` (default: the flag's dest):
+    its default is the field's own default (``scale``: converted to the flag's unit), and the
+    help says so (``stated``). ``default=None`` instead leaves the flag unset unless given (the
+    job passes only given flags, so the field's default applies) while the help still states it."""
+    name = field or flags[0].lstrip("-").replace("-", "_")
+    value = setting_default(settings, name)
+    if default is dataclasses.MISSING:
+        default = scale(value) if scale else value
+    elif default is not None:
+        raise ValueError(f"{flags[0]}: a flag of {settings.__name__}.{name} takes its default from the field")
+    text = default_help(settings, name, help, scale=scale) if stated else help
+    action = g.add_argument(*flags, default=default, help=text, **kwargs)
+    action.setting = (settings, name, scale)  # type: ignore[attr-defined]
+    return action
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among ``names`` that were given (not None): keyword arguments for a settings
+    dataclass whose own defaults fill the rest."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def layers_arg(text: str) -> tuple[int, ...]:
@@ -49,12 +118,11 @@ def number_arg(cast: Callable[[str], Any], ok: Callable[[Any], bool], expect: st
     return parse
 
 
-_positive_float = number_arg(float, lambda v: 0 < v < float("inf"), "a positive number")
+positive_float = number_arg(float, lambda v: 0 < v < float("inf"), "a positive number")
 positive_int = number_arg(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = number_arg(int, lambda v: v >= 0, "an integer >= 0")
 non_negative = number_arg(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 fraction = number_arg(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-_rate = fraction
 
 
 def pool_size(text: str) -> tuple[int, int]:
@@ -68,20 +136,6 @@ def pool_size(text: str) -> tuple[int, int]:
     if lo < 1 or hi < lo:
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
     return lo, hi
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        v = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at char {e.pos})") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return v
-
-
-def _prefixes(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def storage_options_arg(text: str) -> dict[str, Any]:
@@ -103,165 +157,6 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON object of storage options (s3fs-style or Lance aws_* keys)",
     )
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--checkpoint",
-        default="msd",
-        help="msd | fma (released weights, cached by huggingface_hub), a .pt/.safetensors path or "
-        "s3:// URI, or random[:SEED] (random weights, for demos/tests) (default: msd)",
-    )
-    g.add_argument("--stats", help="stats JSON for a .pt checkpoint (e.g. msd_stats.json)")
-    g.add_argument("--model-config", help="MusicFMConfig JSON for non-default sizes")
-    g.add_argument(
-        "--layers", type=layers_arg, default=(7, 12), help="hidden states to store, e.g. 7,12 (default)"
-    )
-    g.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="auto: bf16 when the cluster has GPUs or the CPU has AMX-BF16, fp32 otherwise (default: auto)",
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model in each model actor (same vectors within float rounding; "
-        "not part of settings_id; the first call of each window length compiles)",
-    )
-
-
-def add_window_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("windows")
-    g.add_argument("--window-s", type=_positive_float, help="window length in seconds (default 30)")
-    g.add_argument("--hop-s", type=_positive_float, help="hop between windows in seconds (default: = window)")
-    g.add_argument(
-        "--profile",
-        choices=sorted(PROFILES),
-        help="task preset from the MusicFM paper: sets window length and frame rate",
-    )
-    g.add_argument("--frames-hz", type=_positive_float, help="also store frame-level vectors at this rate")
-    g.add_argument(
-        "--loudness-target-db",
-        type=number_arg(float, lambda v: -80.0 <= v <= 0.0, "a level in dBFS within [-80, 0]"),
-        default=None,
-        help="scale each window to this RMS level (dBFS, e.g. -20) before the model, so louder and "
-        "quieter masters embed alike (recorded in settings_id; default: off)",
-    )
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("execution")
-    g.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=None,
-        help="windows per model call (default: 8 on CPU; on a GPU as many as fit in 80 %% of its free memory)",
-    )
-    g.add_argument(
-        "--gpu-actors",
-        type=pool_size,
-        help="model actors: N, or MIN:MAX to autoscale with the work (default: one per GPU; without "
-        "GPUs one per core of the largest node, at most 4, each with its share of the cores as torch threads)",
-    )
-    g.add_argument(
-        "--decode-cpus",
-        type=pool_size,
-        help="decode actors, one CPU each: N, or MIN:MAX to autoscale (default: 1 to the cluster's "
-        "CPUs less one per model actor with GPUs; 1:2 without GPUs)",
-    )
-    g.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=1000,
-        help="tracks per commit; a rerun after a crash redoes at most the chunks in flight (default 1000)",
-    )
-    g.add_argument(
-        "--planner",
-        choices=["auto", "driver", "ray"],
-        default="auto",
-        help="where the plan is made: on the driver, or as a distributed join in Ray (catalog rows "
-        "never on the driver); auto: Ray for catalogs of 32 MiB or more, or listings with 8+ "
-        "sub-prefixes (default auto)",
-    )
-    g.add_argument(
-        "--keep-previous",
-        type=non_negative_int,
-        default=KEEP_PREVIOUS_RUNS,
-        help="earlier ok runs whose store versions stay queryable (search --model) and restorable "
-        f"(rollback_store) besides the newest (default {KEEP_PREVIOUS_RUNS})",
-    )
-    g.add_argument(
-        "--break-lease",
-        action="store_true",
-        help="take over the store's lease even if its holder is not proven gone (only when you know "
-        "that run is dead: two writers at once corrupt nothing but waste work)",
-    )
-    g.add_argument(
-        "--format", choices=["lance", "parquet"], default="lance", help="store format (default lance)"
-    )
-    g.add_argument("--limit", type=positive_int, help="only the first N catalog rows")
-    g.add_argument(
-        "--storage-options",
-        type=_json_object,
-        default={},
-        help='JSON of s3fs-style options, e.g. {"endpoint_url": "...", "region": "..."}; '
-        "credentials are best left to the AWS environment",
-    )
-    g.add_argument(
-        "--allowed-prefixes",
-        type=_prefixes,
-        default=(),
-        help="comma-separated URI prefixes audio may be read from (default: the catalog's location)",
-    )
-    g.add_argument(
-        "--max-file-mb", type=_positive_float, default=2048.0, help="largest audio file (default 2048)"
-    )
-    g.add_argument(
-        "--max-duration-s",
-        type=_positive_float,
-        default=4 * 3600.0,
-        help="longest audio accepted (default 14400)",
-    )
-    g.add_argument(
-        "--max-channels", type=positive_int, default=32, help="most channels accepted (default 32)"
-    )
-    g.add_argument(
-        "--min-duration-s",
-        type=non_negative,
-        default=0.0,
-        help="shorter audio becomes an error row (default 0: one STFT frame, 0.043 s, is the floor)",
-    )
-    g.add_argument(
-        "--max-row-chars",
-        type=positive_int,
-        default=65536,
-        help="longest catalog row (characters, names + values); longer rows become error rows (default 65536)",
-    )
-    g.add_argument("--decode-timeout-s", type=_positive_float, default=600.0, help="per-file decode budget")
-    g.add_argument(
-        "--max-error-rate",
-        type=_rate,
-        default=DEFAULT_MAX_ERROR_RATE,
-        help="exit 3 when failed/total tracks exceeds this, or when every track failed "
-        f"(default {DEFAULT_MAX_ERROR_RATE}; nightly jobs: e.g. 0.01)",
-    )
-    g.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    g.add_argument("--debug", action="store_true", help="print tracebacks on failure")
-
-
-def window_settings(args: argparse.Namespace) -> tuple[float, float, float | None]:
-    """(window_s, hop_s, frames_hz) from --window-s/--hop-s/--frames-hz or --profile."""
-    window_s, hop_s, frames_hz = args.window_s, args.hop_s, args.frames_hz
-    if args.profile:
-        prof = PROFILES[args.profile]
-        window_s = window_s or prof.window_s
-        frames_hz = frames_hz if frames_hz is not None else prof.frames_hz
-    window_s = window_s or 30.0
-    hop_s = hop_s or window_s
-    return window_s, hop_s, frames_hz
 
 
 def run_main(

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from pipeline.cli import OneLineParser, positive_int, run_main, storage_options_arg
+from pipeline.cli import OneLineParser, add_setting, positive_int, run_main, storage_options_arg
 from pipeline.evaluate.tasks import TASKS
 
 DOC = __doc__
@@ -36,45 +36,62 @@ def layer_range(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def evaluate_settings() -> tuple[type, ...]:
+    """The settings dataclasses the evaluate and compare flags set (their defaults are the flags')."""
+    from pipeline.evaluate.features import FeatureSpec
+    from pipeline.evaluate.finetune_spec import FinetuneSpec
+    from pipeline.evaluate.probe import ProbeConfig
+    from pipeline.evaluate.runner import EvalSpec
+
+    return EvalSpec, ProbeConfig, FeatureSpec, FinetuneSpec
+
+
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    EvalSpec = evaluate_settings()[0]
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--dataset", required=True,
                    help="mirdata dataset name (with --data-home), a folder of audio + <stem>.jams, or a catalog CSV/Parquet")  # fmt: skip
     p.add_argument("--data-home", help="local folder of a mirdata dataset (nothing is downloaded)")
     p.add_argument("--mirdata-version", help="mirdata index version (default: the dataset's default)")
     p.add_argument("--label-column", help="catalog label column (default genre / key / tags)")
-    p.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the split where there is no official one"
-    )
+    add_setting(p, "--split-seed", settings=EvalSpec, type=int, stated=False,
+                help="seed of the split where there is no official one")  # fmt: skip
     p.add_argument("--output", required=True, help="folder for results.json, results.md, the PNG and JAMS")
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
+    EvalSpec, ProbeConfig, FeatureSpec, _ = evaluate_settings()
     g = p.add_argument_group("probe")
     g.add_argument("--layers", type=layer_range, help="hidden states to probe, e.g. 0-12 (default: all)")
-    g.add_argument("--probe", choices=["linear", "mlp"], default="linear", help="probe head (default linear)")
-    g.add_argument("--hidden", type=positive_int, default=512, help="MLP width (default 512)")
-    g.add_argument("--lr", type=float, default=1e-3, help="probe learning rate (default 1e-3)")
-    g.add_argument("--max-epochs", type=positive_int, default=200)
-    g.add_argument("--patience", type=positive_int, default=10, help="early stopping on the valid split")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--bootstrap", type=positive_int, default=1000, help="bootstrap resamples of the test tracks"
+    add_setting(
+        g, "--probe", settings=ProbeConfig, field="kind", choices=["linear", "mlp"], help="probe head"
     )
+    add_setting(g, "--hidden", settings=ProbeConfig, type=positive_int, help="MLP width")
+    add_setting(g, "--lr", settings=ProbeConfig, type=float, help="probe learning rate")
+    add_setting(g, "--max-epochs", settings=ProbeConfig, type=positive_int, stated=False)
+    add_setting(g, "--patience", settings=ProbeConfig, type=positive_int, stated=False,
+                help="early stopping on the valid split")  # fmt: skip
+    add_setting(g, "--seed", settings=ProbeConfig, type=int, stated=False)
+    add_setting(g, "--bootstrap", settings=EvalSpec, field="resamples", type=positive_int, stated=False,
+                help="bootstrap resamples of the test tracks")  # fmt: skip
     g = p.add_argument_group("features")
     g.add_argument("--stats", help="stats JSON for a .pt checkpoint")
     g.add_argument("--model-config", help="MusicFMConfig JSON for non-default sizes")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    g.add_argument("--batch-size", type=positive_int, default=None)
-    g.add_argument("--decode-cpus", type=positive_int, default=2)
-    g.add_argument("--gpu-actors", type=positive_int, default=None)
+    add_setting(
+        g, "--precision", settings=FeatureSpec, choices=["auto", "fp32", "bf16", "fp16"], stated=False
+    )
+    add_setting(g, "--batch-size", settings=FeatureSpec, type=positive_int, stated=False)
+    add_setting(g, "--decode-cpus", settings=FeatureSpec, type=positive_int, stated=False)
+    add_setting(g, "--gpu-actors", settings=FeatureSpec, type=positive_int, stated=False)
     g.add_argument("--storage-options", type=storage_options_arg, default=None)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--debug", action="store_true", help="print tracebacks on failure")
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="evaluate", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    FinetuneSpec = evaluate_settings()[3]
+    p = OneLineParser(prog="evaluate", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      settings=evaluate_settings())  # fmt: skip
     add_dataset_args(p)
     p.add_argument("--checkpoint", help="model to embed with (msd | fma | path | random[:SEED]); "
                    "without it --store is used as it is")  # fmt: skip
@@ -83,11 +100,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["probe", "finetune"], default="probe")
     g = p.add_argument_group("fine-tuning (--mode finetune)")
-    g.add_argument("--backbone-lr", type=float, default=1e-5)
-    g.add_argument("--head-lr", type=float, default=1e-4)
-    g.add_argument("--workers", type=positive_int, default=2)
-    g.add_argument("--steps", type=positive_int, default=1000)
-    g.add_argument("--checkpoint-every", type=positive_int, default=100)
+    add_setting(g, "--backbone-lr", settings=FinetuneSpec, field="lr_backbone", type=float, stated=False)
+    add_setting(g, "--head-lr", settings=FinetuneSpec, field="lr_head", type=float, stated=False)
+    add_setting(g, "--workers", settings=FinetuneSpec, field="num_workers", type=positive_int, stated=False)
+    add_setting(g, "--steps", settings=FinetuneSpec, field="max_steps", type=positive_int, stated=False)
+    add_setting(g, "--checkpoint-every", settings=FinetuneSpec, type=positive_int, stated=False)
     add_probe_args(p)
     return p
 
@@ -200,7 +217,8 @@ def summary(res: dict[str, Any]) -> str:
 
 def compare_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="compare_models", description="Two models (checkpoints or stores) on the same dataset "
-                      "and task, per layer, with a paired bootstrap over test tracks.")  # fmt: skip
+                      "and task, per layer, with a paired bootstrap over test tracks.",
+                      settings=evaluate_settings()[:3])  # fmt: skip
     add_dataset_args(p)
     p.add_argument(
         "--a", required=True, help="model A: a checkpoint (msd, path, random:SEED) or a store folder"

@@ -9,12 +9,14 @@ without a traceback; 1 anything else (also one line).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pipeline.cli import add_store_args, layers_arg, number_arg, positive_int
+from pipeline.cli import add_setting, add_store_args, given, layers_arg, number_arg, positive_int
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.cli import OneLineArgumentParser
 
@@ -23,11 +25,31 @@ __all__ = [
     "map_parser",
     "predict_parser",
     "probe_parser",
-    "run_duplicates",
-    "run_map",
-    "run_predict",
-    "run_probe",
+    "find_duplicates_main",
+    "catalog_map_main",
+    "predict_main",
+    "train_probe_main",
 ]
+
+RAY_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class InsightRun:
+    """How an insight job runs beside what it computes (each default is the knob's one):
+    ``ray`` (auto: Ray tasks for large stores), and for find_duplicates the ``level`` and the
+    ``ann`` search, for catalog_map the ``out`` directory."""
+
+    ray: str = "auto"
+    level: str = "track"
+    ann: str = "auto"
+    out: str = "."
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    add_setting(p, "--ray", settings=InsightRun, choices=RAY_MODES, stated=False,
+                help="Ray tasks (auto: large stores)")  # fmt: skip
+
 
 cosine_arg = number_arg(float, lambda v: -1.0 <= v <= 1.0, "a cosine similarity in [-1, 1]")
 margin_arg = number_arg(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
@@ -86,58 +108,39 @@ def _layer_or_highest(args: argparse.Namespace) -> int:
 
 
 def duplicates_parser() -> argparse.ArgumentParser:
+    from pipeline.insights.duplicates import Criterion
+
     p = OneLineArgumentParser(
         prog="find_duplicates",
         description="Group the tracks of a store that are the same recording (near-duplicates).",
+        settings=(Criterion, InsightRun),
     )
     _common(p)
     p.add_argument("--layer", type=_layer_arg, default=None, help="layer to compare (default: the highest)")
-    p.add_argument("--level", choices=("track", "window"), default="track", help="compare tracks or windows")
-    p.add_argument(
-        "--threshold",
-        type=cosine_arg,
-        default=None,
-        help="absolute cosine cut instead of the calibrated default",
-    )
-    p.add_argument(
-        "--margin",
-        type=margin_arg,
-        default=None,
-        help="default criterion: a match is at most MARGIN times the distance of the track's nearest "
-        "non-match (default 0.1)",
-    )
-    p.add_argument(
-        "--align",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="track level: confirm candidates by aligning their windows at one offset (auto: when "
-        "windows.lance has the layer; off: track vectors alone)",
-    )
-    p.add_argument(
-        "--align-margin",
-        type=margin_arg,
-        default=None,
-        help="aligned: a match is at most ALIGN_MARGIN times the aligned distance of the track's "
-        "nearest non-match (default 0.3)",
-    )
-    p.add_argument("-k", type=positive_int, default=None, help="neighbours per track (default 16)")
-    p.add_argument(
-        "--min-windows", type=positive_int, default=None, help="window level: windows per match (2)"
-    )
+    add_setting(p, "--level", settings=InsightRun, choices=("track", "window"), stated=False,
+                help="compare tracks or windows")  # fmt: skip
+    add_setting(p, "--threshold", settings=Criterion, type=cosine_arg, stated=False,
+                help="absolute cosine cut instead of the calibrated default")  # fmt: skip
+    add_setting(p, "--margin", settings=Criterion, type=margin_arg, default=None,
+                help="default criterion: a match is at most MARGIN times the distance of the track's nearest "
+                "non-match")  # fmt: skip
+    add_setting(p, "--align", settings=Criterion, choices=("auto", "on", "off"), stated=False,
+                help="track level: confirm candidates by aligning their windows at one offset (auto: when "
+                "windows.lance has the layer; off: track vectors alone)")  # fmt: skip
+    add_setting(p, "--align-margin", settings=Criterion, type=margin_arg, default=None,
+                help="aligned: a match is at most ALIGN_MARGIN times the aligned distance of the track's "
+                "nearest non-match")  # fmt: skip
+    add_setting(p, "-k", settings=Criterion, type=positive_int, default=None, help="neighbours per track")
+    add_setting(p, "--min-windows", settings=Criterion, type=positive_int, default=None,
+                help="window level: windows per match")  # fmt: skip
     p.add_argument("--incremental", action="store_true", help="query only tracks embedded since the last run")
     p.add_argument(
         "--no-index", action="store_true", help="exact search even when the layer has an ANN index"
     )
-    p.add_argument(
-        "--ann",
-        choices=("auto", "batched", "lance"),
-        default="auto",
-        help="indexed layer: batched search of the index's IVF partitions, or one Lance query per "
-        "track (auto: batched while the vectors fit in 4 GiB)",
-    )
-    p.add_argument(
-        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
-    )
+    add_setting(p, "--ann", settings=InsightRun, choices=("auto", "batched", "lance"), stated=False,
+                help="indexed layer: batched search of the index's IVF partitions, or one Lance query per "
+                "track (auto: batched while the vectors fit in 4 GiB)")  # fmt: skip
+    _add_ray(p)
     return p
 
 
@@ -145,28 +148,16 @@ def _use_ray(v: str) -> bool | None:
     return None if v == "auto" else v == "on"
 
 
-def run_duplicates(
+def find_duplicates_main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    from pipeline.insights.duplicates import (
-        DEFAULT_ALIGN_MARGIN,
-        DEFAULT_K,
-        DEFAULT_MARGIN,
-        Criterion,
-        find_duplicates,
-    )
+    from pipeline.insights.duplicates import Criterion, find_duplicates
 
     args = duplicates_parser().parse_args(argv)
 
     def go() -> Any:
-        crit = Criterion(
-            margin=args.margin or DEFAULT_MARGIN,
-            threshold=args.threshold,
-            k=max(2, args.k or DEFAULT_K),
-            min_windows=args.min_windows or 2,
-            align=args.align,
-            align_margin=args.align_margin or DEFAULT_ALIGN_MARGIN,
-        )
+        crit = Criterion(**given(args, "margin", "threshold", "min_windows", "align", "align_margin"))
+        crit = dataclasses.replace(crit, k=max(2, args.k or crit.k))
         layer = _layer_or_highest(args)
         _, report = find_duplicates(
             args.store, layer, args.level, crit, args.storage_options, incremental=args.incremental,
@@ -182,9 +173,11 @@ def run_duplicates(
 
 def probe_parser() -> argparse.ArgumentParser:
     from pipeline.insights.probe_settings import LINEAR_MAX_LABELS
-    from pipeline.insights.probes import ESTIMATORS, HEADS, TASKS
+    from pipeline.insights.probes import ESTIMATORS, HEADS, TASKS, ProbeSettings
 
-    p = OneLineArgumentParser(prog="train_probe", description="Train a probe on a store's layer vectors.")
+    p = OneLineArgumentParser(
+        prog="train_probe", description="Train a probe on a store's layer vectors.", settings=(ProbeSettings,)
+    )
     _common(p)
     p.add_argument("--labels", required=True, help="CSV / Parquet / JSON-lines file with track_id and labels")
     p.add_argument("--layers", type=layers_arg, required=True, help="layers to weight, e.g. 7,12")
@@ -192,30 +185,31 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for probe.safetensors and probe.json")
     p.add_argument("--label-column", action="append", default=None, help="label column(s) (default: all)")
     p.add_argument("--name", default=None, help="probe name, used in the tag_<name> columns")
-    p.add_argument(
-        "--estimator", choices=ESTIMATORS, default="auto",
+    add_setting(
+        p, "--estimator", settings=ProbeSettings, choices=ESTIMATORS,
         help=f"auto: the L2-regularised linear model (strength by cross-validation) below "
         f"{LINEAR_MAX_LABELS} labelled tracks, else the MLP; linear or mlp force one",
     )  # fmt: skip
-    p.add_argument(
-        "--head", choices=HEADS, default="mlp",
+    add_setting(
+        p, "--head", settings=ProbeSettings, choices=HEADS,
         help="the MLP's head: mlp (512 units, dropout 0.2) or linear (no hidden layer)",
     )  # fmt: skip
-    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument(
-        "--level", choices=("track", "window"), default="track", help="train on track or window vectors"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the weights")
-    p.add_argument("--max-epochs", type=positive_int, default=200, help="most epochs (default 200)")
+    add_setting(p, "--folds", settings=ProbeSettings, type=positive_int, help="cross-validation folds")
+    add_setting(p, "--level", settings=ProbeSettings, choices=("track", "window"),
+                help="train on track or window vectors")  # fmt: skip
+    add_setting(p, "--seed", settings=ProbeSettings, type=int, help="seed of the splits and the weights")
+    add_setting(p, "--max-epochs", settings=ProbeSettings, type=positive_int, help="most epochs")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument(
-        "--threads", type=positive_int, default=None,
+    add_setting(
+        p, "--threads", settings=ProbeSettings, type=positive_int, stated=False,
         help="torch CPU threads (default: 1 for small sets, else the cores the load leaves free)",
     )  # fmt: skip
     return p
 
 
-def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def train_probe_main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     from pipeline.insights.probes import ProbeSettings, train_probe
 
     args = probe_parser().parse_args(argv)
@@ -249,17 +243,17 @@ def run_probe(argv: Sequence[str] | None = None, out: TextIO | None = None, err:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="predict", description="Write a probe's predictions into tracks columns.")
+    p = OneLineArgumentParser(
+        prog="predict", description="Write a probe's predictions into tracks columns.", settings=(InsightRun,)
+    )
     _common(p)
     p.add_argument("--probe", required=True, help="probe directory written by train_probe")
     p.add_argument("--run-id", default=None, help="only the tracks of this run (e.g. a refresh's)")
-    p.add_argument(
-        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
-    )
+    _add_ray(p)
     return p
 
 
-def run_predict(
+def predict_main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     from pipeline.insights.predict import predict_store
@@ -280,23 +274,29 @@ def run_predict(
 
 
 def map_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="catalog_map", description="A 2-D map of the catalog (PCA + UMAP).")
+    from pipeline.insights.catalog_map import MapSettings
+
+    p = OneLineArgumentParser(
+        prog="catalog_map",
+        description="A 2-D map of the catalog (PCA + UMAP).",
+        settings=(MapSettings, InsightRun),
+    )
     _common(p)
     p.add_argument("--layer", type=_layer_arg, default=None, help="layer to map (default: the highest)")
     p.add_argument("--color-by", default=None, help="tracks column to colour by (metadata or tag_...)")
-    p.add_argument(
-        "--out", default=".", help="directory for catalog_map.html and catalog_map.png (default .)"
+    add_setting(p, "--out", settings=InsightRun, help="directory for catalog_map.html and catalog_map.png")
+    add_setting(
+        p, "--fit-sample", settings=MapSettings, type=positive_int, help="tracks the map is fitted on"
     )
-    p.add_argument("--fit-sample", type=positive_int, default=50_000, help="tracks the map is fitted on")
-    p.add_argument("--plot-max", type=positive_int, default=100_000, help="most points in the HTML page")
-    p.add_argument("--seed", type=int, default=42, help="seed of the sample and of UMAP")
-    p.add_argument(
-        "--ray", choices=("auto", "on", "off"), default="auto", help="Ray tasks (auto: large stores)"
-    )
+    add_setting(p, "--plot-max", settings=MapSettings, type=positive_int, help="most points in the HTML page")
+    add_setting(p, "--seed", settings=MapSettings, type=int, help="seed of the sample and of UMAP")
+    _add_ray(p)
     return p
 
 
-def run_map(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def catalog_map_main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     from pipeline.insights.catalog_map import MapSettings, catalog_map
 
     args = map_parser().parse_args(argv)

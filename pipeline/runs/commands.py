@@ -9,17 +9,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from pipeline.cli import (
-    OneLineParser,
-    add_model_args,
-    add_run_args,
-    add_window_args,
-    fraction,
-    non_negative,
-    positive_int,
-    run_main,
-)
+from pipeline.cli import OneLineParser, add_setting, add_store_args, run_main
 from pipeline.exits import EXIT_LOCKED, exit_codes_help
+from pipeline.io.audio import AudioLimits
+from pipeline.runs.flags import add_model_args, add_refresh_args, add_run_args, add_window_args
+from pipeline.runs.settings import EmbedJob, ExportSettings, RefreshJob
 
 EMBED_DOC = """Embed a music catalog with MusicFM into a Lance (or Parquet) store.
 
@@ -89,6 +83,7 @@ def check_cpu_precision(parser: argparse.ArgumentParser, precision: str) -> None
 def embed_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="embed_catalog",
+        settings=(EmbedJob, RefreshJob, AudioLimits),
         description=EMBED_DOC,
         epilog=exit_codes_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,6 +148,7 @@ def refresh_parser() -> argparse.ArgumentParser:
     """The refresh job's flags: its own, plus the embed job's model/window/execution flags."""
     p = OneLineParser(
         prog="refresh_catalog",
+        settings=(RefreshJob, EmbedJob, AudioLimits),
         description=REFRESH_DOC,
         epilog=exit_codes_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -163,28 +159,7 @@ def refresh_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--store", required=True, help="store root (local path or s3://...), as written by embed_catalog"
     )
-    g = p.add_argument_group("refresh")
-    g.add_argument(
-        "--dry-run", action="store_true", help="print the plan (counts and samples); write nothing"
-    )
-    miss = g.add_mutually_exclusive_group()
-    miss.add_argument("--delete-missing", dest="delete_missing", action="store_true", default=True,
-                      help="delete tracks that are no longer in the catalog (default)")  # fmt: skip
-    miss.add_argument("--keep-missing", dest="delete_missing", action="store_false",
-                      help="keep tracks that are no longer in the catalog")  # fmt: skip
-    g.add_argument("--retention-days", type=non_negative, default=7.0,
-                   help="remove table versions older than this after the refresh (default 7)")  # fmt: skip
-    g.add_argument("--max-delete-fraction", type=fraction, default=0.5,
-                   help="refuse a plan deleting more than this fraction of the stored tracks (default 0.5)")  # fmt: skip
-    g.add_argument("--lock-ttl-s", type=non_negative, default=600.0,
-                   help="lease length; a killed run's lease frees after this (default 600)")  # fmt: skip
-    g.add_argument("--lock-wait-s", type=non_negative, default=0.0,
-                   help="wait up to this long for another refresh to finish (default 0: fail at once)")  # fmt: skip
-    g.add_argument("--lookup-threads", type=positive_int, default=32,
-                   help="concurrent object-metadata lookups per process (default 32)")  # fmt: skip
-    g.add_argument("--no-maintenance", action="store_true", help="skip compaction/cleanup after the refresh")
-    g.add_argument("--probe", action="append", default=[], metavar="DIR",
-                   help="after the refresh, predict the new and changed tracks with this probe (repeatable)")  # fmt: skip
+    add_refresh_args(p)
     add_model_args(p)
     add_window_args(p)
     add_run_args(p)
@@ -198,21 +173,22 @@ def refresh_main(argv: list[str] | None = None) -> int:
     def run(args: argparse.Namespace) -> int:
         from pipeline.errors import RefreshLocked
         from pipeline.runs.refresh import run_refresh
-        from pipeline.runs.settings import RefreshJob, embed_job_from_args
+        from pipeline.runs.settings import embed_job_from_args
 
-        if args.format != "lance":
-            parser.error("--format: refresh works on Lance stores only")
-        if args.lock_ttl_s <= 0:
-            parser.error("--lock-ttl-s must be > 0")
-        check_cpu_precision(parser, args.precision)
         args.output = args.store
-        job = RefreshJob(
-            embed=embed_job_from_args(args), dry_run=args.dry_run, delete_missing=args.delete_missing,
-            chunk_size=args.chunk_size, retention_days=args.retention_days,
-            max_delete_fraction=args.max_delete_fraction, lock_ttl_s=args.lock_ttl_s,
-            lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads, maintenance=not args.no_maintenance,
-            break_lease=args.break_lease, planner=args.planner, keep_previous=args.keep_previous,
-        )  # fmt: skip
+        embed = embed_job_from_args(args)
+        try:  # RefreshJob's own checks (Lance only, --lock-ttl-s > 0...) are bad flags: exit 2
+            job = RefreshJob(
+                embed=embed, dry_run=args.dry_run, delete_missing=args.delete_missing,
+                chunk_size=args.chunk_size, retention_days=args.retention_days,
+                max_delete_fraction=args.max_delete_fraction, lock_ttl_s=args.lock_ttl_s,
+                lock_wait_s=args.lock_wait_s, lookup_threads=args.lookup_threads,
+                maintenance=not args.no_maintenance, break_lease=args.break_lease, planner=args.planner,
+                keep_previous=args.keep_previous,
+            )  # fmt: skip
+        except ValueError as e:
+            parser.error(str(e))
+        check_cpu_precision(parser, args.precision)
         probes = _load_probes(parser, args.probe)
         try:
             report = run_refresh(job, progress=not args.no_progress)
@@ -246,15 +222,15 @@ def _load_probes(parser: argparse.ArgumentParser, dirs: list[str]) -> list:
 def rollback_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="rollback_store",
+        settings=(),
         description="Return a store's tracks/windows/frames to an earlier ok run's state (the run "
         "before the newest by default; refresh and embed keep --keep-previous of them). Search "
         "switches in one commit; runs.lance records the rollback.",
     )
-    p.add_argument("--store", required=True, help="store root (local path or s3://...)")
+    add_store_args(p)
     p.add_argument(
         "--to", default=None, metavar="RUN_ID", help="the run to return to (default: the previous one)"
     )
-    p.add_argument("--storage-options", type=_storage_options, default=None, help="JSON storage options")
     return p
 
 
@@ -281,21 +257,16 @@ def export_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="export_store",
         description="Export a store's committed Lance tables as Parquet ({TABLE}.parquet/ directories).",
+        settings=(ExportSettings,),
     )
-    p.add_argument("--store", required=True, help="store root (local path or s3://...)")
+    add_store_args(p)
     p.add_argument("--out", default=None, help="where to write (default: the store root itself)")
-    p.add_argument("--tables", default="tracks,windows,frames,errors,runs", help="comma-separated tables")
-    p.add_argument("--storage-options", type=_storage_options, default=None, help="JSON storage options")
+    add_setting(p, "--tables", settings=ExportSettings, type=_tables, help="comma-separated tables")
     return p
 
 
-def _storage_options(text: str) -> dict:
-    from pipeline.io.objects import parse_storage_options
-
-    try:
-        return parse_storage_options(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _tables(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -304,8 +275,12 @@ def export_main(argv: list[str] | None = None) -> int:
     def run(args: argparse.Namespace) -> int:
         from pipeline.runs.export import export_parquet
 
-        tables = [t.strip() for t in args.tables.split(",") if t.strip()]
-        done = export_parquet(args.store, args.storage_options, out=args.out, tables=tables)
+        done = export_parquet(
+            args.store,
+            args.storage_options,
+            out=args.out,
+            tables=list(ExportSettings(tables=args.tables).tables),
+        )
         for name, uri in done.items():
             print(f"  {name:<8} {uri}")
         if not done:

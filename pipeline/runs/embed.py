@@ -16,35 +16,30 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pipeline.exits import KEEP_PREVIOUS_RUNS
 from pipeline.io.objects import check_output
 from pipeline.runs.refresh import run_refresh
 from pipeline.runs.report import RefreshReport
 from pipeline.runs.settings import EmbedJob, RefreshJob
 
-#: Tracks per commit of the embed job (``--chunk-size``): a rerun after a crash redoes at most
-#: the chunks that were in flight.
-EMBED_CHUNK_TRACKS = 1000
-
 
 def embed_refresh_job(
     job: EmbedJob,
-    chunk_size: int = EMBED_CHUNK_TRACKS,
+    chunk_size: int | None = None,
     break_lease: bool = False,
-    planner: str = "auto",
-    keep_previous: int = KEEP_PREVIOUS_RUNS,
+    planner: str | None = None,
+    keep_previous: int | None = None,
 ) -> RefreshJob:
     """The refresh run that performs ``job``: every catalog track embedded (unless already in the
-    store with these settings), tracks not in the catalog removed, committed per chunk."""
+    store with these settings), tracks not in the catalog removed, committed per chunk
+    (``chunk_size`` tracks per commit). A setting left None takes :class:`RefreshJob`'s default."""
+    given = {"chunk_size": chunk_size, "planner": planner, "keep_previous": keep_previous}
     return RefreshJob(
         embed=dataclasses.replace(job, format="lance"),
-        chunk_size=chunk_size,
         delete_missing=True,
         max_delete_fraction=1.0,  # an embed makes the store equal to the catalog, as asked
         break_lease=break_lease,
         kind="embed",
-        planner=planner,
-        keep_previous=keep_previous,
+        **{k: v for k, v in given.items() if v is not None},
     )
 
 
@@ -52,14 +47,15 @@ def run_embed(
     job: EmbedJob,
     progress: bool = True,
     *,
-    chunk_size: int = EMBED_CHUNK_TRACKS,
+    chunk_size: int | None = None,
     break_lease: bool = False,
     model_stage: type | None = None,
-    planner: str = "auto",
-    keep_previous: int = KEEP_PREVIOUS_RUNS,
+    planner: str | None = None,
+    keep_previous: int | None = None,
 ) -> RefreshReport:
     """Run the embed job end to end and return its report (also stored in ``runs.lance`` with
-    ``kind="embed"``). ``model_stage`` replaces the model stage (benchmarks).
+    ``kind="embed"``). ``model_stage`` replaces the model stage (benchmarks); ``chunk_size``,
+    ``planner`` and ``keep_previous`` left None take :class:`RefreshJob`'s defaults.
 
     Raises:
         ValueError: the output cannot be written (checked before anything runs).

@@ -1,5 +1,8 @@
 """The jobs' settings: :class:`EmbedJob` and :class:`RefreshJob` (frozen dataclasses built from
-the command line by :func:`embed_job_from_args` and :func:`pipeline.runs.commands.refresh_main`)."""
+the command line by :func:`embed_job_from_args` and :func:`pipeline.runs.commands.refresh_main`).
+
+Each field's default here is the knob's one default: the flags (:mod:`pipeline.runs.flags`) take
+theirs from these fields, and the validation of the values is in the ``__post_init__``."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 from pipeline.exits import DEFAULT_MAX_ERROR_RATE, KEEP_PREVIOUS_RUNS
 from pipeline.io.audio import TARGET_SR, AudioLimits
 from pipeline.io.objects import redacted
+from pipeline.schemas import TABLES
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,8 @@ class EmbedJob:
     frames_hz: float | None = None
     loudness_target_db: float | None = None
     precision: str = "auto"
-    batch_size: int | None = 8  # windows per model call; None: 8 on CPU, from GPU memory on CUDA
+    # windows per model call; None: pipeline.flow.device.auto_batch_size (8 on CPU, from GPU memory on CUDA)
+    batch_size: int | None = None
     compile: bool = False  # torch.compile the model in each model actor (not part of settings_id)
     gpu_actors: int | None = None  # model actors (the pool's maximum); None: one per GPU, or 1
     decode_cpus: int | None = 2  # decode actors (the pool's maximum); None: from the cluster
@@ -124,10 +129,23 @@ class RefreshJob:
         return d
 
 
+def window_settings(args: Any) -> tuple[float, float, float | None]:
+    """(window_s, hop_s, frames_hz) from --window-s/--hop-s/--frames-hz or --profile; the window
+    is :attr:`EmbedJob.window_s` when neither gives one, the hop the window."""
+    from musicfm.profiles import PROFILES
+
+    window_s, hop_s, frames_hz = args.window_s, args.hop_s, args.frames_hz
+    if args.profile:
+        prof = PROFILES[args.profile]
+        window_s = window_s or prof.window_s
+        frames_hz = frames_hz if frames_hz is not None else prof.frames_hz
+    window_s = window_s or EmbedJob.window_s
+    hop_s = hop_s or window_s
+    return window_s, hop_s, frames_hz
+
+
 def embed_job_from_args(args: Any) -> EmbedJob:
     """Build an :class:`EmbedJob` from parsed ``embed_catalog`` flags (ValueError on bad combinations)."""
-    from pipeline.cli import window_settings
-
     window_s, hop_s, frames_hz = window_settings(args)
     return EmbedJob(
         catalog=args.catalog,
@@ -155,9 +173,18 @@ def embed_job_from_args(args: Any) -> EmbedJob:
             max_bytes=int(args.max_file_mb * 1024 * 1024),
             max_duration_s=args.max_duration_s,
             max_channels=args.max_channels,
-            min_samples=max(AudioLimits.min_samples, round(getattr(args, "min_duration_s", 0.0) * TARGET_SR)),
+            min_samples=max(
+                AudioLimits.min_samples, round((getattr(args, "min_duration_s", None) or 0) * TARGET_SR)
+            ),
         ),
         decode_timeout_s=args.decode_timeout_s,
         max_error_rate=args.max_error_rate,
-        max_row_chars=getattr(args, "max_row_chars", 65536),
+        max_row_chars=getattr(args, "max_row_chars", EmbedJob.max_row_chars),
     )
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """The export job's settings (``export_store``): which committed tables become Parquet."""
+
+    tables: tuple[str, ...] = TABLES

@@ -13,17 +13,20 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.cli import OneLineParser, add_store_args, positive_int
+from pipeline.cli import OneLineParser, add_setting, add_store_args, positive_int
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.index import INDEX_TYPES
 from pipeline.search.reader import LEVELS, MAX_K, AudioQuery, SearchResults, TrackQuery, open_store
 
 __all__ = [
+    "IndexSettings",
     "OneLineArgumentParser",
+    "SearchSettings",
     "format_index_reports",
     "format_table",
     "positive_int",
@@ -33,6 +36,23 @@ __all__ = [
 
 
 OneLineArgumentParser = OneLineParser  # the jobs' shared parser: one-line errors, exit 2
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The search job's settings: how many results, at which level (each default is the knob's
+    one; ``-k`` is checked by :func:`k_arg`, ``--level`` by its choices)."""
+
+    k: int = 10
+    level: str = "track"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """The build_index job's settings: which index, over which tables."""
+
+    index_type: str = "auto"
+    tables: tuple[str, ...] = ("tracks", "windows")
 
 
 def k_arg(text: str) -> int:
@@ -196,7 +216,7 @@ def run_build_index(
             layers=args.layer,
             storage_options=args.storage_options,
             index_type=args.index_type,
-            tables=args.tables,
+            tables=list(args.tables),
             min_rows=args.min_rows,
             replace=args.replace,
         )
@@ -218,6 +238,7 @@ def search_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="search",
         description="Find the tracks most similar to a track, an audio file or a vector.",
+        settings=(SearchSettings,),
     )
     add_store_args(p)
     q = p.add_mutually_exclusive_group(required=True)
@@ -225,11 +246,12 @@ def search_parser() -> argparse.ArgumentParser:
     q.add_argument("--audio", help="query by an audio file path or URI (embedded with the store's model)")
     q.add_argument("--vector-file", help="query by a vector saved with numpy.save (.npy, shape (D,))")
     p.add_argument("--layer", type=int, default=None, help="layer to compare (default: the store's highest)")
-    p.add_argument("-k", type=k_arg, default=10, help="number of results (1..1000, default 10)")
+    add_setting(p, "-k", settings=SearchSettings, type=k_arg, help=f"number of results (1..{MAX_K})")
     p.add_argument(
         "--where", default=None, help="SQL predicate on the store's columns, applied before the search"
     )
-    p.add_argument("--level", choices=LEVELS, default="track", help="compare track vectors or window vectors")
+    add_setting(p, "--level", settings=SearchSettings, choices=LEVELS, stated=False,
+                help="compare track vectors or window vectors")  # fmt: skip
     p.add_argument(
         "--nprobes", type=positive_int, default=None, help="IVF partitions to probe (a minimum with --where)"
     )
@@ -275,7 +297,9 @@ def _min_rows(text: str) -> int:
 
 def build_index_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
-        prog="build_index", description="Build cosine ANN indexes over the store's vectors."
+        prog="build_index",
+        description="Build cosine ANN indexes over the store's vectors.",
+        settings=(IndexSettings,),
     )
     add_store_args(p)
     p.add_argument(
@@ -285,16 +309,10 @@ def build_index_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer to index (repeatable; default: every layer)",
     )
-    p.add_argument(
-        "--index-type", type=_index_type, default="auto", help=f"auto (default), {' or '.join(INDEX_TYPES)}"
-    )
-    p.add_argument(
-        "--tables",
-        nargs="+",
-        choices=("tracks", "windows"),
-        default=["tracks", "windows"],
-        help="tables to index (default: both)",
-    )
+    add_setting(p, "--index-type", settings=IndexSettings, type=_index_type, stated=False,
+                help=f"auto (default), {' or '.join(INDEX_TYPES)}")  # fmt: skip
+    add_setting(p, "--tables", settings=IndexSettings, nargs="+", choices=IndexSettings.tables, stated=False,
+                help="tables to index (both by default)")  # fmt: skip
     p.add_argument(
         "--min-rows",
         type=_min_rows,

@@ -23,18 +23,38 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import add_store_args, positive_int
+from pipeline.cli import add_setting, add_store_args, positive_int
 from pipeline.search.cli import OneLineArgumentParser
 from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES
+from pipeline.search.web import DEFAULT_UPLOAD_TIMEOUT_S
 
-DEFAULT_MAX_ONGOING = 64
-DEFAULT_MAX_QUEUED = 64
-#: Seconds a SIGTERM leaves the requests in flight to finish (``--grace-s``).
-DEFAULT_GRACE_S = 20.0
 APP_NAME = "default"  # serve run's name for an app too
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The serve job's settings (the flags of ``serve_search`` and the keys of ``serve run``):
+    each default here is the knob's one default."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / 2**20
+    num_cpus: float = 1.0  # CPUs reserved for each replica
+    replicas: tuple[int, int] = (1, 1)  # (min, max): Serve autoscales between them
+    max_ongoing: int = 64  # requests a replica runs at once (Serve max_ongoing_requests)
+    max_queued: int = 64  # requests waiting in the proxy beyond that (Serve max_queued_requests)
+    upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S
+    grace_s: float = 20.0  # seconds a SIGTERM leaves the requests in flight to finish
+    refresh_s: float = 30.0  # reopen the store's tables at most this often
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_mb", "upload_timeout_s", "grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
 
 
 def replicas_arg(text: str) -> tuple[int, int]:
@@ -79,7 +99,7 @@ def web_config(args: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "auth_token_sha256": token_sha256(read_token(token_file)) if token_file else None,
         "cors_origins": [origins] if isinstance(origins, str) else list(origins),
-        "upload_timeout_s": float(args.get("upload_timeout_s") or 120.0),
+        "upload_timeout_s": float(args.get("upload_timeout_s") or ServeSettings.upload_timeout_s),
     }
 
 
@@ -93,7 +113,7 @@ def service_config(args: Mapping[str, Any]) -> dict[str, Any]:
     so = args.get("storage_options") or os.environ.get("MUSICFM_STORAGE_OPTIONS")
     if isinstance(so, str):
         so = parse_storage_options(so)
-    max_mb = float(args.get("max_upload_mb") or DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    max_mb = float(args.get("max_upload_mb") or ServeSettings.max_upload_mb)
     return {
         "store": store,
         "storage_options": so or None,
@@ -102,7 +122,7 @@ def service_config(args: Mapping[str, Any]) -> dict[str, Any]:
         "model_config": args.get("model_config") or None,
         "device": args.get("device") or None,
         "max_upload_bytes": int(max_mb * 2**20),
-        "refresh_s": float(args.get("refresh_s") or 30.0),
+        "refresh_s": float(args.get("refresh_s") or ServeSettings.refresh_s),
     }
 
 
@@ -117,55 +137,42 @@ def app(args: dict[str, str]) -> Any:
     from pipeline.search.service import serve_app
     from pipeline.search.web import deployment_options
 
+    replicas = replicas_arg(str(args["replicas"])) if args.get("replicas") else ServeSettings.replicas
     opts = deployment_options(
-        replicas_arg(str(args.get("replicas") or 1)),
-        int(args.get("max_ongoing") or DEFAULT_MAX_ONGOING),
-        int(args.get("max_queued") or DEFAULT_MAX_QUEUED),
+        replicas,
+        int(args.get("max_ongoing") or ServeSettings.max_ongoing),
+        int(args.get("max_queued") or ServeSettings.max_queued),
     )
-    return serve_app(
-        service_config(args), num_cpus=float(args.get("num_cpus") or 1.0), options=opts, web=web_config(args)
-    )
+    num_cpus = float(args.get("num_cpus") or ServeSettings.num_cpus)
+    return serve_app(service_config(args), num_cpus=num_cpus, options=opts, web=web_config(args))
 
 
 def serve_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
-        prog="serve_search", description="Serve similarity search over HTTP (Ray Serve)."
+        prog="serve_search",
+        description="Serve similarity search over HTTP (Ray Serve).",
+        settings=(ServeSettings,),
     )
     add_store_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    add_setting(p, "--host", settings=ServeSettings, help="address to listen on")
+    add_setting(p, "--port", settings=ServeSettings, type=positive_int, help="port")
     p.add_argument(
         "--checkpoint", default=None, help="model for audio queries (default: from the store's runs)"
     )
     p.add_argument("--stats", default=None, help="stats JSON of the --checkpoint")
     p.add_argument("--model-config", default=None, help="model config JSON of the --checkpoint")
     p.add_argument("--device", default=None, help="device for the audio model")
-    p.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
-        help="largest accepted upload in MiB (413 above)",
-    )
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for each replica")
-    p.add_argument(
-        "--replicas",
-        type=replicas_arg,
-        default=(1, 1),
-        help="replicas: N, or MIN-MAX to let Serve autoscale between them (default 1)",
-    )
-    p.add_argument(
-        "--max-ongoing",
-        type=positive_int,
-        default=DEFAULT_MAX_ONGOING,
-        help=f"requests a replica runs at once (Serve max_ongoing_requests, default {DEFAULT_MAX_ONGOING})",
-    )
-    p.add_argument(
-        "--max-queued",
-        type=positive_int,
-        default=DEFAULT_MAX_QUEUED,
-        help="requests waiting in the proxy beyond that; more get a fast 503 with Retry-After "
-        f"(Serve max_queued_requests, default {DEFAULT_MAX_QUEUED})",
-    )
+    add_setting(p, "--max-upload-mb", settings=ServeSettings, type=float, stated=False,
+                help="largest accepted upload in MiB (413 above)")  # fmt: skip
+    add_setting(p, "--num-cpus", settings=ServeSettings, type=float, stated=False,
+                help="CPUs reserved for each replica")  # fmt: skip
+    add_setting(p, "--replicas", settings=ServeSettings, type=replicas_arg, stated=False,
+                help="replicas: N, or MIN-MAX to let Serve autoscale between them (one by default)")  # fmt: skip
+    add_setting(p, "--max-ongoing", settings=ServeSettings, type=positive_int,
+                help="requests a replica runs at once (Serve max_ongoing_requests)")  # fmt: skip
+    add_setting(p, "--max-queued", settings=ServeSettings, type=positive_int,
+                help="requests waiting in the proxy beyond that; more get a fast 503 with Retry-After "
+                "(Serve max_queued_requests)")  # fmt: skip
     p.add_argument(
         "--auth-token-file",
         default=None,
@@ -178,33 +185,21 @@ def serve_parser() -> argparse.ArgumentParser:
         default=None,
         help="allow cross-origin requests from this origin (repeatable; default: no CORS headers)",
     )
-    p.add_argument(
-        "--upload-timeout-s",
-        type=float,
-        default=120.0,
-        help="longest time to receive an upload from the page (408 past it)",
-    )
-    p.add_argument(
-        "--grace-s",
-        type=float,
-        default=DEFAULT_GRACE_S,
-        help="on SIGTERM: stop taking requests, finish the ones in flight for up to this long, exit 0 "
-        f"(default {DEFAULT_GRACE_S:g}, inside Kubernetes' default 30 s termination grace period)",
-    )
+    add_setting(p, "--upload-timeout-s", settings=ServeSettings, type=float, stated=False,
+                help="longest time to receive an upload from the page (408 past it)")  # fmt: skip
+    add_setting(p, "--grace-s", settings=ServeSettings, type=float,
+                help="on SIGTERM: stop taking requests, finish the ones in flight for up to this long, "
+                "exit 0, inside Kubernetes' default 30 s termination grace period")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     return p
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
-    if args.max_upload_mb <= 0:
-        print("serve_search: error: --max-upload-mb must be > 0", file=sys.stderr)
-        return 2
-    if args.upload_timeout_s <= 0:
-        print("serve_search: error: --upload-timeout-s must be > 0", file=sys.stderr)
-        return 2
-    if args.grace_s <= 0:
-        print("serve_search: error: --grace-s must be > 0", file=sys.stderr)
+    try:  # the settings' own checks, as one line and exit 2
+        ServeSettings(**{k: v for k, v in vars(args).items() if k in ServeSettings.__dataclass_fields__})
+    except ValueError as e:
+        print(f"serve_search: error: {e}", file=sys.stderr)
         return 2
     try:
         cfg = service_config(vars(args))

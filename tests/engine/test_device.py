@@ -255,7 +255,8 @@ def test_compile_with_inductor_on_cpu(decoded) -> None:
 def test_compile_flag_is_parsed_by_both_jobs() -> None:
     import argparse
 
-    from pipeline.cli import OneLineParser, add_model_args
+    from pipeline.cli import OneLineParser
+    from pipeline.runs.flags import add_model_args
 
     p = OneLineParser(prog="x")
     add_model_args(p)

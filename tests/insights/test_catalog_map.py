@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.insights.catalog_map import MapSettings, catalog_map
-from pipeline.insights.cli import run_map
+from pipeline.insights.cli import catalog_map_main
 from pipeline.search.synthetic import write_synthetic_store
 
 
@@ -18,7 +18,7 @@ def test_map_of_the_real_clips(clip_store, tmp_path) -> None:
     store, _ = clip_store
     out = io.StringIO()
     assert (
-        run_map(
+        catalog_map_main(
             ["--store", str(store), "--layer", "3", "--color-by", "artist", "--out", str(tmp_path)], out=out
         )
         == 0
@@ -38,10 +38,12 @@ def test_map_of_the_real_clips(clip_store, tmp_path) -> None:
 def test_errors_are_one_line(clip_store, tmp_path) -> None:
     store, _ = clip_store
     err = io.StringIO()
-    assert run_map(["--store", str(store), "--layer", "9", "--out", str(tmp_path)], err=err) == 2
+    assert catalog_map_main(["--store", str(store), "--layer", "9", "--out", str(tmp_path)], err=err) == 2
     assert err.getvalue().startswith("catalog_map: error: layer 9 is not in tracks.lance")
     err = io.StringIO()
-    assert run_map(["--store", str(store), "--color-by", "nope", "--out", str(tmp_path)], err=err) == 2
+    assert (
+        catalog_map_main(["--store", str(store), "--color-by", "nope", "--out", str(tmp_path)], err=err) == 2
+    )
     assert (
         err.getvalue().startswith("catalog_map: error: --color-by: no column 'nope'")
         and err.getvalue().count("\n") == 1

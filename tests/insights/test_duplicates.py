@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.insights.cli import run_duplicates
+from pipeline.insights.cli import find_duplicates_main
 from pipeline.insights.duplicates import Criterion, _gap_rows, find_duplicates, gap_matches, read_duplicates
 from pipeline.search.index import build_indexes
 from pipeline.search.synthetic import tracks_table
@@ -233,7 +233,7 @@ def test_incremental_after_new_and_removed_tracks(tmp_path: Path) -> None:
 def test_incremental_without_a_previous_run_is_refused(tmp_path: Path) -> None:
     root, _ = planted_store(tmp_path / "store", n=100, pairs=2, triples=0)
     err = io.StringIO()
-    assert run_duplicates(["--store", str(root), "--incremental"], err=err) == 2
+    assert find_duplicates_main(["--store", str(root), "--incremental"], err=err) == 2
     assert err.getvalue().startswith("find_duplicates: error: --incremental needs a previous run")
 
 
@@ -253,7 +253,7 @@ def test_cli_errors_are_one_line(planted, capsys, argv, msg) -> None:
     root, _ = planted
     err = io.StringIO()
     with pytest.raises(SystemExit) if msg.startswith("argument") else _nothing():
-        code = run_duplicates(["--store", str(root), *argv], err=err)
+        code = find_duplicates_main(["--store", str(root), *argv], err=err)
         assert code == 2
     text = err.getvalue() or capsys.readouterr().err
     assert text.count("\n") == 1 and msg in text and text.startswith("find_duplicates: error: ")
@@ -270,7 +270,7 @@ class _nothing:  # noqa: N801 - a no-op context manager
 def test_cli_run_writes_duplicates_lance(planted) -> None:
     root, groups = planted
     out = io.StringIO()
-    assert run_duplicates(["--store", str(root), "--layer", "6", "--no-index"], out=out) == 0
+    assert find_duplicates_main(["--store", str(root), "--layer", "6", "--no-index"], out=out) == 0
     assert out.getvalue().startswith(f"{len(groups)} groups")
     t = read_duplicates(str(root))
     assert set(t["layer"].to_pylist()) == {6} and set(t["level"].to_pylist()) == {"track"}

@@ -105,11 +105,11 @@ def test_predict_with_ray_tasks_gives_the_same_columns(tagged, ray_cluster) -> N
 
 
 def test_predict_cli_one_line_errors(tagged) -> None:
-    from pipeline.insights.cli import run_predict
+    from pipeline.insights.cli import predict_main
 
     root, _, _ = tagged
     err = io.StringIO()
-    assert run_predict(["--store", str(root), "--probe", str(root / "nope")], err=err) == 2
+    assert predict_main(["--store", str(root), "--probe", str(root / "nope")], err=err) == 2
     assert (
         err.getvalue().startswith("predict: error: cannot load the probe") and err.getvalue().count("\n") == 1
     )

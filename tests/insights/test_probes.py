@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.insights.cli import run_predict, run_probe
+from pipeline.insights.cli import predict_main, train_probe_main
 from pipeline.insights.predict import ProbeMismatchError, predict_store
 from pipeline.insights.probes import (
     LabelError,
@@ -202,7 +202,7 @@ def test_wrong_model_refused_with_one_line(syn, tmp_path) -> None:
     ):
         predict_store(str(other), str(tmp_path / "p"))
     err = io.StringIO()
-    assert run_predict(["--store", str(other), "--probe", str(tmp_path / "p")], err=err) == 2
+    assert predict_main(["--store", str(other), "--probe", str(tmp_path / "p")], err=err) == 2
     assert err.getvalue().count("\n") == 1 and err.getvalue().startswith(
         "predict: error: probe side was trained"
     )
@@ -215,14 +215,14 @@ def test_train_probe_cli(syn, tmp_path) -> None:
     out = io.StringIO()
     argv = ["--store", str(root), "--labels", str(lab), "--layers", "6,12", "--task", "multiclass", "--out",
             str(tmp_path / "p"), "--estimator", "mlp", "--head", "linear", "--max-epochs", "30", "--json"]  # fmt: skip
-    assert run_probe(argv, out=out) == 0
+    assert train_probe_main(argv, out=out) == 0
     card = json.loads(out.getvalue())
     assert card["estimator"] == "mlp" and card["hidden"] == 0  # Adam linear head, 30 epochs: weaker
     assert card["metrics"]["accuracy"] > card["metrics_majority"]["accuracy"] + 0.2
     assert card["summary"].startswith(f"probe side (multiclass, mlp, track level, {N} labelled tracks)")
     assert "5-fold cross-validation" in card["summary"] and "majority class: accuracy 0.33" in card["summary"]
     err = io.StringIO()
-    assert run_probe([*argv[:-1], "--layers", "6,7"], err=err) == 2
+    assert train_probe_main([*argv[:-1], "--layers", "6,7"], err=err) == 2
     assert err.getvalue().startswith("train_probe: error: layer 7 is not in tracks.lance")
 
 
