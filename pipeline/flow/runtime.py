@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import signals
+from pipeline.engine.device import CPU_DEFAULT_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +496,7 @@ def plan_pools(
     batch_size: int | None,
     gpus: int,
     node_memory: int,
-    cpu_batch: int = 8,
+    cpu_batch: int = CPU_DEFAULT_BATCH,
 ) -> PoolPlan:
     """Fit the model actors into the largest node's memory beside its decoders. On CPU: fewer
     actors, then smaller batches (from ``cpu_batch`` down to one window); a GPU actor's host

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schemas
+from pipeline.engine.device import CPU_DEFAULT_BATCH
 from pipeline.engine.model_info import ModelInfo
 from pipeline.errors import redact
 from pipeline.flow.guard import check_finite_table
@@ -303,7 +304,7 @@ GPU_ROWS_PER_CALL = 256
 def rows_per_model_call(batch_size: int | None, gpus: int) -> int:
     """Rows per model-stage call: a multiple of the model batch on GPUs (overlap), else the batch."""
     if batch_size is None:
-        return GPU_ROWS_PER_CALL if gpus > 0 else 8
+        return GPU_ROWS_PER_CALL if gpus > 0 else CPU_DEFAULT_BATCH
     return 4 * batch_size if gpus > 0 else batch_size
 
 

@@ -89,6 +89,9 @@ class CatalogEntry:
 
 #: Catalog columns that state an object's version, by precedence (output names: ``content_version``
 #: is reserved, so it arrives as ``catalog_content_version``). ``size`` counts only with a time.
+#: Longest catalog row accepted (characters); longer rows are error rows (``--max-row-chars``).
+MAX_ROW_CHARS = 65536
+
 VERSION_COLUMNS = ("content_version", "etag", "size", "mtime", "updated_at")
 
 
@@ -312,7 +315,9 @@ def _subdirs(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> list[str]
     return sorted(out)
 
 
-def iter_part(src: CatalogSource, part: CatalogPart, max_row_chars: int = 65536) -> Iterator[CatalogRow]:
+def iter_part(
+    src: CatalogSource, part: CatalogPart, max_row_chars: int = MAX_ROW_CHARS
+) -> Iterator[CatalogRow]:
     """Raw records of one part: ``(row, record | RejectedRow)``, ``row`` counted within the
     catalog (Parquet) or within the part (a listing's part, a whole table). Records are column
     name -> string; :func:`catalog_entry` checks them."""
@@ -350,7 +355,7 @@ def iter_catalog(
     storage_options: dict | None = None,
     limit: int | None = None,
     policy: UriPolicy | None = None,
-    max_row_chars: int = 65536,
+    max_row_chars: int = MAX_ROW_CHARS,
 ) -> Iterator[CatalogEntry | RejectedRow]:
     """Stream a catalog: one :class:`CatalogEntry` or :class:`RejectedRow` per row, in order.
 
@@ -404,7 +409,7 @@ def read_catalog(
     storage_options: dict | None = None,
     limit: int | None = None,
     policy: UriPolicy | None = None,
-    max_row_chars: int = 65536,
+    max_row_chars: int = MAX_ROW_CHARS,
 ) -> tuple[list[CatalogEntry], list[RejectedRow]]:
     """Read a whole catalog: ``(entries, rejected)``, both in catalog order.
 

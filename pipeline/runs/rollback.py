@@ -13,7 +13,7 @@ from pipeline import schemas
 from pipeline.flow.runtime import driver_identity
 from pipeline.runs.report import new_run_id
 from pipeline.store.commits import append_once
-from pipeline.store.lease import StoreLock
+from pipeline.store.lease import LEASE_TTL_S, StoreLock
 from pipeline.store.snapshots import rollback
 from pipeline.store.tables import StoreWriter
 
@@ -27,7 +27,7 @@ class RollbackResult:
 
 
 def run_rollback(store_uri: str, to_run: str | None = None, storage_options: dict | None = None,
-                 lock_ttl_s: float = 600.0) -> RollbackResult:  # fmt: skip
+                 lock_ttl_s: float = LEASE_TTL_S) -> RollbackResult:  # fmt: skip
     """Roll the store at ``store_uri`` back to run ``to_run`` (default: the run before the newest
     kept one). ValueError when there is no such snapshot; RefreshLocked when a run holds the store."""
     store = StoreWriter(store_uri, storage_options)

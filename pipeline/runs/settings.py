@@ -12,8 +12,10 @@ from typing import Any
 
 from pipeline.exits import DEFAULT_MAX_ERROR_RATE, KEEP_PREVIOUS_RUNS
 from pipeline.io.audio import TARGET_SR, AudioLimits
+from pipeline.io.catalog import MAX_ROW_CHARS
 from pipeline.io.objects import redacted
 from pipeline.schemas import TABLES
+from pipeline.store.lease import LEASE_TTL_S
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class EmbedJob:
     limits: AudioLimits = AudioLimits()
     decode_timeout_s: float | None = 600.0
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # see pipeline.exits for the reason
-    max_row_chars: int = 65536
+    max_row_chars: int = MAX_ROW_CHARS
     run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -91,7 +93,7 @@ class RefreshJob:
     chunk_size: int = 1000
     retention_days: float = 7.0
     max_delete_fraction: float = 0.5
-    lock_ttl_s: float = 600.0
+    lock_ttl_s: float = LEASE_TTL_S
     lock_wait_s: float = 0.0
     lookup_threads: int = 32
     lookup_ray_min_rows: int = LOOKUP_RAY_MIN_ROWS

@@ -38,6 +38,7 @@ from typing import Any
 from pipeline.errors import InvalidQueryError, UnknownTrackError, one_line, redact
 from pipeline.schemas import RESERVED_COLUMNS, layer_column
 from pipeline.search.reader import StoreReader, json_safe
+from pipeline.search.results import TABLES_REFRESH_S
 from pipeline.store.tables import sql_str
 
 __all__ = [
@@ -166,7 +167,7 @@ class CatalogViews:
         refresh_s: reopen tables at most this often.
     """
 
-    def __init__(self, store: StoreReader, refresh_s: float = 30.0) -> None:
+    def __init__(self, store: StoreReader, refresh_s: float = TABLES_REFRESH_S) -> None:
         self.store = store
         self.refresh_s = float(refresh_s)
         self._lock = threading.Lock()

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DEFAULT_LAYER = 12
+#: A long-lived reader (the service, the page) reopens the store's tables at most this often (s).
+TABLES_REFRESH_S = 30.0
 LEVELS = ("track", "window")
 MAX_K = 1000
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.cli import add_setting, add_store_args, positive_int
 from pipeline.search.cli import OneLineArgumentParser
+from pipeline.search.results import TABLES_REFRESH_S
 from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES
 from pipeline.search.web import DEFAULT_UPLOAD_TIMEOUT_S
 
@@ -49,7 +50,7 @@ class ServeSettings:
     max_queued: int = 64  # requests waiting in the proxy beyond that (Serve max_queued_requests)
     upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S
     grace_s: float = 20.0  # seconds a SIGTERM leaves the requests in flight to finish
-    refresh_s: float = 30.0  # reopen the store's tables at most this often
+    refresh_s: float = TABLES_REFRESH_S  # reopen the store's tables at most this often
 
     def __post_init__(self) -> None:
         for name in ("max_upload_mb", "upload_timeout_s", "grace_s"):

@@ -47,6 +47,7 @@ from pipeline.errors import (
 )
 from pipeline.search.http import HttpError, error_payload, parse_params, read_body, status_for
 from pipeline.search.reader import AudioQuery, TrackQuery, open_store
+from pipeline.search.results import TABLES_REFRESH_S
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "HttpError", "SearchService", "create_api", "serve_app", "status_for"]
 
@@ -78,7 +79,7 @@ class SearchService:
         model_config: str | None = None,
         device: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-        refresh_s: float = 30.0,
+        refresh_s: float = TABLES_REFRESH_S,
     ) -> None:
         self.store = open_store(store, storage_options)
         self.max_upload_bytes = int(max_upload_bytes)

@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.errors import SearchError, one_line, redact
 from pipeline.search.catalog_views import AudioRefused, AudioSource, CatalogViews
 from pipeline.search.http import HttpError, error_payload, parse_params, read_body
+from pipeline.search.results import TABLES_REFRESH_S
 
 __all__ = [
     "SESSION_COOKIE",
@@ -131,7 +132,9 @@ class WebState:
 
     def __init__(self, service: Any, config: Mapping[str, Any]) -> None:
         self.service = service
-        self.views = CatalogViews(service.store, refresh_s=float(getattr(service, "refresh_s", 30.0)))
+        self.views = CatalogViews(
+            service.store, refresh_s=float(getattr(service, "refresh_s", TABLES_REFRESH_S))
+        )
         self.upload_timeout_s = float(config.get("upload_timeout_s") or DEFAULT_UPLOAD_TIMEOUT_S)
 
 

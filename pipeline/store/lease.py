@@ -26,6 +26,10 @@ from pipeline.store.tables import Store
 log = logging.getLogger("musicfm.refresh")
 
 
+#: Seconds a lease stays valid without a renewal (``--lock-ttl-s``).
+LEASE_TTL_S = 600.0
+
+
 class StoreLock:
     """A lease on a store for one refresh at a time, kept in ``_refresh_lock.lance``.
 
@@ -54,7 +58,7 @@ class StoreLock:
         self,
         store: Store,
         run_id: str,
-        ttl_s: float = 600.0,
+        ttl_s: float = LEASE_TTL_S,
         wait_s: float = 0.0,
         *,
         holder_info: Mapping[str, str] | None = None,
