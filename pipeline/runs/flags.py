@@ -39,7 +39,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-config", help="MusicFMConfig JSON for non-default sizes")
     add_setting(g, "--layers", settings=EmbedJob, type=layers_arg, help="hidden states to store, e.g. 7,12")
     add_setting(g, "--precision", settings=EmbedJob, choices=["auto", "fp32", "bf16", "fp16"],
-                help="auto: bf16 when the cluster has GPUs or the CPU has AMX-BF16, fp32 otherwise")  # fmt: skip
+                help="auto: bf16 when the cluster has GPUs, fp32 on CPU (bf16 there is opt-in)")  # fmt: skip
     g.add_argument(
         "--compile",
         action="store_true",
