@@ -88,6 +88,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=positive_int, default=2)
     g.add_argument("--steps", type=positive_int, default=1000)
     g.add_argument("--checkpoint-every", type=positive_int, default=100)
+    g.add_argument("--finetune-layer", type=int, default=12, help="hidden state the head reads (default 12)")
     g.add_argument("--forgetting-task", choices=["genre", "key"],
                    help="also score --forgetting-layer of the base and fine-tuned backbones on this second task")  # fmt: skip
     g.add_argument("--forgetting-dataset", help="dataset of the second task (default --dataset)")
@@ -160,7 +161,7 @@ def finetuned_checkpoint(args: argparse.Namespace) -> str:
         train=tuple(finetune.LabelledTrack(t.audio, classes.index(stratum(task, t.ref))) for t in train),
         num_classes=len(classes), output=os.path.join(args.output, "finetune"),
         lr_backbone=args.backbone_lr, lr_head=args.head_lr, num_workers=args.workers, max_steps=args.steps,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, layer=args.finetune_layer,
     )  # fmt: skip
     return str(finetune.run_finetune(spec).checkpoint)
 
