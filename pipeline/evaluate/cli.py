@@ -88,15 +88,24 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=positive_int, default=2)
     g.add_argument("--steps", type=positive_int, default=1000)
     g.add_argument("--checkpoint-every", type=positive_int, default=100)
-    g.add_argument("--finetune-layer", type=int, default=12, help="hidden state the head reads (default 12)")
+    add_probe_args(p)
+    add_forgetting_args(p)
+    return p
+
+
+def add_forgetting_args(p: argparse.ArgumentParser) -> None:
+    """Fine-tuning's head layer and the forgetting report on a second task (--mode finetune)."""
+    from pipeline.evaluate.finetune_spec import FinetuneSpec
+
+    g = p.add_argument_group("forgetting (--mode finetune)")
+    g.add_argument("--finetune-layer", type=int, default=FinetuneSpec.layer,
+                   help=f"hidden state the fine-tuning head reads (default {FinetuneSpec.layer})")  # fmt: skip
     g.add_argument("--forgetting-task", choices=["genre", "key"],
                    help="also score --forgetting-layer of the base and fine-tuned backbones on this second task")  # fmt: skip
     g.add_argument("--forgetting-dataset", help="dataset of the second task (default --dataset)")
     g.add_argument(
         "--forgetting-layer", type=int, default=7, help="hidden state scored for forgetting (default 7)"
     )
-    add_probe_args(p)
-    return p
 
 
 def is_store(path: str) -> bool:

@@ -2,13 +2,15 @@
 
 MusicFM's authors warn that fine-tuning on one task can cost the representation elsewhere. This
 scores hidden state ``layer`` (7 by default, the layer the pipeline stores for most tasks) of both
-checkpoints on the same labelled tracks with the same probe: the project's one probe trainer
-(:func:`pipeline.insights.probe_models.cross_validate`, its ``linear`` estimator: standardised
-features, L2 logistic regression with the strength chosen inside each fold), stratified k-fold,
-fixed seed, the same folds for both checkpoints. The score is the out-of-fold accuracy; the
-change (after − before) has a 95 % paired bootstrap interval over the tracks. Track vectors come
-from :func:`pipeline.flow.inference.embed_uri` (the pipeline's decode, windowing and pooling), one
+checkpoints on the same labelled tracks with the same simple probe (standardised features,
+logistic regression, stratified k-fold accuracy, fixed seed). Track vectors come from
+:func:`pipeline.flow.inference.embed_uri` (the pipeline's decode, windowing and pooling), one
 track at a time in this process: meant for an evaluation set of hundreds of tracks, not a catalog.
+
+The probe is the project's one probe trainer: :func:`pipeline.insights.probe_models.cross_validate`
+with its ``linear`` estimator (L2 logistic regression, the strength chosen inside each fold), the
+same folds for both checkpoints. The score is the out-of-fold accuracy; the change (after −
+before) has a 95 % paired bootstrap interval over the tracks.
 
 ``jobs/evaluate.py --mode finetune --forgetting-task TASK`` writes the report into
 ``results.json`` (``forgetting``) and ``results.md`` (:func:`write_forgetting`).
