@@ -94,18 +94,25 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def add_forgetting_args(p: argparse.ArgumentParser) -> None:
-    """Fine-tuning's head layer and the forgetting report on a second task (--mode finetune)."""
-    from pipeline.evaluate.finetune_spec import FinetuneSpec
-
+    """Fine-tuning's head layer and the forgetting report on a second task (--mode finetune);
+    an unset layer takes the default of FinetuneSpec.layer / finetune_forgetting.forgetting."""
     g = p.add_argument_group("forgetting (--mode finetune)")
-    g.add_argument("--finetune-layer", type=int, default=FinetuneSpec.layer,
-                   help=f"hidden state the fine-tuning head reads (default {FinetuneSpec.layer})")  # fmt: skip
+    g.add_argument(
+        "--finetune-layer",
+        type=int,
+        help="hidden state the fine-tuning head reads (default: FinetuneSpec.layer)",
+    )
     g.add_argument("--forgetting-task", choices=["genre", "key"],
                    help="also score --forgetting-layer of the base and fine-tuned backbones on this second task")  # fmt: skip
     g.add_argument("--forgetting-dataset", help="dataset of the second task (default --dataset)")
     g.add_argument(
-        "--forgetting-layer", type=int, default=7, help="hidden state scored for forgetting (default 7)"
+        "--forgetting-layer", type=int, help="hidden state scored for forgetting (default: layer 7)"
     )
+
+
+def set_only(**flags: Any) -> dict[str, Any]:
+    """The keyword arguments whose flag was set (None: leave the callee's default)."""
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 def is_store(path: str) -> bool:
@@ -170,7 +177,7 @@ def finetuned_checkpoint(args: argparse.Namespace) -> str:
         train=tuple(finetune.LabelledTrack(t.audio, classes.index(stratum(task, t.ref))) for t in train),
         num_classes=len(classes), output=os.path.join(args.output, "finetune"),
         lr_backbone=args.backbone_lr, lr_head=args.head_lr, num_workers=args.workers, max_steps=args.steps,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, layer=args.finetune_layer,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, **set_only(layer=args.finetune_layer),
     )  # fmt: skip
     return str(finetune.run_finetune(spec).checkpoint)
 
@@ -202,7 +209,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if second is not None:
             from pipeline.evaluate.tasks import get_task
 
-            rep = fg.forgetting(args.checkpoint, checkpoint, second, layer=args.forgetting_layer, stats=args.stats,
+            rep = fg.forgetting(args.checkpoint, checkpoint, second, **set_only(layer=args.forgetting_layer), stats=args.stats,
                                 model_config=args.model_config, window_s=get_task(args.forgetting_task).profile.window_s,
                                 seed=args.seed, storage_options=args.storage_options, task=args.forgetting_task,
                                 resamples=args.bootstrap)  # fmt: skip
