@@ -106,7 +106,30 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_setting(g, "--steps", settings=FinetuneSpec, field="max_steps", type=positive_int, stated=False)
     add_setting(g, "--checkpoint-every", settings=FinetuneSpec, type=positive_int, stated=False)
     add_probe_args(p)
+    add_forgetting_args(p)
     return p
+
+
+def add_forgetting_args(p: argparse.ArgumentParser) -> None:
+    """Fine-tuning's head layer and the forgetting report on a second task (--mode finetune);
+    an unset layer takes the default of FinetuneSpec.layer / finetune_forgetting.forgetting."""
+    g = p.add_argument_group("forgetting (--mode finetune)")
+    g.add_argument(
+        "--finetune-layer",
+        type=int,
+        help="hidden state the fine-tuning head reads (default: FinetuneSpec.layer)",
+    )
+    g.add_argument("--forgetting-task", choices=["genre", "key"],
+                   help="also score --forgetting-layer of the base and fine-tuned backbones on this second task")  # fmt: skip
+    g.add_argument("--forgetting-dataset", help="dataset of the second task (default --dataset)")
+    g.add_argument(
+        "--forgetting-layer", type=int, help="hidden state scored for forgetting (default: layer 7)"
+    )
+
+
+def set_only(**flags: Any) -> dict[str, Any]:
+    """The keyword arguments whose flag was set (None: leave the callee's default)."""
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 def is_store(path: str) -> bool:
@@ -171,7 +194,7 @@ def finetuned_checkpoint(args: argparse.Namespace) -> str:
         train=tuple(finetune.LabelledTrack(t.audio, classes.index(stratum(task, t.ref))) for t in train),
         num_classes=len(classes), output=os.path.join(args.output, "finetune"),
         lr_backbone=args.backbone_lr, lr_head=args.head_lr, num_workers=args.workers, max_steps=args.steps,
-        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, **set_only(layer=args.finetune_layer),
     )  # fmt: skip
     return str(finetune.run_finetune(spec).checkpoint)
 
@@ -180,13 +203,19 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser = evaluate_parser()
 
     def run(args: argparse.Namespace) -> int:
+        from pipeline.evaluate import finetune_forgetting as fg
         from pipeline.evaluate.datasets import TaskMismatch
         from pipeline.evaluate.runner import load, run_evaluation
 
-        checkpoint = args.checkpoint
+        checkpoint, second = args.checkpoint, None
+        if args.forgetting_task and args.mode != "finetune":
+            parser.error("--forgetting-task needs --mode finetune")
         if args.mode == "finetune":
             if not checkpoint:
                 parser.error("--mode finetune needs --checkpoint (the model to start from)")
+            if args.forgetting_task:  # read and checked before any work
+                second = fg.forgetting_tracks(args.forgetting_task, args.forgetting_dataset or args.dataset,
+                                              args.data_home, args.mirdata_version, None, args.split_seed)  # fmt: skip
             checkpoint = finetuned_checkpoint(args)
         spec = build_spec(args, args.output, checkpoint, args.store)
         try:
@@ -194,6 +223,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         except TaskMismatch as e:
             parser.error(str(e))
         res, _ = run_evaluation(spec, ds)
+        if second is not None:
+            from pipeline.evaluate.tasks import get_task
+
+            rep = fg.forgetting(args.checkpoint, checkpoint, second, **set_only(layer=args.forgetting_layer), stats=args.stats,
+                                model_config=args.model_config, window_s=get_task(args.forgetting_task).profile.window_s,
+                                seed=args.seed, storage_options=args.storage_options, task=args.forgetting_task,
+                                resamples=args.bootstrap)  # fmt: skip
+            fg.write_forgetting(res, rep)
         print(summary(res))
         return 0
 
@@ -208,6 +245,10 @@ def summary(res: dict[str, Any]) -> str:
         lines.append(f"  {name:<9} {p} {m['metrics'][p]:.4f} [{lo:.4f}, {hi:.4f}]")
     if res["error_rows"]:
         lines.append(f"  errors   {len(res['error_rows'])} tracks left out (see results.json error_rows)")
+    if "forgetting" in res:
+        fo = res["forgetting"]
+        lines.append(f"  forgetting layer {fo['layer']} on {fo['task']}: {fo['metric']} {fo['before']:.4f} -> "
+                     f"{fo['after']:.4f} ({fo['delta']:+.4f})")  # fmt: skip
     lines.append(f"  best     {res['best_layer']}; results in {os.path.dirname(res['outputs']['json'])}")
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ probes (:mod:`pipeline.insights.probes`, ``jobs/train_probe.py``) and by frame-l
 API::
 
     fit_probe(x, y, task, *, groups=None, validation=None, n_outputs=None,
-              settings=FitSettings()) -> FittedProbe
+              settings=FitSettings(), head_layers=None) -> FittedProbe
     cross_validate(x, y, task, *, groups=None, n_outputs=None, settings=FitSettings(),
                    estimator=None) -> CVResult
     FittedProbe.predict_proba(x) -> (N, C)   # class / label probabilities; values for regression
@@ -37,6 +37,11 @@ Frame-level use (millions of rows): ``auto`` counts groups (tracks), so pass ``g
 name the estimator: ``FitSettings(estimator="mlp", hidden=0)`` is MARBLE's linear probe trained
 by Adam with early stopping on ``validation``; the ``linear`` estimator's lbfgs fits and
 cross-validation are meant for up to tens of thousands of rows.
+
+Layer sweep (the evaluation harness, ``pipeline.evaluate.probe``): ``head_layers`` (mlp only)
+trains one head per entry in the same pass — a layer index, or -1 for the learned layer
+weights — each early-stopped on its own validation loss; ``predict_proba`` then gives
+(N, H, C) and ``info["head_epochs"]`` each head's best epoch.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ class FittedProbe:
     def predict(self, x: np.ndarray) -> np.ndarray:
         p = self.predict_proba(x)
         if self.task == "multiclass":
-            return p.argmax(1)
+            return p.argmax(-1)
         return (p >= 0.5).astype(np.int64) if self.task == "multilabel" else p
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -399,14 +404,16 @@ def _prepare(
 def fit_probe(
     x: np.ndarray, y: np.ndarray, task: str, *, groups: np.ndarray | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None, n_outputs: int | None = None,
-    settings: FitSettings = FitSettings(),
+    settings: FitSettings = FitSettings(), head_layers: tuple[int, ...] | None = None,
 ) -> FittedProbe:  # fmt: skip
     """Fit the probe of ``settings.estimator`` (``auto``: by the number of groups) on ``x``, ``y``
     (see the module doc); ``validation`` (x, y): the rows for choosing the strength / stopping
-    (refitted on both when ``settings.refit``)."""
+    (refitted on both when ``settings.refit``); ``head_layers``: a layer sweep (mlp only)."""
     x, y, n_out = _prepare(x, y, task, n_outputs)
     n_groups = len(np.unique(groups)) if groups is not None else len(y)
     est = settings.choose(n_groups)
+    if head_layers is not None and est != "mlp":
+        raise ValueError(f"a layer sweep (head_layers) is trained by the mlp estimator, not {est!r}")
     val = None
     if validation is not None:
         xv, yv, _ = _prepare(validation[0], validation[1], task, n_out)
@@ -425,7 +432,7 @@ def fit_probe(
         k = max(2, round(1 / settings.val_fraction))
         fold = _folds_for(task, y, groups, k, settings.seed)
         train, vrows = np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
-    state, info = train_mlp(x, y, task, n_out, train, vrows, settings)
+    state, info = train_mlp(x, y, task, n_out, train, vrows, settings, head_layers)
     n_val = len(vrows) if groups is None or val is not None else len(np.unique(groups[vrows]))
     info.update(groups=n_groups, val_groups=int(n_val))
     return FittedProbe(task, "mlp", state, settings.hidden, info)

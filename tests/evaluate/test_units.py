@@ -18,6 +18,7 @@ from pipeline.evaluate.harness import decode
 from pipeline.evaluate.metrics import Prediction, Scores, bootstrap, paired_bootstrap, tagging_metrics
 from pipeline.evaluate.probe import ProbeConfig, fit_layer_probes
 from pipeline.evaluate.tasks import CHORD_VOCAB, Reference, chord_class, get_task, key_class, merge_frames
+from pipeline.insights.probe_models import FittedProbe
 
 # --------------------------------------------------------------------------- probe
 
@@ -44,6 +45,9 @@ def test_probe_on_an_informative_layer_is_near_perfect_and_the_weights_find_it()
     assert acc[1] > 0.97 and acc[3] > 0.97
     assert acc[0] < 0.4 and acc[2] < 0.4  # noise layers: chance is 0.25
     assert int(np.argmax(probes.layer_weights)) == 1
+    # one probe implementation: the heads are a layer sweep of the shared trainer (fit_probe)
+    assert isinstance(probes.probe, FittedProbe) and probes.probe.estimator == "mlp"
+    assert probes.probe.state["head_layers"].tolist() == [0, 1, 2, -1]
 
 
 def test_probe_on_shuffled_labels_is_near_chance() -> None:

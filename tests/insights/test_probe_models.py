@@ -157,3 +157,31 @@ def test_format_1_probe_directory_still_loads(tmp_path) -> None:
     with torch.no_grad():
         want = torch.softmax(net(torch.from_numpy(x)), 1).numpy()
     assert p.model.estimator == "mlp" and np.allclose(p.predict(x), want, atol=1e-6)
+
+
+def test_a_layer_sweep_trains_one_head_per_layer_in_one_pass() -> None:
+    """``head_layers``: head h reads only its layer (or the learned weights for -1), each keeps
+    its own best epoch; the state round-trips through arrays; the linear estimator refuses it."""
+    from pipeline.insights.probe_models import FittedProbe
+
+    rng = np.random.default_rng(0)
+
+    def planted(n: int) -> tuple[np.ndarray, np.ndarray]:  # layer 1 holds the class, layer 0 noise
+        y = rng.integers(0, 3, n)
+        x = rng.standard_normal((n, 2, 6)).astype(np.float32)
+        x[:, 1, :3] += 4 * np.eye(3, dtype=np.float32)[y]
+        return x, y
+
+    (xt, yt), (xv, yv), (xs, ys) = planted(300), planted(100), planted(300)
+    s = FitSettings(estimator="mlp", hidden=0, lr=1e-2, batch_size=64, max_epochs=30, refit=False)
+    p = fit_probe(xt, yt, "multiclass", validation=(xv, yv), settings=s, head_layers=(0, 1, -1))
+    prob = p.predict_proba(xs)
+    assert prob.shape == (300, 3, 3) and np.allclose(prob.sum(-1), 1, atol=1e-5)
+    acc = (prob.argmax(-1) == ys[:, None]).mean(0)
+    assert acc[1] > 0.95 and acc[2] > 0.95 and acc[0] < 0.5, acc
+    assert len(p.info["head_epochs"]) == 3 and len(p.info["best_val_loss"]) == 3
+    assert int(np.argmax(p.layer_weights)) == 1
+    again = FittedProbe.from_arrays({"task": "multiclass", "estimator": "mlp", "hidden": 0}, p.arrays())
+    assert np.allclose(again.predict_proba(xs), prob, atol=1e-6)
+    with pytest.raises(ValueError, match="mlp estimator"):
+        fit_probe(xt, yt, "multiclass", settings=FitSettings(estimator="linear"), head_layers=(0, -1))
