@@ -61,7 +61,7 @@ def render_sets(root: Path, tasks: list[str], n: int) -> dict[str, Path]:
 
 
 def run_task(task: str, data: dict[str, Path], work: Path, args: argparse.Namespace) -> dict:
-    from pipeline.evaluate.cli import build_spec, evaluate_parser
+    from pipeline.commands.evaluate import build_spec, evaluate_parser
     from pipeline.evaluate.runner import run_evaluation
 
     dataset = data["timbre_tags"] if task == "tagging" else data[SETS[task]]

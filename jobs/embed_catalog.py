@@ -13,8 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.runs.commands import embed_main as main  # noqa: E402
-from pipeline.runs.commands import embed_parser as build_parser  # noqa: E402,F401
+from pipeline.commands.runs import embed_main as main  # noqa: E402
+from pipeline.commands.runs import embed_parser as build_parser  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.evaluate.cli import evaluate_main as main  # noqa: E402
-from pipeline.evaluate.cli import evaluate_parser as build_parser  # noqa: E402,F401
+from pipeline.commands.evaluate import evaluate_main as main  # noqa: E402
+from pipeline.commands.evaluate import evaluate_parser as build_parser  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

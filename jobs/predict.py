@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.insights.cli import predict_main  # noqa: E402
-from pipeline.insights.cli import predict_parser as build_parser  # noqa: E402,F401
+from pipeline.commands.insights import predict_main  # noqa: E402
+from pipeline.commands.insights import predict_parser as build_parser  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

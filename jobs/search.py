@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.search.cli import search_main as main  # noqa: E402
-from pipeline.search.cli import search_parser as build_parser  # noqa: E402,F401
+from pipeline.commands.search import search_main as main  # noqa: E402
+from pipeline.commands.search import search_parser as build_parser  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

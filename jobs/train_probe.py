@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.insights.cli import probe_parser as build_parser  # noqa: E402,F401
-from pipeline.insights.cli import train_probe_main  # noqa: E402
+from pipeline.commands.insights import probe_parser as build_parser  # noqa: E402,F401
+from pipeline.commands.insights import train_probe_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from pipeline.commands.runs import embed_parser, refresh_parser
 from pipeline.exits import EXIT_CODES, exit_codes_help
-from pipeline.runs.commands import embed_parser, refresh_parser
 from tests.conftest import REPO
 
 

@@ -131,15 +131,15 @@ LAYERS = (
     "pipeline.store",
     "pipeline.cli",
     "pipeline.flow",
-    "pipeline.search",  # the query logic: index, reader, synthetic stores, cli
+    "pipeline.search",  # the query logic: index, reader, synthetic stores
     "pipeline.search.http",
     "pipeline.search.catalog_views",  # the web page: catalog views, the page, its static files
     "pipeline.search.web",
     "pipeline.search.service",
-    "pipeline.search.serve_cli",
     "pipeline.insights",
     "pipeline.runs",
     "pipeline.evaluate",
+    "pipeline.commands",  # every job's flags and main (<job>_main): the thin jobs/*.py call these
 )
 
 

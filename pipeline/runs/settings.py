@@ -1,7 +1,7 @@
 """The jobs' settings: :class:`EmbedJob` and :class:`RefreshJob` (frozen dataclasses built from
-the command line by :func:`embed_job_from_args` and :func:`pipeline.runs.commands.refresh_main`).
+the command line by :func:`embed_job_from_args` and :func:`pipeline.commands.runs.refresh_main`).
 
-Each field's default here is the knob's one default: the flags (:mod:`pipeline.runs.flags`) take
+Each field's default here is the knob's one default: the flags (:mod:`pipeline.commands.run_flags`) take
 theirs from these fields, and the validation of the values is in the ``__post_init__``."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """HTTP similarity-search service (FastAPI routes, deployed with Ray Serve by
-:mod:`pipeline.search.serve_cli`, i.e. ``jobs/serve_search.py``).
+:mod:`pipeline.commands.serve`, i.e. ``jobs/serve_search.py``).
 
 Routes (JSON responses; errors are ``{"error": message, "status": code}``):
 

@@ -256,7 +256,7 @@ def test_compile_flag_is_parsed_by_both_jobs() -> None:
     import argparse
 
     from pipeline.cli import OneLineParser
-    from pipeline.runs.flags import add_model_args
+    from pipeline.commands.run_flags import add_model_args
 
     p = OneLineParser(prog="x")
     add_model_args(p)

@@ -16,7 +16,7 @@ import mir_eval
 import numpy as np
 import pytest
 
-from pipeline.evaluate.cli import compare_main, evaluate_main
+from pipeline.commands.evaluate import compare_main, evaluate_main
 from pipeline.evaluate.metrics import read_jams_prediction, tagging_metrics
 from pipeline.evaluate.tasks import get_task
 from tests.evaluate.conftest import MODEL_ARGS, PROBE_ARGS

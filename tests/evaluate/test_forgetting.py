@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluate.cli import evaluate_main
+from pipeline.commands.evaluate import evaluate_main
 from pipeline.evaluate.finetune_forgetting import (
     forgetting_tracks,
     paired_change_ci,

@@ -280,7 +280,7 @@ def test_mirdata_layout_dataset(tmp_path: Path) -> None:
 
 
 def test_finetune_mode_is_for_track_labels_and_says_so_in_one_line(tmp_path, capsys) -> None:
-    from pipeline.evaluate.cli import evaluate_main
+    from pipeline.commands.evaluate import evaluate_main
 
     data = genre_folder(tmp_path / "g")
     argv = ["--task", "beat", "--dataset", str(data), "--checkpoint", "random:0", "--mode", "finetune",
@@ -291,7 +291,7 @@ def test_finetune_mode_is_for_track_labels_and_says_so_in_one_line(tmp_path, cap
 
 
 def test_layer_ranges() -> None:
-    from pipeline.evaluate.cli import layer_range
+    from pipeline.commands.evaluate import layer_range
 
     assert layer_range("0-3,7") == (0, 1, 2, 3, 7) and layer_range("12") == (12,)
     with pytest.raises(Exception, match="distinct"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import pool_size
+from pipeline.commands.runs import embed_parser
 from pipeline.flow.runtime import pool_bounds
-from pipeline.runs.commands import embed_parser
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import embed_job_from_args
 from tools.testkit.stores import CKPT, STATS, write_catalog, write_tone

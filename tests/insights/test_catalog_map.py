@@ -9,8 +9,8 @@ import lance
 import numpy as np
 import pytest
 
+from pipeline.commands.insights import catalog_map_main
 from pipeline.insights.catalog_map import MapSettings, catalog_map
-from pipeline.insights.cli import catalog_map_main
 from pipeline.search.synthetic import write_synthetic_store
 
 

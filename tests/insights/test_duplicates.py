@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.insights.cli import find_duplicates_main
+from pipeline.commands.insights import find_duplicates_main
 from pipeline.insights.duplicates import Criterion, _gap_rows, find_duplicates, gap_matches, read_duplicates
 from pipeline.search.index import build_indexes
 from pipeline.search.synthetic import tracks_table

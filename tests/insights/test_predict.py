@@ -105,7 +105,7 @@ def test_predict_with_ray_tasks_gives_the_same_columns(tagged, ray_cluster) -> N
 
 
 def test_predict_cli_one_line_errors(tagged) -> None:
-    from pipeline.insights.cli import predict_main
+    from pipeline.commands.insights import predict_main
 
     root, _, _ = tagged
     err = io.StringIO()

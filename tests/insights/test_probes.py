@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.insights.cli import predict_main, train_probe_main
+from pipeline.commands.insights import predict_main, train_probe_main
 from pipeline.insights.predict import ProbeMismatchError, predict_store
 from pipeline.insights.probes import (
     LabelError,

@@ -17,10 +17,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from pipeline.commands.runs import embed_parser
 from pipeline.errors import RunFailed
 from pipeline.exits import DEFAULT_MAX_ERROR_RATE, EXIT_ERROR_RATE, EXIT_FAILED
 from pipeline.flow.stages import EmbedStage
-from pipeline.runs.commands import embed_parser
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
 from tests.conftest import GOLDEN, REPO

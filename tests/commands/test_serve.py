@@ -1,4 +1,4 @@
-"""pipeline.search.serve_cli: the `serve run` keys and CLI flags become the service's config."""
+"""pipeline.commands.serve: the `serve run` keys and CLI flags become the service's config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.search.serve_cli import (
+from pipeline.commands.serve import (
     app,
     cors_origin_arg,
     replicas_arg,

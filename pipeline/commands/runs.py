@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable
 
 from pipeline.cli import OneLineParser, add_setting, add_store_args, run_main
+from pipeline.commands.run_flags import add_model_args, add_refresh_args, add_run_args, add_window_args
 from pipeline.exits import EXIT_LOCKED, exit_codes_help
 from pipeline.io.audio import AudioLimits
-from pipeline.runs.flags import add_model_args, add_refresh_args, add_run_args, add_window_args
 from pipeline.runs.settings import EmbedJob, ExportSettings, RefreshJob
 
 EMBED_DOC = """Embed a music catalog with MusicFM into a Lance (or Parquet) store.

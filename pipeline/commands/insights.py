@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from pipeline.cli import add_setting, add_store_args, given, layers_arg, number_arg, positive_int
+from pipeline.commands.search import OneLineArgumentParser
 from pipeline.errors import SearchError, one_line, redact
-from pipeline.search.cli import OneLineArgumentParser
 
 __all__ = [
     "duplicates_parser",

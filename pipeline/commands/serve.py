@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli import add_setting, add_store_args, positive_int
-from pipeline.search.cli import OneLineArgumentParser
+from pipeline.commands.search import OneLineArgumentParser
 from pipeline.search.results import TABLES_REFRESH_S
 from pipeline.search.service import DEFAULT_MAX_UPLOAD_BYTES
 from pipeline.search.web import DEFAULT_UPLOAD_TIMEOUT_S
