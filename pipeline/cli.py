@@ -2,7 +2,7 @@
 
 A flag that sets a field of a job's settings dataclass is added with :func:`add_setting`: its
 default (and the ``(default X)`` of its help) is the field's own default, so every knob has one
-default, in the settings dataclass (tests/test_settings_defaults.py walks every job's flags)."""
+default, in the settings dataclass (tests/commands/test_settings_defaults.py walks every job's flags)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (``prog: error: ...``) and exits 2.
 
     ``settings``: the job's settings dataclass(es); every flag that sets one of their fields
-    takes its default from the field (:func:`add_setting`), checked by tests/test_settings_defaults.py."""
+    takes its default from the field (:func:`add_setting`), checked by tests/commands/test_settings_defaults.py."""
 
     def __init__(self, *args: Any, settings: tuple[type, ...] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
