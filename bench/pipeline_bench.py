@@ -535,7 +535,7 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
     from pipeline.runs.plan import catalog_rows
     from pipeline.runs.report import audio_seconds
     from pipeline.runs.settings import EmbedJob
-    from pipeline.store.tables import StoreWriter
+    from pipeline.store.tables import Store
 
     job = EmbedJob(
         catalog=str(catalog),
@@ -559,7 +559,7 @@ def dataplane_ray(catalog: Path, out: Path, args: argparse.Namespace, dim: int) 
     stage_s: dict[str, float] = {}
     meter = Meter(tree=True).__enter__()
     rows, _rejected, meta_cols = catalog_rows(job)
-    store = StoreWriter(job.output)
+    store = Store(job.output)
     counts = {"tracks_ok": 0, "windows": 0, "errors": 0}
 
     done_at: list[tuple[float, float]] = []  # (perf_counter, audio seconds) per finished chunk

@@ -7,7 +7,7 @@
 For each size N it builds, under ``--workdir``:
 
 * a store of N tracks written through the project's writer (``lance.fragment.write_fragments``
-  + :meth:`pipeline.store.tables.StoreWriter.commit`, as the embed job does), whose settings
+  + :meth:`pipeline.store.tables.Store.commit`, as the embed job does), whose settings
   fingerprint, layers and vector size are the small golden model's (vectors of its dimension),
   so that a refresh with that model finds nothing to do;
 * N empty audio "files" under 4 prefixes (only for N <= ``--files-max``: a listing needs real

@@ -138,9 +138,9 @@ def is_store(path: str) -> bool:
 
 def store_layers(store: str, storage_options: dict | None) -> tuple[int, ...]:
     from pipeline.schemas import parse_layer_column
-    from pipeline.store.tables import StoreWriter
+    from pipeline.store.tables import Store
 
-    ds = StoreWriter(store, storage_options, create=False).open("tracks")
+    ds = Store(store, storage_options, create=False).open("tracks")
     if ds is None:
         raise ValueError(f"no tracks.lance in the store at {store}")
     return tuple(sorted(i for i in (parse_layer_column(n) for n in ds.schema.names) if i is not None))

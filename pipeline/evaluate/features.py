@@ -22,7 +22,7 @@ from pipeline.evaluate.datasets import EvalDataset
 from pipeline.evaluate.tasks import Task
 from pipeline.insights.vectors import check_layers, id_filter, to_matrix
 from pipeline.schemas import layer_column
-from pipeline.store.tables import StoreWriter, sql_str
+from pipeline.store.tables import Store, sql_str
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def embed_features(
 def store_settings(store: str, settings_id: str, storage_options: dict | None = None) -> dict:
     """The embed arguments (window_s, frames_hz, layers, ...) of the run that wrote
     ``settings_id`` into ``store``, from its ``runs.lance``."""
-    runs = StoreWriter(store, storage_options, create=False).open("runs")
+    runs = Store(store, storage_options, create=False).open("runs")
     if runs is None:
         raise ValueError(f"the store at {store} has no runs.lance: cannot tell its window settings")
     where = f"settings_id = {sql_str(settings_id)} AND kind IN ('embed', 'refresh')"
@@ -135,7 +135,7 @@ def read_features(
     store: str, task: Task, layers: tuple[int, ...], track_ids: list[str], storage_options: dict | None = None
 ) -> Features:
     """All ``layers`` of ``track_ids`` from the store in one read (``tracks`` or ``frames``)."""
-    st = StoreWriter(store, storage_options, create=False)
+    st = Store(store, storage_options, create=False)
     tracks = st.open("tracks")
     if tracks is None:
         raise ValueError(f"no tracks.lance in the store at {store}")
@@ -163,7 +163,7 @@ def read_features(
     return out
 
 
-def read_frames(st: StoreWriter, cols: list[str], ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_frames(st: Store, cols: list[str], ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{track_id: (frame centre times (T,), vectors (T, L, D))}, frames in time order."""
     frames = st.open("frames")
     if frames is None:
@@ -185,7 +185,7 @@ def read_frames(st: StoreWriter, cols: list[str], ids: list[str]) -> dict[str, t
     return out
 
 
-def error_messages(st: StoreWriter, missing: list[str]) -> dict[str, str]:
+def error_messages(st: Store, missing: list[str]) -> dict[str, str]:
     """The latest error row's reason for each track missing from the store."""
     if not missing:
         return {}

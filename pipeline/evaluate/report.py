@@ -142,7 +142,7 @@ def record_run(store: str, storage_options: dict | None, res: dict[str, Any], ru
 
     from pipeline import schemas
     from pipeline.store.commits import append_once
-    from pipeline.store.tables import StoreWriter
+    from pipeline.store.tables import Store
 
     summary = {k: res[k] for k in ("task", "primary_metric", "best_layer", "layer_weights")}
     summary["dataset"] = res["dataset"]
@@ -156,4 +156,4 @@ def record_run(store: str, storage_options: dict | None, res: dict[str, Any], ru
         "stage_times_json": json.dumps(stage_s), "report_json": json.dumps(summary, default=float),
     }  # fmt: skip
     tbl = pa.Table.from_pylist([row], schema=schemas.RUNS_SCHEMA)
-    return append_once(StoreWriter(store, storage_options, create=False), "runs", tbl, run_id)
+    return append_once(Store(store, storage_options, create=False), "runs", tbl, run_id)

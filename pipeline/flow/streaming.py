@@ -58,7 +58,7 @@ from pipeline.flow.runtime import (
     stop_stage_actors,
     worker_runtime_env,
 )
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -373,7 +373,7 @@ def finish_chunk(
 
 
 def chunk_writer_args(
-    store: StoreWriter,
+    store: Store,
     run_id: str,
     layers: Sequence[int],
     dim: int,
@@ -433,7 +433,7 @@ def stream_chunks(
     rows: Sequence[Mapping[str, Any]] | TodoRows,
     job: FlowJob,
     info: ModelInfo,
-    store: StoreWriter,
+    store: Store,
     run_id: str,
     meta_cols: Sequence[str],
     chunk_size: int,

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline import schemas
 from pipeline.io.objects import join, open_uri
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 __all__ = ["export_parquet"]
 
@@ -32,7 +32,7 @@ def export_parquet(
     ``{table: uri}`` of each exported table (tables the store lacks are skipped)."""
     import pyarrow.parquet as pq
 
-    store = StoreWriter(root, storage_options)
+    store = Store(root, storage_options)
     out = (out or root).rstrip("/")
     fs, _ = open_uri(out, dict(storage_options or {}))
     done: dict[str, str] = {}

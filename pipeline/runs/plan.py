@@ -20,7 +20,7 @@ from pipeline.io.uris import UriPolicy
 from pipeline.runs.decide import PLAN_KINDS, STORED_SCHEMA, LookupGroup, decide, stored_projection
 from pipeline.runs.ray_plan import lookup_with_ray
 from pipeline.runs.settings import LOOKUP_RAY_MIN_ROWS, EmbedJob
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 
 def catalog_policy(job: EmbedJob) -> UriPolicy:
@@ -181,7 +181,7 @@ def has_new_tracks(catalog: pa.Table, stored: pa.Table | None) -> bool:
     return not pc.all(pc.is_in(ids, value_set=stored["track_id"].combine_chunks())).as_py()
 
 
-def read_stored(store: StoreWriter) -> tuple[Any, pa.Table | None]:
+def read_stored(store: Store) -> tuple[Any, pa.Table | None]:
     """``tracks.lance`` and its projection the plan compares with
     (:func:`pipeline.runs.decide.stored_projection`, the store's metadata columns)."""
     ds = store.open("tracks")
@@ -193,7 +193,7 @@ def read_stored(store: StoreWriter) -> tuple[Any, pa.Table | None]:
     return ds, pa.concat_tables(parts) if parts else STORED_SCHEMA.empty_table()
 
 
-def check_schemas(store: StoreWriter, info: ModelInfo, meta_cols: Sequence[str]) -> None:
+def check_schemas(store: Store, info: ModelInfo, meta_cols: Sequence[str]) -> None:
     """Refuse a refresh whose settings change a table's schema (layers or vector size)."""
     layers, dim = info.settings.layers, info.dim
     expected = {

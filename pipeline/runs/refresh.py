@@ -92,7 +92,7 @@ from pipeline.store.commits import append_fragments_once, append_once, delete_ro
 from pipeline.store.lease import StoreLock
 from pipeline.store.maintenance import maintain, sweep
 from pipeline.store.snapshots import pin_for_search, publish
-from pipeline.store.tables import StoreWriter, in_list, in_lists, sql_str
+from pipeline.store.tables import Store, in_list, in_lists, sql_str
 
 log = logging.getLogger("musicfm.refresh")
 
@@ -112,7 +112,7 @@ def _batches(values: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 @dataclass
 class _Ctx:
     job: RefreshJob
-    store: StoreWriter
+    store: Store
     run_id: str
     report: RefreshReport
     lease: StoreLock
@@ -266,7 +266,7 @@ def run_refresh(job: RefreshJob, progress: bool = False, model_stage: type | Non
     if job.dry_run and local_missing:
         store = None  # nothing to read, and a dry run creates nothing
     else:
-        store = StoreWriter(job.store, job.embed.storage_options)
+        store = Store(job.store, job.embed.storage_options)
     if os.environ.get("RAY_ADDRESS") and not job.dry_run:
         ensure_ray()  # on a cluster: the lease records this driver's Ray job (see holder_gone)
     lease = (
@@ -306,7 +306,7 @@ def run_refresh(job: RefreshJob, progress: bool = False, model_stage: type | Non
             lease.release()
 
 
-def _record_failure(job: RefreshJob, store: StoreWriter, report: RefreshReport, stage_s: dict[str, float],
+def _record_failure(job: RefreshJob, store: Store, report: RefreshReport, stage_s: dict[str, float],
                     t_start: float, started_at: dt.datetime, exc: BaseException) -> None:  # fmt: skip
     """Best effort: a run row with ``status="failed"`` for a run that stopped on an exception."""
     with contextlib.suppress(Exception):
@@ -372,7 +372,7 @@ class Planned:
     todo: Sequence[Mapping[str, Any]] | TodoRows
 
 
-def _store_meta(store: StoreWriter | None, catalog_meta: Sequence[str], run_id: str) -> list[str]:
+def _store_meta(store: Store | None, catalog_meta: Sequence[str], run_id: str) -> list[str]:
     """The metadata columns the refresh writes: the store's (catalog columns it lacks are
     ignored, with a warning), or the catalog's for a new store."""
     tracks_ds = store.open("tracks") if store is not None else None
@@ -385,7 +385,7 @@ def _store_meta(store: StoreWriter | None, catalog_meta: Sequence[str], run_id: 
     return meta_cols
 
 
-def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
+def plan_on_driver(job: RefreshJob, store: Store | None, run_id: str, delete_missing: bool,
                     stage_s: dict[str, float]) -> Planned:  # fmt: skip
     """The plan made on the driver (:func:`pipeline.runs.plan.driver_plan`): catalog rows and the
     stored projection as Arrow in this process."""
@@ -426,7 +426,7 @@ def plan_on_driver(job: RefreshJob, store: StoreWriter | None, run_id: str, dele
     )  # fmt: skip
 
 
-def plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, delete_missing: bool,
+def plan_with_ray(job: RefreshJob, store: Store | None, run_id: str, delete_missing: bool,
                    stage_s: dict[str, float]) -> Planned:  # fmt: skip
     """The plan made by Ray (:func:`pipeline.runs.ray_plan.ray_plan`): no catalog row, stored
     row or plan row is held by the driver, only counts, samples, error rows and chunk offsets."""
@@ -465,7 +465,7 @@ def plan_with_ray(job: RefreshJob, store: StoreWriter | None, run_id: str, delet
     )  # fmt: skip
 
 
-def _run_locked(job: RefreshJob, store: StoreWriter | None, lease: StoreLock | None, run_id: str, report: RefreshReport,
+def _run_locked(job: RefreshJob, store: Store | None, lease: StoreLock | None, run_id: str, report: RefreshReport,
                 stage_s: dict[str, float], t_start: float, started_at: dt.datetime,
                 progress: bool = False, model_stage: type | None = None) -> RefreshReport:  # fmt: skip
     ej = job.embed

@@ -16,7 +16,7 @@ from pipeline import schemas
 from pipeline.exits import EXIT_ERROR_RATE, EXIT_FAILED, EXIT_OK
 from pipeline.runs.settings import EmbedJob
 from pipeline.store.commits import append_once
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 
 @dataclass
@@ -215,9 +215,7 @@ def audio_seconds(times_tbl: pa.Table | None) -> float:
     return float(pa.compute.sum(firsts["duration_s"]).as_py() or 0.0)
 
 
-def write_run_row(
-    store: StoreWriter, job: EmbedJob, report: RunReport, started_at: dt.datetime, kind: str
-) -> None:
+def write_run_row(store: Store, job: EmbedJob, report: RunReport, started_at: dt.datetime, kind: str) -> None:
     row = {
         "run_id": report.run_id,
         "kind": kind,

@@ -15,7 +15,7 @@ from pipeline.runs.report import new_run_id
 from pipeline.store.commits import append_once
 from pipeline.store.lease import LEASE_TTL_S, StoreLock
 from pipeline.store.snapshots import rollback
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def run_rollback(store_uri: str, to_run: str | None = None, storage_options: dic
                  lock_ttl_s: float = LEASE_TTL_S) -> RollbackResult:  # fmt: skip
     """Roll the store at ``store_uri`` back to run ``to_run`` (default: the run before the newest
     kept one). ValueError when there is no such snapshot; RefreshLocked when a run holds the store."""
-    store = StoreWriter(store_uri, storage_options)
+    store = Store(store_uri, storage_options)
     if store.open("tracks") is None:
         raise ValueError(f"no embedding store at {store_uri}")
     run_id = new_run_id()

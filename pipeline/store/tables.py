@@ -235,7 +235,3 @@ class Store:
             storage_options=self.lance_options,
         )
         return ds.version
-
-
-#: The name the run modules write through; the same class as :class:`Store` (one handle).
-StoreWriter = Store

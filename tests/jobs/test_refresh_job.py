@@ -15,7 +15,7 @@ import pytest
 
 from jobs.refresh_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, build_parser, main
 from pipeline.store.lease import StoreLock
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 from tests.conftest import GOLDEN
 from tools.testkit.stores import write_catalog, write_tone
 
@@ -89,7 +89,7 @@ def test_failed_lookups_exit_3_with_a_run_record_and_a_lock_exits_4(tmp_path: Pa
         *MODEL,
     ]
 
-    holder = StoreLock(StoreWriter(str(store)), "someone-else", ttl_s=60).acquire()
+    holder = StoreLock(Store(str(store)), "someone-else", ttl_s=60).acquire()
     try:
         assert main(args) == EXIT_LOCKED
         err = capsys.readouterr().err
@@ -108,7 +108,7 @@ def test_failed_lookups_exit_3_with_a_run_record_and_a_lock_exits_4(tmp_path: Pa
     assert json.loads(run["report_json"])["plan"]["new"] == 2
     errs = lance.dataset(str(store / "errors.lance")).to_table().to_pylist()
     assert {e["track_id"] for e in errs} == {"m1", "m2"} and {e["stage"] for e in errs} == {"fetch"}
-    assert StoreLock(StoreWriter(str(store)), "probe").holder() is None  # released after the run
+    assert StoreLock(Store(str(store)), "probe").holder() is None  # released after the run
 
 
 def test_parquet_stores_are_refused(tmp_path: Path, capsys) -> None:

@@ -225,11 +225,11 @@ def test_commits_survive_a_broken_connection_without_duplicates(s3_music, kind: 
 
     from pipeline.runs.report import error_table
     from pipeline.store.commits import append_once, commit_overwrite
-    from pipeline.store.tables import StoreWriter
+    from pipeline.store.tables import Store
 
     s3_server, _s3 = s3_music
     root = f"s3://{BUCKET}/commits-{kind}"
-    direct = StoreWriter(root, _opts(s3_server))
+    direct = Store(root, _opts(s3_server))
     schema = pa.schema([("x", pa.int64())])
     frags = lance.fragment.write_fragments(
         pa.table({"x": [1, 2, 3]}), direct.uri("t"), schema=schema, storage_options=direct.lance_options
@@ -238,7 +238,7 @@ def test_commits_survive_a_broken_connection_without_duplicates(s3_music, kind: 
     append_once(direct, "errors", error_table([{"track_id": "a", "message": "m"}], "run-1"), "run-1")
     cfg = FaultConfig(rates={"get": 0.0, "list": 0.0, "put": 1.0}, kinds=(kind,), max_consecutive=1)
     with FaultProxy(s3_server, cfg) as proxy:
-        faulty = StoreWriter(root, _opts(proxy.url))
+        faulty = Store(root, _opts(proxy.url))
         frags = lance.fragment.write_fragments(
             pa.table({"x": [4, 5]}), direct.uri("t"), schema=schema, storage_options=direct.lance_options
         )
@@ -260,7 +260,7 @@ def test_refresh_on_s3_with_broken_commits_converges(ray_cluster, s3_music) -> N
 
     from pipeline.runs.refresh import run_refresh
     from pipeline.runs.settings import RefreshJob
-    from pipeline.store.tables import StoreWriter
+    from pipeline.store.tables import Store
 
     s3_server, s3 = s3_music
     direct = _opts(s3_server)
@@ -296,8 +296,6 @@ def test_refresh_on_s3_with_broken_commits_converges(ray_cluster, s3_music) -> N
     assert rep.chunks == 2
     tables = store_tables(root, direct)
     check_store(tables, expect_tracks=[f"s{i:02d}" for i in range(2, N_GOOD)])
-    runs = lance.dataset(
-        StoreWriter(root, direct).uri("runs"), storage_options=StoreWriter(root, direct).lance_options
-    )
+    runs = lance.dataset(Store(root, direct).uri("runs"), storage_options=Store(root, direct).lance_options)
     rows = runs.to_table().to_pylist()
     assert sum(r["run_id"] == rep.run_id for r in rows) == 1  # the run row once, despite lost answers

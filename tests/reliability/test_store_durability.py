@@ -29,7 +29,7 @@ import pytest
 from pipeline.errors import RunFailed
 from pipeline.runs.embed import run_embed
 from pipeline.runs.settings import EmbedJob
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 from tests.conftest import REPO
 from tools.testkit.reliability import (
     CKPT,
@@ -108,7 +108,7 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
         clean = run_embed(job, progress=False)
         v1 = store_tables(str(out))
         check_store(v1, expect_tracks=good)
-        versions1, rows1 = StoreWriter(str(out)).versions(), _row_counts(v1)
+        versions1, rows1 = Store(str(out)).versions(), _row_counts(v1)
 
         # 2. driver SIGKILLed after its first data files, before any commit. It joins the
         # session cluster, as a driver under `ray job submit` would. The store is complete, so
@@ -147,7 +147,7 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
         # steps (windows appended, tracks not yet moved), or after it. Whichever: readers, who
         # join tracks to windows on (track_id, run_id), see every track exactly once with all
         # the windows of one run, the old settings' or the new ones'; the rerun sweeps leftovers
-        now = StoreWriter(str(out)).versions()
+        now = Store(str(out)).versions()
         after_kill = store_tables(str(out))
         check_store(after_kill, expect_tracks=good)
         killed_runs = set(after_kill["tracks"]["run_id"].to_pylist()) - set(
@@ -168,7 +168,7 @@ def test_killed_driver_and_full_disk_keep_the_previous_version(ray_cluster, tmp_
             assert "No space left on device" in msg, msg
             print(f"disk full: failed after {took:.1f} s: {msg}")
             filler.unlink()
-            assert StoreWriter(str(out)).versions() == versions1
+            assert Store(str(out)).versions() == versions1
             after_full = store_tables(str(out))
             assert _row_counts(after_full) == rows1 and after_full["tracks"].equals(after_kill["tracks"])
             check_store(after_full, expect_tracks=good)

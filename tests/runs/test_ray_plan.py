@@ -18,7 +18,7 @@ from pipeline.errors import InjectedFailure
 from pipeline.faults import FAIL_ENV
 from pipeline.runs.ray_plan import RAY_PLAN_MIN_SUBPREFIXES, use_ray_plan
 from pipeline.runs.refresh import plan_on_driver, plan_with_ray, run_refresh
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 from tools.testkit.stores import (
     assert_same_store,
     check_consistent,
@@ -89,7 +89,7 @@ def _copy(lib: Library, name: str) -> Path:
 
 
 def test_ray_plan_decides_like_the_driver(library: Library) -> None:
-    store = StoreWriter(str(_copy(library, "parity")))
+    store = Store(str(_copy(library, "parity")))
     job = refresh_job(library.cat_v2, store.root, chunk_size=2)
     drv = plan_on_driver(job, store, "run-x", True, {})
     ray = plan_with_ray(job, store, "run-y", True, {})
@@ -181,7 +181,7 @@ def test_listing_lookups_cost_the_same_requests_on_s3(ray_cluster, s3_server, tm
     stored[0] = "an-older-etag"  # its object changed since it was embedded
     job = refresh_job(str(cat), store, storage_options=so, allowed_prefixes=(f"s3://{bucket}/",))
     synthetic_tracks(store, ids, uris, stored, model_settings(embed_job(str(cat), store)))
-    writer = StoreWriter(store)
+    writer = Store(store)
     drv = plan_on_driver(job, writer, "r1", True, {})
     ray = plan_with_ray(job, writer, "r2", True, {})
     assert (
@@ -234,7 +234,7 @@ def test_orphans_found_by_ray_as_on_the_driver(ray_cluster, tmp_path: Path) -> N
     from pipeline.store.maintenance import find_orphans, sweep
     from tools.testkit.stores import orphan_store
 
-    store = StoreWriter(str(orphan_store(tmp_path / "s")))
+    store = Store(str(orphan_store(tmp_path / "s")))
     by_ray, by_driver = find_orphans_ray(store), find_orphans(store)
     assert by_ray.by_run == by_driver.by_run == {"r0": {"t03", "t07"}, "r9": {"gone"}}
     assert (by_ray.missing, by_ray.n_missing) == (by_driver.missing, by_driver.n_missing) == (["t09"], 1)

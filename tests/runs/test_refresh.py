@@ -31,7 +31,7 @@ from pipeline.runs.plan import make_plan
 from pipeline.runs.refresh import run_refresh
 from pipeline.store.lease import StoreLock, holder_gone
 from pipeline.store.maintenance import sweep
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 from tests.conftest import REPO
 from tools.testkit.stores import (  # noqa: F401
     CKPT,
@@ -173,7 +173,7 @@ def test_no_change_is_free_and_dry_run_writes_nothing(world: World) -> None:
     assert check_consistent(store) == v1
     # the sweep reports (never hides) a track whose windows went missing
     lance.dataset(str(store / "windows.lance")).delete("track_id = 'a'")
-    assert sweep(StoreWriter(str(store))) == ({"frames": 0, "windows": 0}, ["a"], 1)
+    assert sweep(Store(str(store))) == ({"frames": 0, "windows": 0}, ["a"], 1)
     # a dry run against a store that does not exist yet creates nothing either
     ghost = world.root / "ghost"
     assert run_refresh(replace(refresh_job(world.cat_v1, str(ghost)), dry_run=True)).plan["new"] == 5
@@ -296,7 +296,7 @@ def test_sigkill_and_a_concurrent_refresh(world: World, ray_cluster) -> None:
     assert second.returncode == 4, second_err[-2000:]
     assert "being refreshed by run " + events[0]["run_id"] in second_err
 
-    lock = StoreLock(StoreWriter(str(store)), "probe")
+    lock = StoreLock(Store(str(store)), "probe")
     held = lock.holder()
     assert held is not None and held["holder"] == events[0]["run_id"]  # unexpired (TTL 600 s) ...
     assert holder_gone(held) is not None  # ... but its process is gone: proven dead
@@ -346,4 +346,4 @@ def test_settings_change_on_s3(ray_cluster, s3_server, tmp_path) -> None:
     same = run_refresh(refresh_job(cat, root, storage_options=so, hop_s=0.5))
     assert same.plan["unchanged"] == 2 and same.tracks_ok == 0 and versions(root, so=so) == before
     assert same.extra["object_requests"] == 1 and "lookups  1 object-store requests" in same.summary()
-    assert StoreLock(StoreWriter(root, so), "probe").holder() is None  # released
+    assert StoreLock(Store(root, so), "probe").holder() is None  # released

@@ -16,10 +16,10 @@ import pytest
 from pipeline.errors import RefreshLocked
 from pipeline.schemas import LOCK_SCHEMA, utc_now
 from pipeline.store.lease import StoreLock, holder_gone, process_start
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 
 
-def _plant(store: StoreWriter, **row) -> None:
+def _plant(store: Store, **row) -> None:
     """Write a held, unexpired lease row as another run would have left it."""
     import lance
 
@@ -40,7 +40,7 @@ def _dead_pid() -> int:
 
 
 def test_a_live_holder_is_never_overridden(tmp_path) -> None:
-    store = StoreWriter(str(tmp_path / "s"))
+    store = Store(str(tmp_path / "s"))
     with StoreLock(store, "run-a"):
         held = StoreLock(store, "probe").holder()
         assert held is not None and held["proc_start"] == process_start(os.getpid())
@@ -50,7 +50,7 @@ def test_a_live_holder_is_never_overridden(tmp_path) -> None:
 
 
 def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path) -> None:
-    store = StoreWriter(str(tmp_path / "s"))
+    store = Store(str(tmp_path / "s"))
     _plant(store, pid=_dead_pid())
     lock = StoreLock(store, "run-b").acquire()
     try:
@@ -61,13 +61,13 @@ def test_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path) -> None:
 
 
 def test_a_reused_pid_is_not_the_holder(tmp_path) -> None:
-    store = StoreWriter(str(tmp_path / "s"))
+    store = Store(str(tmp_path / "s"))
     _plant(store, pid=os.getpid(), proc_start="another-boot:1")  # our pid, another process's start
     assert "reused" in holder_gone(StoreLock(store, "probe").holder())
 
 
 def test_other_hosts_need_proof_or_break_lease(tmp_path) -> None:
-    store = StoreWriter(str(tmp_path / "s"))
+    store = Store(str(tmp_path / "s"))
     _plant(store, host="some-other-host", pid=1, ray_session="s1", ray_job="01000000")
     with pytest.raises(RefreshLocked):
         StoreLock(store, "run-b").acquire()

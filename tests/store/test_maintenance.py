@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.store import maintenance
 from pipeline.store.maintenance import hash_buckets, sweep
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 from tools.testkit.stores import orphan_store
 
 
@@ -21,7 +21,7 @@ from tools.testkit.stores import orphan_store
 def test_sweep_is_the_same_bucket_by_bucket(tmp_path: Path, monkeypatch, bucket_rows: int) -> None:
     store = orphan_store(tmp_path / "s")
     monkeypatch.setattr(maintenance, "SWEEP_BUCKET_ROWS", bucket_rows)  # 50 tracks: 1 or 7 buckets
-    deleted, missing, n_missing = sweep(StoreWriter(str(store)))
+    deleted, missing, n_missing = sweep(Store(str(store)))
     assert deleted == {"frames": 4, "windows": 4} and missing == ["t09"] and n_missing == 1
     for name in ("windows", "frames"):
         left = lance.dataset(str(store / f"{name}.lance")).to_table()

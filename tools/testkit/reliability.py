@@ -80,9 +80,9 @@ def job_kwargs(**kw: Any) -> dict[str, Any]:
 def store_tables(root: str, storage_options: dict | None = None, version: dict | None = None) -> dict:
     """Every table of a Lance store as pyarrow tables (None when absent)."""
     from pipeline.schemas import TABLES
-    from pipeline.store.tables import StoreWriter
+    from pipeline.store.tables import Store
 
-    st = StoreWriter(root, storage_options)
+    st = Store(root, storage_options)
     out = {}
     for t in TABLES:
         ds = st.open(t, (version or {}).get(t))

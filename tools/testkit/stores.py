@@ -12,7 +12,7 @@ import pyarrow as pa
 import soundfile as sf
 
 from pipeline.runs.settings import EmbedJob, RefreshJob
-from pipeline.store.tables import StoreWriter
+from pipeline.store.tables import Store
 from tools.testkit.paths import require_shared
 
 GOLDEN = require_shared() / "golden"
@@ -52,12 +52,12 @@ def refresh_job(catalog: str, store: str, chunk_size: int = 10, **kw: Any) -> Re
 def versions(
     store: str | Path, tables: tuple[str, ...] = DATA_TABLES, so: dict | None = None
 ) -> dict[str, int]:
-    s = StoreWriter(str(store), so)
+    s = Store(str(store), so)
     return {t: ds.version for t in tables if (ds := s.open(t)) is not None}
 
 
 def table(store: str | Path, name: str, so: dict | None = None) -> pa.Table:
-    ds = StoreWriter(str(store), so).open(name)
+    ds = Store(str(store), so).open(name)
     assert ds is not None, f"{name}.lance missing in {store}"
     return ds.to_table()
 
@@ -120,7 +120,7 @@ def synthetic_tracks(store: str, ids: list[str], uris: list[str], versions: list
     from pipeline import schemas
 
     model_id, settings_id, layers, dim = model
-    writer = StoreWriter(store, so)
+    writer = Store(store, so)
     schema = schemas.tracks_schema(list(layers), dim, [])
     rng = np.random.default_rng(0)
     now, frags = schemas.utc_now(), []
