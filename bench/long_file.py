@@ -67,12 +67,20 @@ def _kind(pid: int) -> str:
     return next((name for key, name in KINDS if key in cmd), "other")
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssShmem) of ``pid`` in bytes: RssShmem is the part of the RSS that is shared
+    memory, mostly pages of Ray's object store that the process wrote or read (counted once in
+    the store, under its own limit and spilling, not in the process's own heap)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
+            fields = {
+                line.split(":")[0]: int(line.split()[1]) * 1024
+                for line in f
+                if line.startswith(("VmRSS:", "RssShmem:"))
+            }
+    except OSError:
+        return 0, 0
+    return fields.get("VmRSS", 0), fields.get("RssShmem", 0)
 
 
 def run_job(path: Path, model_argv: list[str], malloc: str, store: Path) -> dict[str, Any]:
@@ -93,13 +101,16 @@ def run_job(path: Path, model_argv: list[str], malloc: str, store: Path) -> dict
     out: list[str] = []
     threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True).start()
     peak: dict[str, int] = {}
+    own: dict[str, int] = {}  # RSS less shared memory (the object store's pages)
     cpu: dict[tuple[int, int], float] = {}
     while proc.poll() is None:
         tree = tree_cpu(proc.pid)
         cpu.update(tree)
         for pid, _start in tree:
             k = _kind(pid)
-            peak[k] = max(peak.get(k, 0), _rss(pid))
+            rss, shared = _rss(pid)
+            peak[k] = max(peak.get(k, 0), rss)
+            own[k] = max(own.get(k, 0), rss - shared)
         time.sleep(0.2)
     wall = time.perf_counter() - w0
     text = "".join(out)
@@ -107,7 +118,8 @@ def run_job(path: Path, model_argv: list[str], malloc: str, store: Path) -> dict
     if proc.returncode == 0 and " 1 embedded" not in text:  # the file must have gone through the model
         raise SystemExit(f"the job did not embed the file:\n{text[-1500:]}")
     return {"rc": proc.returncode, "wall_s": wall, "cpu_s": sum(cpu.values()), "peak_rss_mb":
-            {k: v / 2**20 for k, v in sorted(peak.items())}, "ray_memory_warnings": warned,
+            {k: v / 2**20 for k, v in sorted(peak.items())},
+            "peak_own_mb": {k: v / 2**20 for k, v in sorted(own.items())}, "ray_memory_warnings": warned,
             "tail": text[-1500:] if proc.returncode else ""}  # fmt: skip
 
 
@@ -155,8 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r.update(hours=hours, malloc=malloc, cpu_s_per_audio_h=r["cpu_s"] / hours)
             results.append(r)
             peaks = ", ".join(f"{k} {v:,.0f}" for k, v in r["peak_rss_mb"].items())
+            own = ", ".join(f"{k} {v:,.0f}" for k, v in r["peak_own_mb"].items())
             print(f"{hours:g} h, malloc {malloc}: rc {r['rc']}, {r['wall_s']:.0f} s wall, "
                   f"{r['cpu_s_per_audio_h']:.0f} CPU s per audio hour; peak RSS MB: {peaks}; "
+                  f"peak RSS less shared memory (object store pages) MB: {own}; "
                   f"Ray memory warnings: {len(r['ray_memory_warnings'])}")  # fmt: skip
             if r["rc"]:
                 print(r["tail"], file=sys.stderr)
