@@ -87,7 +87,7 @@ def embed_features(
     job = EmbedJob(
         catalog=write_catalog(ds, os.path.join(work_dir, "catalog.csv")),
         output=spec.store,
-        checkpoint=spec.checkpoint or "msd",
+        checkpoint=spec.checkpoint or EmbedJob.checkpoint,
         stats=spec.stats,
         model_config=spec.model_config,
         layers=tuple(spec.layers),

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import uuid
 
+from pipeline.engine.inference import PRESETS
 from pipeline.evaluate.finetune_forgetting import ForgettingReport, forgetting
 from pipeline.evaluate.finetune_spec import FinetuneResult, FinetuneSpec, LabelledTrack
 from pipeline.evaluate.finetune_state import CheckpointStore, backbone_tensors
@@ -55,7 +56,7 @@ def base_config(spec: FinetuneSpec) -> object | None:
     if spec.model_config:
         return MusicFMConfig.from_json(spec.model_config)
     ck = spec.checkpoint
-    if ck in ("msd", "fma") or ck == "random" or ck.startswith("random:"):
+    if ck in PRESETS or ck == "random" or ck.startswith("random:"):
         return MusicFMConfig()
     if ck.endswith(".safetensors") and not is_remote(ck) and os.path.isfile(ck):
         from safetensors import safe_open
@@ -69,12 +70,7 @@ def base_config(spec: FinetuneSpec) -> object | None:
 def _check(spec: FinetuneSpec) -> None:
     """Refuse, before any work, what would fail inside the workers."""
     ck = spec.checkpoint
-    if (
-        ck not in ("msd", "fma")
-        and not ck.startswith("random")
-        and not is_remote(ck)
-        and not os.path.isfile(ck)
-    ):
+    if ck not in PRESETS and not ck.startswith("random") and not is_remote(ck) and not os.path.isfile(ck):
         raise FileNotFoundError(f"checkpoint not found: {ck}")
     cfg = base_config(spec)
     if cfg is not None and spec.layer > cfg.encoder_depth:

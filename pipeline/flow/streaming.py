@@ -394,8 +394,8 @@ def chunk_writer_args(
     )
 
 
-def write_parts(ds: Any, writer_args: dict[str, Any], max_writers: int) -> Any:
-    """The embedded rows of ``ds`` (a Ray dataset) written by a pool of up to ``max_writers``
+def write_parts(ds: Dataset, writer_args: dict[str, Any], max_writers: int) -> Dataset:
+    """The embedded rows of ``ds`` written by a pool of up to ``max_writers``
     :class:`pipeline.flow.stages.ChunkWriter` actors (``writer_args``): a lazy dataset of the
     parts written (their files, not yet committed)."""
     import ray
